@@ -1,0 +1,1414 @@
+"""Parameter Golf: train an 11-layer GPT for 600 s, quantise it to int6 + zstd, score the artifact in val_bpb.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py        # every knob is an environment variable
+
+The file reads top to bottom in pipeline order: knobs -> data -> tokenizer bytes -> model -> optimisers ->
+evaluation -> artifact (quantise, serialise, compress, load back) -> training loop -> main.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import glob
+import hashlib
+import io
+import json
+import lzma
+import math
+import os
+import platform
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# -----------------------------------------------------------------------------
+# Hyperparameters: one block, every knob an environment variable of the same name in upper case.
+
+
+class ConfigError(ValueError):
+    """A knob with a bad or contradictory value; the message names the variable."""
+
+
+@dataclasses.dataclass
+class Hyperparameters:
+    # data and run
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    run_id: str = ""  # default: a fresh uuid
+    seed: int = 1337
+    vocab_size: int = 1024
+    # schedule
+    iterations: int = 20000
+    max_wallclock_seconds: float = 600.0  # 0 = no cap
+    warmup_steps: int = 20  # compile/warm-up steps, undone before the timed run
+    warmdown_iters: int = 3500
+    train_batch_tokens: int = 786_432
+    train_seq_len: int = 2048
+    grad_accum_steps: int = 0  # 0 = 8 // WORLD_SIZE, so the global batch never depends on the world size
+    val_loss_every: int = 1000  # 0 = only at the end
+    train_log_every: int = 200
+    # model
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: int = 3
+    rope_base: float = 10000.0
+    rope_dims: int = 16  # partial RoPE: rotate only the first ROPE_DIMS of each head's dims
+    logit_softcap: float = 30.0  # 0 = off
+    qk_gain_init: float = 1.5
+    tied_embed_init_std: float = 0.005
+    xsa_last_n: int = -1  # -1 = min(4, NUM_LAYERS)
+    ln_scale: bool = True
+    bigram_vocab_size: int = 2048  # 0 = no BigramHash
+    bigram_dim: int = 128
+    ve_layers: str = "auto"  # comma-separated layer indices; "auto" = the last 2; "" = no value embedding
+    ve_dim: int = 128
+    smear_gate: bool = True
+    # optimisers
+    matrix_lr: float = 0.025
+    tied_embed_lr: float = 0.035
+    scalar_lr: float = 0.025
+    muon_momentum: float = 0.99
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_backend_steps: int = 5
+    muon_weight_decay: float = 0.04
+    adam_weight_decay: float = 0.04
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.3  # 0 = off
+    # quantisation-aware training and weight averaging
+    late_qat_threshold: float = 0.15  # fake-quantise block matrices to int6 once the LR scale drops below; 0 = off
+    ema_decay: float = 0.997  # 0 = no EMA
+    swa_enabled: bool = True
+    swa_every: int = 50
+    swa_start_scale: float = 0.2  # SWA snapshots are taken once the LR scale drops below this
+    averaging: str = "ema"  # which weights are quantised: ema | swa | none
+    # artifact and evaluation
+    gptq_enabled: bool = True
+    compressor: str = "zstd"  # zstd | brotli | lzma
+    val_batch_tokens: int = 524_288
+    eval_seq_len: int = 0  # 0 = TRAIN_SEQ_LEN
+    eval_stride: int = 64
+    eval_batch_seqs: int = 32
+    eval_only: str = ""  # path of an artifact to score without training
+    # systems
+    compile: bool = True  # torch.compile on CUDA (CPU always runs eager)
+    fused_kernels: bool = True  # Triton RMSNorm and softcapped cross-entropy on CUDA
+    attention: str = "auto"  # auto | fa3 | cudnn | flash | efficient | math
+
+    @classmethod
+    def defaults(cls) -> dict:
+        return {f.name.upper(): f.default for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "Hyperparameters":
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f.name.upper())
+            if raw is not None:
+                values[f.name] = parse_knob(f.name.upper(), raw, type(f.default))
+        return cls(**values)
+
+    def env(self) -> dict:
+        return {k.upper(): v for k, v in dataclasses.asdict(self).items()}
+
+
+def parse_knob(name: str, raw: str, kind: type):
+    if kind is bool:
+        if raw.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.strip().lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{name}={raw!r}: expected 0 or 1")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected a{'n' if kind is int else ''} {kind.__name__}") from None
+
+
+def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
+    """Fill depth- and world-dependent defaults, then reject values that cannot work, naming the variable."""
+    a = copy.copy(args)
+    a.run_id = a.run_id or uuid.uuid4().hex[:12]
+    if a.grad_accum_steps == 0:
+        if 8 % world_size:
+            raise ConfigError(f"GRAD_ACCUM_STEPS: the default 8 // WORLD_SIZE needs a world size dividing 8 "
+                              f"(got {world_size}); set GRAD_ACCUM_STEPS explicitly")
+        a.grad_accum_steps = 8 // world_size
+    if a.xsa_last_n == -1:
+        a.xsa_last_n = min(4, a.num_layers)
+    if a.ve_layers == "auto":
+        a.ve_layers = ",".join(str(i) for i in range(max(0, a.num_layers - 2), a.num_layers))
+    a.eval_seq_len = a.eval_seq_len or a.train_seq_len
+
+    def need(ok: bool, name: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{name}={getattr(a, name.lower())!r}: {why}")
+
+    for name in ("ITERATIONS", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_SEQ_LEN",
+                 "TRAIN_BATCH_TOKENS", "GRAD_ACCUM_STEPS", "VOCAB_SIZE", "EVAL_STRIDE", "EVAL_BATCH_SEQS",
+                 "MUON_BACKEND_STEPS", "SWA_EVERY", "TRAIN_LOG_EVERY"):
+        need(getattr(a, name.lower()) >= 1, name, "must be at least 1")
+    for name in ("WARMUP_STEPS", "WARMDOWN_ITERS", "VAL_LOSS_EVERY", "MAX_WALLCLOCK_SECONDS", "LOGIT_SOFTCAP",
+                 "GRAD_CLIP_NORM", "BIGRAM_VOCAB_SIZE", "MUON_MOMENTUM_WARMUP_STEPS", "XSA_LAST_N", "ROPE_DIMS",
+                 "MATRIX_LR", "TIED_EMBED_LR", "SCALAR_LR", "MUON_WEIGHT_DECAY", "ADAM_WEIGHT_DECAY"):
+        need(getattr(a, name.lower()) >= 0, name, "must not be negative")
+    need(a.vocab_size <= 65536, "VOCAB_SIZE", "token ids are stored as uint16, so at most 65536")
+    need(a.model_dim % a.num_heads == 0, "NUM_HEADS", f"must divide MODEL_DIM={a.model_dim}")
+    need(a.num_heads % a.num_kv_heads == 0, "NUM_KV_HEADS", f"must divide NUM_HEADS={a.num_heads}")
+    head_dim = a.model_dim // a.num_heads
+    need(head_dim % 2 == 0, "NUM_HEADS", f"MODEL_DIM/NUM_HEADS={head_dim} must be even for rotary embeddings")
+    need(a.rope_dims % 2 == 0 and a.rope_dims <= head_dim, "ROPE_DIMS", f"must be even and at most the head dim {head_dim}")
+    need(a.xsa_last_n <= a.num_layers, "XSA_LAST_N", f"must be at most NUM_LAYERS={a.num_layers}")
+    try:
+        layers = [int(s) for s in a.ve_layers.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"VE_LAYERS={a.ve_layers!r}: expected comma-separated layer indices") from None
+    need(all(0 <= i < a.num_layers for i in layers), "VE_LAYERS", f"indices must lie in [0, NUM_LAYERS={a.num_layers})")
+    need(len(set(layers)) == len(layers), "VE_LAYERS", "lists a layer twice")
+    if layers or a.bigram_vocab_size:
+        need(a.ve_dim >= 1 or not layers, "VE_DIM", "must be at least 1")
+        need(a.bigram_dim >= 1 or not a.bigram_vocab_size, "BIGRAM_DIM", "must be at least 1")
+    micro = world_size * a.grad_accum_steps * a.train_seq_len
+    need(a.train_batch_tokens % micro == 0, "TRAIN_BATCH_TOKENS",
+         f"must split into WORLD_SIZE({world_size}) x GRAD_ACCUM_STEPS({a.grad_accum_steps}) x TRAIN_SEQ_LEN"
+         f"({a.train_seq_len}) = multiples of {micro}")
+    need(0 < a.eval_stride <= a.eval_seq_len, "EVAL_STRIDE", f"must lie in [1, EVAL_SEQ_LEN={a.eval_seq_len}]")
+    need(0 <= a.late_qat_threshold <= 1, "LATE_QAT_THRESHOLD", "must lie in [0, 1]")
+    need(0 <= a.ema_decay < 1, "EMA_DECAY", "must lie in [0, 1)")
+    need(0 <= a.swa_start_scale <= 1, "SWA_START_SCALE", "must lie in [0, 1]")
+    need(0 <= a.muon_momentum < 1 and 0 <= a.muon_momentum_warmup_start < 1, "MUON_MOMENTUM", "must lie in [0, 1)")
+    need(a.averaging in ("ema", "swa", "none"), "AVERAGING", "must be ema, swa or none")
+    need(a.averaging != "ema" or a.ema_decay > 0, "AVERAGING", "is ema but EMA_DECAY=0 turns EMA off")
+    need(a.averaging != "swa" or a.swa_enabled, "AVERAGING", "is swa but SWA_ENABLED=0 turns SWA off")
+    need(a.compressor in COMPRESSORS, "COMPRESSOR", f"must be one of {', '.join(COMPRESSORS)}")
+    need(a.attention in ("auto", "fa3", "cudnn", "flash", "efficient", "math"), "ATTENTION",
+         "must be auto, fa3, cudnn, flash, efficient or math")
+    need(not a.eval_only or Path(a.eval_only).is_file(), "EVAL_ONLY", "is not a file")
+    return a
+
+
+def value_embedding_layers(args: Hyperparameters) -> list[int]:
+    return [int(s) for s in args.ve_layers.split(",") if s.strip()]
+
+
+# -----------------------------------------------------------------------------
+# Data: token shards (header of 256 little-endian int32 [magic, version, n_tokens, 0...], then uint16 ids)
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+FIX_SHARDS = "re-download it with data/cached_challenge_fineweb.py or rebuild it with data/build_shards.py"
+
+
+class DataError(RuntimeError):
+    """Shards or tokenizer that cannot be used as they are; the message says which file and what to do."""
+
+
+def read_shard_header(path: str | Path) -> int:
+    """Validate a shard's header against its size on disk and return its token count."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such shard file; {FIX_SHARDS}")
+    size = path.stat().st_size
+    if size < SHARD_HEADER_BYTES:
+        raise DataError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header "
+                        f"(truncated file); {FIX_SHARDS}")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if int(header[0]) != SHARD_MAGIC:
+        raise DataError(f"{path}: magic number {int(header[0])} is not {SHARD_MAGIC}, so this is not a token shard; "
+                        f"{FIX_SHARDS}")
+    if int(header[1]) != SHARD_VERSION:
+        raise DataError(f"{path}: shard version {int(header[1])} is not supported (expected {SHARD_VERSION}); "
+                        f"{FIX_SHARDS}")
+    n_tokens = int(header[2])
+    if n_tokens < 0:
+        raise DataError(f"{path}: header holds a negative token count ({n_tokens}), so it is corrupt; {FIX_SHARDS}")
+    expected = SHARD_HEADER_BYTES + 2 * n_tokens
+    if size != expected:
+        raise DataError(f"{path}: header says {n_tokens} tokens ({expected} bytes) but the file has {size} bytes "
+                        f"(truncated or corrupt); {FIX_SHARDS}")
+    return n_tokens
+
+
+def load_shard(path: str | Path, vocab_size: int | None = None) -> np.ndarray:
+    """Read a whole shard as uint16 token ids; with vocab_size, reject ids the model cannot embed."""
+    n_tokens = read_shard_header(path)
+    tokens = np.fromfile(path, dtype="<u2", count=n_tokens, offset=SHARD_HEADER_BYTES)
+    if vocab_size is not None and n_tokens and int(tokens.max()) >= vocab_size:
+        raise DataError(f"{path}: token id {int(tokens.max())} is >= VOCAB_SIZE={vocab_size}; the shard was made "
+                        f"with a larger tokenizer than the model's: set VOCAB_SIZE and TOKENIZER_PATH to match DATA_PATH")
+    return tokens
+
+
+def list_shards(pattern: str) -> list[Path]:
+    files = [Path(p) for p in sorted(glob.glob(pattern))]
+    if not files:
+        raise DataError(f"no shard matches {pattern}; download the official ones with "
+                        f"`python data/cached_challenge_fineweb.py --variant sp1024` or build your own with "
+                        f"`python data/build_shards.py`, then point DATA_PATH at their folder")
+    return files
+
+
+class TokenStream:
+    """The training shards read in order as one endless stream (wrapping around at the end)."""
+
+    def __init__(self, files: list[Path], vocab_size: int):
+        for f in files:  # fail at start, not hours in, on a bad shard anywhere in the list
+            read_shard_header(f)
+        self.files, self.vocab_size = files, vocab_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.file_idx, self.pos = 0, 0
+        self.tokens = load_shard(self.files[0], self.vocab_size)
+
+    def take(self, n: int) -> np.ndarray:
+        chunks = []
+        while n > 0:
+            if self.pos == len(self.tokens):
+                self.file_idx = (self.file_idx + 1) % len(self.files)
+                self.tokens, self.pos = load_shard(self.files[self.file_idx], self.vocab_size), 0
+            k = min(n, len(self.tokens) - self.pos)
+            chunks.append(self.tokens[self.pos:self.pos + k])
+            self.pos, n = self.pos + k, n - k
+        return np.concatenate(chunks)
+
+
+class TrainLoader:
+    """Each step reads the next TRAIN_BATCH_TOKENS + 1 tokens of the stream (the +1 is the last target, shared
+    with the next step) and hands this rank its contiguous share as GRAD_ACCUM_STEPS micro-batches. Which token
+    trains which step is therefore the same for every world size and accumulation split."""
+
+    def __init__(self, stream: TokenStream, batch_tokens: int, seq_len: int, rank: int, world_size: int,
+                 accum_steps: int, device: torch.device):
+        self.stream, self.batch_tokens, self.seq_len = stream, batch_tokens, seq_len
+        self.rank, self.world_size, self.accum_steps, self.device = rank, world_size, accum_steps, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.stream.reset()
+        self.carry = self.stream.take(1)
+
+    def next_batch(self) -> list[tuple[Tensor, Tensor]]:
+        window = np.concatenate([self.carry, self.stream.take(self.batch_tokens)])
+        self.carry = window[-1:]
+        per_rank = self.batch_tokens // self.world_size
+        start = self.rank * per_rank
+        local = torch.from_numpy(window[start:start + per_rank + 1].astype(np.int64))
+        if self.device.type == "cuda":
+            local = local.pin_memory().to(self.device, non_blocking=True)
+        x, y = local[:-1].view(self.accum_steps, -1, self.seq_len), local[1:].view(self.accum_steps, -1, self.seq_len)
+        return [(x[i], y[i]) for i in range(self.accum_steps)]
+
+
+def load_validation_tokens(data_path: str, vocab_size: int) -> Tensor:
+    files = list_shards(os.path.join(data_path, "fineweb_val_*.bin"))
+    tokens = np.concatenate([load_shard(f, vocab_size) for f in files])
+    if len(tokens) < 2:
+        raise DataError(f"validation shards under {data_path} hold {len(tokens)} tokens; at least 2 are needed")
+    return torch.from_numpy(tokens.astype(np.int64))
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer byte accounting (val_bpb): bytes(t) = base_bytes(t) + [piece(t) starts with '▁' and prev not boundary]
+
+
+def load_tokenizer(path: str, vocab_size: int):
+    import sentencepiece as spm
+
+    if not Path(path).is_file():
+        raise DataError(f"TOKENIZER_PATH={path} does not exist; download it with data/cached_challenge_fineweb.py "
+                        f"or point TOKENIZER_PATH at the .model file your shards were built with")
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    if sp.vocab_size() != vocab_size:
+        raise DataError(f"tokenizer {path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; "
+                        f"set VOCAB_SIZE={sp.vocab_size()} or use the tokenizer the shards were built with")
+    return sp
+
+
+def byte_luts(sp, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per token id: UTF-8 bytes of its piece without a leading '▁', whether it starts with '▁', and whether it is
+    a boundary (control/unknown/unused: 0 bytes, and no space is counted for the token after it)."""
+    base = np.zeros(vocab_size, dtype=np.int64)
+    leading_space = np.zeros(vocab_size, dtype=bool)
+    boundary = np.ones(vocab_size, dtype=bool)
+    for t in range(sp.vocab_size()):
+        if sp.is_control(t) or sp.is_unknown(t) or sp.is_unused(t):
+            continue
+        boundary[t] = False
+        if sp.is_byte(t):
+            base[t] = 1
+            continue
+        piece = sp.id_to_piece(t)
+        if piece.startswith("\u2581"):
+            leading_space[t], piece = True, piece[1:]
+        base[t] = len(piece.encode("utf-8"))
+    return torch.from_numpy(base), torch.from_numpy(leading_space), torch.from_numpy(boundary)
+
+
+def target_bytes(prev: Tensor, tgt: Tensor, luts: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    base, leading_space, boundary = luts
+    return base[tgt] + (leading_space[tgt] & ~boundary[prev]).to(base.dtype)
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return RMS_NORM(x)
+
+
+def torch_rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),), eps=NORM_EPS)
+
+
+def torch_softcap_cross_entropy(logits: Tensor, targets: Tensor, softcap: float, reduction: str) -> Tensor:
+    logits = logits.float()
+    if softcap > 0:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, targets, reduction=reduction)
+
+
+NORM_EPS = 1e-6
+RMS_NORM = torch_rms_norm
+SOFTCAP_CROSS_ENTROPY = torch_softcap_cross_entropy
+
+
+def use_fused_kernels(on: bool) -> bool:
+    """Route RMSNorm and the softcapped loss through kernels/ (Triton); returns whether that path is active."""
+    global RMS_NORM, SOFTCAP_CROSS_ENTROPY
+    RMS_NORM, SOFTCAP_CROSS_ENTROPY = torch_rms_norm, torch_softcap_cross_entropy
+    if not on:
+        return False
+    import kernels
+
+    RMS_NORM = lambda x: kernels.rms_norm(x, eps=NORM_EPS)  # noqa: E731
+    SOFTCAP_CROSS_ENTROPY = kernels.softcap_cross_entropy
+    return True
+
+
+def fake_quantize_int6(w: Tensor) -> Tensor:
+    """Round w to the int6 grid it will be stored on (per-row scale = row max / 31) in the forward pass, and let
+    the gradient through unchanged (straight-through estimator)."""
+    scale = w.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / INT6_MAX
+    q = torch.clamp(torch.round(w.detach() / scale), -INT6_MAX, INT6_MAX) * scale
+    return w + (q - w.detach())
+
+
+class CastedLinear(nn.Linear):
+    """fp32 master weights cast to the activation dtype at use. Block matrices (stored as int6) are fake-quantised
+    once late QAT switches `qat` on."""
+
+    def __init__(self, in_features: int, out_features: int, *, int6: bool = False, zero_init: bool = False,
+                 out_proj: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        self.int6, self.zero_init, self.out_proj, self.qat = int6, zero_init, out_proj, False
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = fake_quantize_int6(self.weight) if self.qat else self.weight
+        return F.linear(x, w.to(x.dtype))
+
+
+class Rotary(nn.Module):
+    """Rotary embedding of the first `dims` dims of each head; past the trained length the base grows (NTK-aware)
+    so that the lowest frequency still spans the longer window."""
+
+    def __init__(self, dims: int, base: float, train_seq_len: int):
+        super().__init__()
+        self.dims, self.base, self.train_seq_len = dims, base, train_seq_len
+
+    def forward(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        # (T x dims/2 values: recomputing them is cheaper than caching across compiled graphs)
+        base = self.base
+        if seq_len > self.train_seq_len:
+            base *= (seq_len / self.train_seq_len) ** (self.dims / max(self.dims - 2, 1))
+        inv_freq = 1.0 / base ** (torch.arange(0, self.dims, 2, dtype=torch.float32, device=device) / self.dims)
+        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, T, H, D). Rotates pairs (i, i + dims/2) of the first `dims` dims; the rest pass through untouched."""
+    dims = 2 * cos.size(-1)
+    if dims == 0:
+        return x
+    half = dims // 2
+    x1, x2, rest = x[..., :half], x[..., half:dims], x[..., dims:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: remove from each head's output its component along its own position's (normalised) value vector.
+    y: (B, T, H, D), v: (B, T, Hkv, D); heads share KV heads in groups of H/Hkv."""
+    B, T, H, D = y.shape
+    yg = y.view(B, T, v.size(2), H // v.size(2), D)
+    vn = F.normalize(v.float(), dim=-1).unsqueeze(3).to(y.dtype)
+    return (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, args: Hyperparameters, xsa: bool):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = args.num_heads, args.num_kv_heads
+        self.head_dim = args.model_dim // args.num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q = CastedLinear(args.model_dim, args.model_dim, int6=True)
+        self.c_k = CastedLinear(args.model_dim, kv_dim, int6=True)
+        self.c_v = CastedLinear(args.model_dim, kv_dim, int6=True)
+        self.proj = CastedLinear(args.model_dim, args.model_dim, int6=True, out_proj=True)
+        self.q_gain = nn.Parameter(torch.full((self.num_heads,), args.qk_gain_init))
+        self.rotary = Rotary(args.rope_dims, args.rope_base, args.train_seq_len)
+        self.xsa = xsa
+
+    def forward(self, x: Tensor, value_embed: Tensor | None) -> Tensor:
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x)
+        if value_embed is not None:
+            v = v + value_embed.to(v.dtype)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        cos, sin = self.rotary(T, x.device)
+        q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[None, None, :, None]
+        k = apply_rotary(rms_norm(k), cos, sin)
+        y = ATTENTION(q, k, v)
+        if self.xsa:
+            y = exclude_self_value(y, v)
+        return self.proj(y.reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, mult: int):
+        super().__init__()
+        self.fc = CastedLinear(dim, mult * dim, int6=True)
+        self.proj = CastedLinear(mult * dim, dim, int6=True, out_proj=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(torch.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, args: Hyperparameters, layer: int):
+        super().__init__()
+        dim = args.model_dim
+        self.attn = CausalSelfAttention(args, xsa=layer >= args.num_layers - args.xsa_last_n)
+        self.mlp = MLP(dim, args.mlp_mult)
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+        # LN scale: deeper blocks see their normalised input damped by 1/sqrt(layer + 1)
+        self.ln_scale = 1.0 / math.sqrt(layer + 1) if args.ln_scale else 1.0
+
+    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale, value_embed)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale)
+
+
+class SmearGate(nn.Module):
+    """x_t <- (1 - g) x_t + g x_{t-1} with a learned per-channel gate g = sigmoid(w)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = torch.sigmoid(self.gate).to(x.dtype)
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        return (1 - g) * x + g * prev
+
+
+def bigram_bucket(ids: Tensor, buckets: int) -> Tensor:
+    """Hash of (previous id, id) into [1, buckets); position 0, which has no previous token, gets bucket 0."""
+    prev = F.pad(ids[:, :-1], (1, 0))
+    h = torch.bitwise_xor(prev * 1_000_003, ids * 998_244_353) % (buckets - 1) + 1
+    h[:, 0] = 0
+    return h
+
+
+class BigramHash(nn.Module):
+    def __init__(self, buckets: int, dim: int, model_dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.embed = nn.Embedding(buckets, dim)
+        self.proj = CastedLinear(dim, model_dim, zero_init=True)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.scale * self.proj(self.embed(bigram_bucket(ids, self.buckets)))
+
+
+class ValueEmbedding(nn.Module):
+    """One token table shared by the layers in VE_LAYERS, projected to the KV width and added to their values."""
+
+    def __init__(self, vocab_size: int, dim: int, kv_dim: int, num_layers: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.proj = CastedLinear(dim, kv_dim)
+        self.layer_scales = nn.Parameter(torch.full((num_layers,), 0.1))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.proj(self.embed(ids))
+
+
+class GPT(nn.Module):
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        self.softcap = args.logit_softcap
+        self.tok_emb = nn.Embedding(args.vocab_size, args.model_dim)
+        self.bigram = BigramHash(args.bigram_vocab_size, args.bigram_dim, args.model_dim) if args.bigram_vocab_size else None
+        self.smear = SmearGate(args.model_dim) if args.smear_gate else None
+        ve_layers = value_embedding_layers(args)
+        kv_dim = args.num_kv_heads * (args.model_dim // args.num_heads)
+        self.ve = ValueEmbedding(args.vocab_size, args.ve_dim, kv_dim, len(ve_layers)) if ve_layers else None
+        self.ve_slot = {layer: i for i, layer in enumerate(ve_layers)}
+        self.blocks = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
+        # U-Net: the first half pushes its outputs, the second half pops them back in with learned weights
+        self.num_encoder = args.num_layers // 2
+        self.num_decoder = args.num_layers - self.num_encoder
+        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, self.num_decoder), args.model_dim))
+        self._init_weights(args)
+
+    def _init_weights(self, args: Hyperparameters) -> None:
+        nn.init.normal_(self.tok_emb.weight, std=args.tied_embed_init_std)
+        for m in self.modules():
+            if isinstance(m, nn.Embedding) and m is not self.tok_emb:
+                nn.init.normal_(m.weight, std=0.02)
+            if not isinstance(m, CastedLinear):
+                continue
+            if m.zero_init:
+                nn.init.zeros_(m.weight)
+            elif min(m.weight.shape) >= 64:
+                nn.init.orthogonal_(m.weight)
+                if m.out_proj:
+                    m.weight.data.mul_(1.0 / math.sqrt(2 * args.num_layers))
+            else:
+                nn.init.normal_(m.weight, std=m.in_features ** -0.5)
+
+    def set_qat(self, on: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, CastedLinear) and m.int6:
+                m.qat = on
+
+    def hidden(self, ids: Tensor) -> Tensor:
+        """Final normalised hidden states (B, T, D) for token ids (B, T)."""
+        x = self.tok_emb(ids)
+        if self.bigram is not None:
+            x = x + self.bigram(ids)
+        x = rms_norm(x)
+        if self.smear is not None:
+            x = self.smear(x)
+        x0 = x
+        ve = self.ve(ids) if self.ve is not None else None
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder and skips:
+                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+            slot = self.ve_slot.get(i)
+            x = block(x, x0, None if slot is None else self.ve.layer_scales[slot] * ve)
+            if i < self.num_encoder:
+                skips.append(x)
+        return rms_norm(x)
+
+    def token_losses(self, h: Tensor, targets: Tensor, reduction: str) -> Tensor:
+        logits = F.linear(h.reshape(-1, h.size(-1)), self.tok_emb.weight.to(h.dtype))
+        return SOFTCAP_CROSS_ENTROPY(logits, targets.reshape(-1), self.softcap, reduction)
+
+    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
+        return self.token_losses(self.hidden(ids), targets, "mean")
+
+
+# -----------------------------------------------------------------------------
+# Attention backends: FA3 when importable, else cuDNN SDPA, else flash SDPA (CUDA); plain SDPA on CPU.
+
+SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       enable_gqa=k.size(2) != q.size(2))
+    return y.transpose(1, 2)
+
+
+def sdpa_attention_repeat_kv(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    groups = q.size(2) // k.size(2)
+    k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          is_causal=True).transpose(1, 2)
+
+
+def fa3_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    import flash_attn_interface
+
+    out = flash_attn_interface.flash_attn_func(q, k, v, causal=True)
+    return out[0] if isinstance(out, tuple) else out
+
+
+ATTENTION = sdpa_attention
+
+
+def select_attention(choice: str, device: torch.device, heads: int, kv_heads: int, head_dim: int) -> str:
+    """Pick the first backend that runs a real (GQA, bf16) attention call here; returns the name that is logged."""
+    global ATTENTION
+    if device.type != "cuda":
+        ATTENTION = sdpa_attention
+        return "sdpa(cpu)"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    candidates = ["fa3", "cudnn", "flash"] if choice == "auto" else [choice]
+    q = torch.randn(2, 256, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, 256, kv_heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    errors = []
+    for name in candidates:
+        options = [("", fa3_attention)] if name == "fa3" else [("", sdpa_attention), ("+repeat_kv", sdpa_attention_repeat_kv)]
+        for suffix, fn in options:
+            try:
+                if name == "fa3":
+                    fn(q, k, v).sum().backward()
+                else:
+                    with sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name])):
+                        fn(q, k, v).sum().backward()
+            except Exception as e:  # noqa: BLE001 - any failure means "not usable here"; we say why below
+                errors.append(f"{name}{suffix}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                continue
+            if name != "fa3":
+                for other, flag in (("cudnn", "cudnn"), ("flash", "flash"), ("efficient", "mem_efficient"),
+                                    ("math", "math")):
+                    getattr(torch.backends.cuda, f"enable_{flag}_sdp")(other == name)
+            ATTENTION = fn
+            return name + suffix
+    raise RuntimeError(f"ATTENTION={choice}: no attention backend works here: " + "; ".join(errors))
+
+
+# -----------------------------------------------------------------------------
+# Optimisers: Muon (orthogonalised momentum) for block matrices, Adam for embeddings and control tensors.
+
+
+def newton_schulz5(g: Tensor, steps: int) -> Tensor:
+    """Approximately orthogonalise a stack of matrices (..., m, n) with the quintic Newton-Schulz iteration."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16()
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        s = x @ x.mT
+        x = a * x + (b * s + c * s @ s) @ x
+    return x.mT if transposed else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, then Newton-Schulz orthogonalisation, batched over matrices of one shape. With several
+    ranks, each rank orthogonalises its share of every shape group and the results are all-gathered, so all ranks
+    apply identical updates."""
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float):
+        super().__init__(list(params), dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+                                            weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        for group in self.param_groups:
+            by_shape: dict[tuple, list[Tensor]] = {}
+            for p in group["params"]:
+                by_shape.setdefault(tuple(p.shape), []).append(p)
+            for shape, params in by_shape.items():
+                grads = []
+                for p in params:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    grads.append(p.grad.add(buf, alpha=group["momentum"]))
+                per_rank = -(-len(params) // world)
+                stacked = torch.stack(grads + [torch.zeros_like(grads[0])] * (per_rank * world - len(grads)))
+                mine = newton_schulz5(stacked[rank * per_rank:(rank + 1) * per_rank], group["backend_steps"])
+                if world > 1:
+                    gathered = torch.empty((per_rank * world, *shape), dtype=mine.dtype, device=mine.device)
+                    dist.all_gather_into_tensor(gathered, mine.contiguous())
+                    mine = gathered
+                scale = max(1.0, shape[0] / shape[1]) ** 0.5
+                for p, update in zip(params, mine):
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
+
+
+def build_optimizers(model: GPT, args: Hyperparameters) -> list[torch.optim.Optimizer]:
+    """Muon: the block matrices. Adam: embedding tables (at the tied-embedding LR) and everything else."""
+    kinds = module_kinds(model)
+    matrices, embeddings, controls = [], [], []
+    for name, p in model.named_parameters():
+        {"int6": matrices, "embedding": embeddings}.get(kinds.get(name), controls).append(p)
+    adam = torch.optim.AdamW(
+        [dict(params=embeddings, lr=args.tied_embed_lr, base_lr=args.tied_embed_lr),
+         dict(params=controls, lr=args.scalar_lr, base_lr=args.scalar_lr)],
+        betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.adam_weight_decay,
+        fused=next(model.parameters()).is_cuda)
+    muon = Muon(matrices, lr=args.matrix_lr, momentum=args.muon_momentum, backend_steps=args.muon_backend_steps,
+                weight_decay=args.muon_weight_decay)
+    for group in muon.param_groups:
+        group["base_lr"] = args.matrix_lr
+    return [muon, adam]
+
+
+def lr_scale(step: int, elapsed_ms: float, args: Hyperparameters) -> float:
+    """1 until the warmdown, then linear to 0 at the end. Under a wallclock cap the warmdown is the last
+    WARMDOWN_ITERS steps' worth of time, estimated from the average step time so far."""
+    if args.warmdown_iters == 0:
+        return 1.0
+    if args.max_wallclock_seconds <= 0:
+        return min(1.0, max(args.iterations - step, 0) / args.warmdown_iters)
+    warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
+    remaining_ms = max(1000 * args.max_wallclock_seconds - elapsed_ms, 0.0)
+    by_time = remaining_ms / max(warmdown_ms, 1e-9)
+    by_steps = max(args.iterations - step, 0) / args.warmdown_iters
+    return min(1.0, by_time, by_steps)
+
+
+def muon_momentum(step: int, args: Hyperparameters) -> float:
+    frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps else 1.0
+    return (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
+
+
+class WeightAverages:
+    """EMA of all weights every step, and tight SWA: the mean of snapshots taken every SWA_EVERY steps once the
+    LR scale is below SWA_START_SCALE. Both in fp32."""
+
+    def __init__(self, model: nn.Module, args: Hyperparameters):
+        self.args = args
+        self.params = [p for p in model.parameters()]
+        self.ema = [p.detach().float().clone() for p in self.params] if args.ema_decay > 0 else None
+        self.swa: list[Tensor] | None = None
+        self.swa_count = 0
+
+    @torch.no_grad()
+    def update(self, step: int, scale: float) -> bool:
+        """Returns True when this step started SWA."""
+        if self.ema is not None:
+            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1 - self.args.ema_decay)
+        if not (self.args.swa_enabled and scale < self.args.swa_start_scale and step % self.args.swa_every == 0):
+            return False
+        started = self.swa is None
+        if started:
+            self.swa = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        torch._foreach_add_(self.swa, [p.detach().float() for p in self.params])
+        self.swa_count += 1
+        return started
+
+    def weights(self, kind: str) -> list[Tensor] | None:
+        if kind == "ema":
+            return self.ema
+        if kind == "swa" and self.swa is not None:
+            return [s / self.swa_count for s in self.swa]
+        return None
+
+
+@torch.no_grad()
+def assign_weights(model: nn.Module, weights: list[Tensor]) -> None:
+    for p, w in zip(model.parameters(), weights):
+        p.copy_(w.to(p.dtype))
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: windows of EVAL_SEQ_LEN; the first window scores all its tokens, each later one starts STRIDE
+# tokens further and scores only the targets no earlier window scored (at most STRIDE, each with >= L - STRIDE
+# tokens of context). STRIDE = L is the plain non-overlapping evaluation.
+
+
+def window_starts(n_targets: int, seq_len: int, stride: int) -> list[int]:
+    """Start of every window after the first; the window at s scores targets [s + L - stride, min(s + L, n))."""
+    return list(range(stride, max(n_targets - seq_len + stride, stride), stride))
+
+
+def windows_for_rank(n_targets: int, seq_len: int, stride: int, rank: int, world: int) -> list[int]:
+    starts = window_starts(n_targets, seq_len, stride)
+    per = -(-len(starts) // world)
+    return starts[rank * per:(rank + 1) * per]
+
+
+@torch.no_grad()
+def evaluate(model: GPT, forward_fn, tokens: Tensor, luts, seq_len: int, stride: int, batch_seqs: int,
+             rank: int, world: int, device: torch.device) -> tuple[float, float, int, int]:
+    """Returns (val_loss in nats/token, val_bpb, tokens scored, bytes scored), summed over all ranks.
+    forward_fn(x, y) -> per-token losses (B, stride) of the last `stride` positions of each window."""
+    n = tokens.numel() - 1
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
+    luts = tuple(t.to(device) for t in luts)
+    tokens = tokens.to(device)
+
+    def account(losses: Tensor, prev: Tensor, tgt: Tensor, mask: Tensor) -> None:
+        sums[0] += (losses.double() * mask).sum()
+        sums[1] += mask.sum()
+        sums[2] += (target_bytes(prev, tgt, luts) * mask).sum()
+
+    if rank == 0:  # the first window scores every target it holds, with whatever context precedes it
+        first = min(seq_len, n)
+        x, y = tokens[:first][None], tokens[1:first + 1][None]
+        h = model.hidden(x)
+        account(model.token_losses(h, y, "none").view(1, -1), x, y, torch.ones_like(y, dtype=torch.float64))
+    starts = windows_for_rank(n, seq_len, stride, rank, world)
+    batch_seqs = max(1, min(batch_seqs, len(starts)))
+    offsets = torch.arange(seq_len + 1, device=device)
+    for i in range(0, len(starts), batch_seqs):
+        batch = torch.tensor(starts[i:i + batch_seqs], device=device)
+        real = batch.numel()
+        batch = F.pad(batch, (0, batch_seqs - real), value=0)  # fixed shapes: pad with masked-out windows
+        idx = batch[:, None] + offsets[None, :]
+        window = tokens[idx.clamp(max=n)]
+        x, y = window[:, :-1], window[:, 1:]
+        losses = forward_fn(x, y).view(batch_seqs, stride)
+        pos = idx[:, seq_len - stride + 1:]  # target positions in the stream
+        mask = (pos <= n) & (torch.arange(batch_seqs, device=device)[:, None] < real)
+        account(losses, x[:, -stride:], y[:, -stride:], mask.double())
+    if world > 1:
+        dist.all_reduce(sums)
+    loss_sum, count, nbytes = sums.tolist()
+    val_loss = loss_sum / count
+    return val_loss, val_loss / math.log(2) * count / nbytes, int(count), int(nbytes)
+
+
+def make_window_forward(model: GPT, stride: int, compile_it: bool):
+    """Per-token losses of the last `stride` positions of each window: the lm_head and softmax run only there."""
+
+    def forward(x: Tensor, y: Tensor) -> Tensor:
+        h = model.hidden(x)[:, -stride:]
+        return model.token_losses(h, y[:, -stride:], "none")
+
+    return torch.compile(forward, dynamic=False, fullgraph=True) if compile_it else forward
+
+
+# -----------------------------------------------------------------------------
+# Artifact: block matrices -> int6 per row (GPTQ-lite clip search), embeddings -> int8 per row, small tensors ->
+# fp16, control tensors -> fp32; a JSON-described byte layout (nothing executable), then a byte-level compressor.
+
+INT6_MAX = 31
+INT8_MAX = 127
+SMALL_TENSOR = 65_536
+GPTQ_CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+ARTIFACT_MAGIC = b"PGOLF1\n"
+ARTIFACT_LIMIT = 16_000_000
+
+
+class ArtifactError(RuntimeError):
+    """An artifact file that cannot be decoded; the message says what is wrong."""
+
+
+def _zstd_compress(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=22).compress(data)
+
+
+def _zstd_decompress(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 31)
+
+
+def _brotli_compress(data: bytes) -> bytes:
+    import brotli
+
+    return brotli.compress(data, quality=11)
+
+
+def _brotli_decompress(data: bytes) -> bytes:
+    import brotli
+
+    return brotli.decompress(data)
+
+
+COMPRESSORS = {
+    "zstd": (b"Z", _zstd_compress, _zstd_decompress),
+    "brotli": (b"B", _brotli_compress, _brotli_decompress),
+    "lzma": (b"L", lambda d: lzma.compress(d, preset=9 | lzma.PRESET_EXTREME), lzma.decompress),
+}
+
+
+def module_kinds(model: nn.Module) -> dict[str, str]:
+    """What each weight is, decided by the module that owns it: int6 (block matrices), embedding, matrix (other
+    linear layers). Anything else is a control tensor."""
+    kinds = {}
+    for mname, m in model.named_modules():
+        if isinstance(m, CastedLinear):
+            kinds[f"{mname}.weight"] = "int6" if m.int6 else "matrix"
+        elif isinstance(m, nn.Embedding):
+            kinds[f"{mname}.weight"] = "embedding"
+    return kinds
+
+
+def quantize_rows(w: Tensor, qmax: int, clip: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row quantisation with per-row clip values; the scale is rounded to fp16 first, so the error
+    measured here is the error of what is stored."""
+    scale = (clip / qmax).to(torch.float16)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(w / scale.float()[:, None]), -qmax, qmax).to(torch.int8)
+    return q, scale
+
+
+def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def quantize_int6(w: Tensor, search: bool) -> tuple[Tensor, Tensor, float]:
+    """GPTQ-lite: per matrix, the row-quantile clip (of |w|) with the least reconstruction MSE; row max without
+    search. Returns (q, scale, chosen quantile)."""
+    absw = w.abs()
+    best = None
+    for quantile in GPTQ_CLIP_QUANTILES if search else (1.0,):
+        clip = absw.amax(dim=1) if quantile == 1.0 else torch.quantile(absw, quantile, dim=1)
+        q, scale = quantize_rows(w, INT6_MAX, clip)
+        err = (dequantize_rows(q, scale) - w).square().sum().item()
+        if best is None or err < best[0]:
+            best = (err, q, scale, quantile)
+    return best[1], best[2], best[3]
+
+
+def quantize_state(model: GPT, state: dict[str, Tensor], gptq: bool) -> tuple[dict, list[dict]]:
+    """Returns ({name: stored tensors}, one table row per tensor for the log)."""
+    kinds = module_kinds(model)
+    stored, table = {}, []
+    for name, t in state.items():
+        w = t.detach().float().cpu()
+        kind = kinds.get(name, "control")
+        if kind == "int6" or kind in ("embedding", "matrix") and w.numel() > SMALL_TENSOR:
+            if kind == "int6":
+                q, scale, quantile = quantize_int6(w, gptq)
+            else:
+                kind, quantile = "int8", 1.0
+                q, scale = quantize_rows(w, INT8_MAX, w.abs().amax(dim=1))
+            stored[name] = dict(kind=kind, q=q, scale=scale)
+            recon = dequantize_rows(q, scale)
+            nbytes = q.numel() + 2 * scale.numel()
+        elif kind == "control":
+            kind = "fp32"
+            stored[name] = dict(kind=kind, value=w)
+            recon, nbytes = w, 4 * w.numel()
+        else:
+            kind = "fp16"
+            stored[name] = dict(kind=kind, value=w.to(torch.float16))
+            recon, nbytes = stored[name]["value"].float(), 2 * w.numel()
+        rel_err = (recon - w).norm().item() / max(w.norm().item(), 1e-30)
+        table.append(dict(name=name, shape="x".join(map(str, w.shape)), kind=kind, bytes=nbytes, rel_err=rel_err,
+                          clip=quantile if kind == "int6" else None))
+    return stored, table
+
+
+def dequantize_state(stored: dict) -> dict[str, Tensor]:
+    out = {}
+    for name, s in stored.items():
+        if s["kind"] in ("int6", "int8"):
+            out[name] = dequantize_rows(s["q"], s["scale"])
+        else:
+            out[name] = s["value"].float()
+    return out
+
+
+_DTYPES = {"int8": (torch.int8, np.int8), "float16": (torch.float16, np.float16), "float32": (torch.float32, np.float32)}
+
+
+def serialize(stored: dict, config: dict) -> bytes:
+    """Layout: magic, u32 header length, JSON header (config + tensor table), then raw little-endian arrays."""
+    entries, blobs, offset = [], [], 0
+    for name, s in stored.items():
+        arrays = {"q": s["q"], "scale": s["scale"]} if "q" in s else {"value": s["value"]}
+        entry = dict(name=name, kind=s["kind"], arrays={})
+        for key, t in arrays.items():
+            raw = t.contiguous().numpy().tobytes()
+            entry["arrays"][key] = dict(dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
+                                        offset=offset, nbytes=len(raw))
+            blobs.append(raw)
+            offset += len(raw)
+        entries.append(entry)
+    header = json.dumps(dict(config=config, tensors=entries), separators=(",", ":")).encode()
+    return ARTIFACT_MAGIC + len(header).to_bytes(4, "little") + header + b"".join(blobs)
+
+
+def deserialize(data: bytes) -> tuple[dict, dict]:
+    if not data.startswith(ARTIFACT_MAGIC):
+        raise ArtifactError("not a Parameter Golf model payload (bad magic)")
+    pos = len(ARTIFACT_MAGIC)
+    hlen = int.from_bytes(data[pos:pos + 4], "little")
+    try:
+        header = json.loads(data[pos + 4:pos + 4 + hlen])
+    except ValueError as e:
+        raise ArtifactError(f"header is not valid JSON ({e})") from None
+    body = memoryview(data)[pos + 4 + hlen:]
+    stored = {}
+    for entry in header["tensors"]:
+        arrays = {}
+        for key, a in entry["arrays"].items():
+            if a["dtype"] not in _DTYPES or a["offset"] + a["nbytes"] > len(body):
+                raise ArtifactError(f"tensor {entry['name']}.{key} lies outside the payload or has dtype {a['dtype']}")
+            tdtype, ndtype = _DTYPES[a["dtype"]]
+            arr = np.frombuffer(body[a["offset"]:a["offset"] + a["nbytes"]], dtype=ndtype)
+            if arr.size != math.prod(a["shape"]):
+                raise ArtifactError(f"tensor {entry['name']}.{key}: {arr.size} values for shape {a['shape']}")
+            arrays[key] = torch.from_numpy(arr.copy()).view(tdtype).reshape(a["shape"])
+        stored[entry["name"]] = dict(kind=entry["kind"], **arrays)
+    return stored, header["config"]
+
+
+def compress(payload: bytes, compressor: str) -> bytes:
+    tag, fn, _ = COMPRESSORS[compressor]
+    return tag + fn(payload)
+
+
+def decompress(blob: bytes, path: str | Path) -> bytes:
+    by_tag = {tag: (name, fn) for name, (tag, _, fn) in COMPRESSORS.items()}
+    if blob[:1] not in by_tag:
+        raise ArtifactError(f"{path}: unknown compressor tag {blob[:1]!r}; not an artifact written by train_gpt.py")
+    name, fn = by_tag[blob[:1]]
+    try:
+        return fn(blob[1:])
+    except ImportError:
+        raise ArtifactError(f"{path}: written with {name}, which is not installed here (pip install {name})") from None
+    except Exception as e:  # noqa: BLE001 - each library raises its own error type for damaged input
+        raise ArtifactError(f"{path}: {name} cannot decompress it ({type(e).__name__}: {e}); the file is truncated "
+                            f"or corrupt") from None
+
+
+def model_config(args: Hyperparameters) -> dict:
+    """The knobs that shape the network: enough to rebuild it from an artifact alone."""
+    keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_base",
+            "rope_dims", "logit_softcap", "xsa_last_n", "ln_scale", "bigram_vocab_size", "bigram_dim", "ve_layers",
+            "ve_dim", "smear_gate", "train_seq_len")
+    return {k.upper(): getattr(args, k) for k in keys}
+
+
+def load_artifact(path: str | Path) -> tuple[dict[str, Tensor], dict]:
+    """Read an artifact from disk and return (dequantised fp32 state, model config)."""
+    try:
+        payload = decompress(Path(path).read_bytes(), path)
+        stored, config = deserialize(payload)
+    except ArtifactError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{path}: malformed artifact ({type(e).__name__}: {e})") from None
+    return dequantize_state(stored), config
+
+
+def model_from_artifact(path: str | Path, args: Hyperparameters, device: torch.device) -> GPT:
+    state, config = load_artifact(path)
+    margs = dataclasses.replace(args, **{k.lower(): v for k, v in config.items()})
+    model = GPT(margs).to(device)
+    missing = set(model.state_dict()) ^ set(state)
+    if missing:
+        raise ArtifactError(f"{path}: tensors {sorted(missing)[:5]} do not match the model the artifact describes")
+    model.load_state_dict(state)
+    return model
+
+
+PROJECT_PACKAGES = ("kernels",)  # project code this script imports at run time
+
+
+def project_code_files() -> list[Path]:
+    """This script and every file of the project packages it imported: all of them count towards the artifact."""
+    files = {Path(f).resolve() for name, mod in list(sys.modules.items())
+             if name.split(".")[0] in PROJECT_PACKAGES and (f := getattr(mod, "__file__", None))}
+    return [Path(__file__).resolve()] + sorted(files)
+
+
+# -----------------------------------------------------------------------------
+# Logging and process setup
+
+
+class Logger:
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    def __call__(self, msg: str, console: bool = True) -> None:
+        if self.path is None:
+            return
+        if console:
+            print(msg, flush=True)
+        with self.path.open("a") as f:
+            f.write(msg + "\n")
+
+
+def setup_distributed() -> tuple[int, int, int, torch.device]:
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return rank, world, local_rank, device
+
+
+def log_header(log: Logger, args: Hyperparameters) -> None:
+    files = project_code_files()
+    root = Path(__file__).resolve().parent
+    log(Path(__file__).read_text(), console=False)
+    log("=" * 100, console=False)
+    for f in files:
+        data = f.read_bytes()
+        log(f"code_file: {f.relative_to(root).as_posix()} bytes:{len(data)} sha256:{hashlib.sha256(data).hexdigest()}")
+    log(f"code_bytes: {sum(f.stat().st_size for f in files)}")
+    import importlib.util
+
+    triton_version = "none"
+    if importlib.util.find_spec("triton") is not None:
+        import triton
+
+        triton_version = triton.__version__
+    device = (f"{torch.cuda.device_count()}x{torch.cuda.get_device_name()}" if torch.cuda.is_available()
+              else f"cpu:{platform.processor() or platform.machine()}")
+    log(f"versions: python:{platform.python_version()} torch:{torch.__version__} triton:{triton_version} "
+        f"numpy:{np.__version__} cuda:{torch.version.cuda} device:{device}")
+    log("config: " + json.dumps(args.env()))
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def train_step(model, loader: TrainLoader, optimizers, args: Hyperparameters, scale: float, momentum: float,
+               autocast) -> Tensor:
+    """One optimiser step over GRAD_ACCUM_STEPS micro-batches; returns the mean loss (on device, no sync)."""
+    total = torch.zeros((), device=loader.device)
+    batches = loader.next_batch()
+    for i, (x, y) in enumerate(batches):
+        sync = i == len(batches) - 1
+        ctx = (model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not sync
+               else contextlib.nullcontext())
+        with ctx, autocast():
+            loss = model(x, y)
+        (loss / len(batches)).backward()
+        total += loss.detach()
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * scale
+    optimizers[0].param_groups[0]["momentum"] = momentum
+    if args.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for opt in optimizers for g in opt.param_groups for p in g["params"]],
+                                       args.grad_clip_norm)
+    for opt in optimizers:
+        opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return total / len(batches)
+
+
+def make_autocast(device: torch.device):
+    """bf16 autocast on CUDA; CPU runs the same graph in fp32 (bf16 matmuls are slow or missing on most CPUs)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+def prepare_runtime(args: Hyperparameters, device: torch.device) -> str:
+    """Choose kernels, attention backend and compilation for this device; returns the line that logs them."""
+    fused = use_fused_kernels(args.fused_kernels and device.type == "cuda")
+    attention = select_attention(args.attention, device, args.num_heads, args.num_kv_heads,
+                                 args.model_dim // args.num_heads)
+    return f"attention:{attention} fused_kernels:{int(fused)} compile:{int(args.compile and device.type == 'cuda')}"
+
+
+def build_training(args: Hyperparameters, device: torch.device, rank: int, world: int, local_rank: int):
+    """The model, its compiled/DDP-wrapped training view, the optimisers and the data loader."""
+    model = GPT(args).to(device)
+    train_model = torch.compile(model, dynamic=False, fullgraph=True) if args.compile and device.type == "cuda" else model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+    optimizers = build_optimizers(model, args)
+    loader = TrainLoader(TokenStream(list_shards(os.path.join(args.data_path, "fineweb_train_*.bin")),
+                                     args.vocab_size), args.train_batch_tokens, args.train_seq_len, rank, world,
+                         args.grad_accum_steps, device)
+    return model, train_model, optimizers, loader
+
+
+def warm_up(model: GPT, train_model, loader: TrainLoader, optimizers, args: Hyperparameters, autocast) -> None:
+    """Compile every graph the run will use (with and without QAT), then undo all of it: weights, optimiser
+    state and data order are as if the warm-up never ran."""
+    initial_model = copy.deepcopy(model.state_dict())
+    initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    for i in range(args.warmup_steps):
+        model.set_qat(args.late_qat_threshold > 0 and i >= args.warmup_steps // 2)
+        train_step(train_model, loader, optimizers, args, 1.0, args.muon_momentum_warmup_start, autocast)
+    model.set_qat(False)
+    model.load_state_dict(initial_model)
+    for opt, state in zip(optimizers, initial_opts):
+        opt.load_state_dict(state)
+    loader.reset()
+
+
+def main() -> None:
+    rank, world, local_rank, device = setup_distributed()
+    args = resolve(Hyperparameters.from_env(), world)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    log = Logger(Path("logs") / f"{args.run_id}.txt" if rank == 0 else None)
+    runtime = prepare_runtime(args, device)
+    compile_on = args.compile and device.type == "cuda"
+    log_header(log, args)
+    log(f"world_size:{world} grad_accum_steps:{args.grad_accum_steps} {runtime}")
+    autocast = make_autocast(device)
+
+    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
+    luts = byte_luts(sp, args.vocab_size)
+    val_tokens = load_validation_tokens(args.data_path, args.vocab_size)
+    code_bytes = sum(f.stat().st_size for f in project_code_files())
+
+    def score(model: GPT, seq_len: int, stride: int, batch_seqs: int) -> tuple[float, float, int, int, float]:
+        t0 = time.perf_counter()
+        model.eval()
+        with autocast():
+            fwd = make_window_forward(model, stride, compile_on)
+            loss, bpb, n_tok, n_bytes = evaluate(model, fwd, val_tokens, luts, seq_len, stride, batch_seqs,
+                                                 rank, world, device)
+        model.train()
+        return loss, bpb, n_tok, n_bytes, 1000 * (time.perf_counter() - t0)
+
+    plain_batch = max(1, args.val_batch_tokens // (world * args.train_seq_len))
+    if args.eval_only:
+        model = model_from_artifact(args.eval_only, args, device)
+        finish(log, args, model, score, plain_batch, Path(args.eval_only).stat().st_size, code_bytes, world)
+        return
+
+    model, train_model, optimizers, loader = build_training(args, device, rank, world, local_rank)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    warm_up(model, train_model, loader, optimizers, args, autocast)
+    averages = WeightAverages(model, args)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    max_ms = 1000 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else float("inf")
+    train_ms, step, qat_on, stop_reason = 0.0, 0, False, None
+    sync()
+    t0 = time.perf_counter()
+    while True:
+        last = step == args.iterations or stop_reason is not None
+        if last or (args.val_loss_every and step % args.val_loss_every == 0):
+            sync()
+            train_ms += 1000 * (time.perf_counter() - t0)
+            loss, bpb, *_ = score(model, args.train_seq_len, args.train_seq_len, plain_batch)
+            log(f"step:{step}/{args.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} train_time:{train_ms:.0f}ms "
+                f"step_avg:{train_ms / max(step, 1):.2f}ms")
+            sync()
+            t0 = time.perf_counter()
+        if last:
+            break
+        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        scale = lr_scale(step, elapsed, args)
+        if not qat_on and args.late_qat_threshold > 0 and scale < args.late_qat_threshold:
+            qat_on = True
+            model.set_qat(True)
+            log(f"late_qat:on step:{step} lr_scale:{scale:.4f}")
+        loss = train_step(train_model, loader, optimizers, args, scale, muon_momentum(step, args), autocast)
+        step += 1
+        if averages.update(step, scale):
+            log(f"swa:start step:{step} lr_scale:{scale:.4f}")
+        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        # one small all-reduce a step: the mean loss, a non-finite flag, and whether any rank hit the cap
+        flags = torch.stack([loss.float(), (~torch.isfinite(loss)).float(),
+                             torch.tensor(float(elapsed >= max_ms), device=device)])
+        if world > 1:
+            dist.all_reduce(flags)
+        mean_loss, nonfinite, capped = flags.tolist()
+        mean_loss /= world
+        if nonfinite:
+            raise FloatingPointError(f"step {step}: training loss is {mean_loss} (NaN or inf); lower the learning "
+                                     f"rates (MATRIX_LR, TIED_EMBED_LR, SCALAR_LR) or check the data")
+        if step <= 10 or step % args.train_log_every == 0:
+            eta_ms = min((args.iterations - step) * elapsed / step, max(max_ms - elapsed, 0))
+            log(f"step:{step}/{args.iterations} train_loss:{mean_loss:.4f} train_time:{elapsed:.0f}ms "
+                f"step_avg:{elapsed / step:.2f}ms eta:{eta_ms / 1000:.0f}s")
+        if capped and step < args.iterations:
+            stop_reason = "wallclock_cap"
+            log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{args.iterations}")
+
+    if device.type == "cuda":
+        log(f"peak_memory allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
+            f"reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
+    model.set_qat(False)
+    loss, bpb, *_ = score(model, args.train_seq_len, args.train_seq_len, plain_batch)
+    log(f"pre_averaging val_loss:{loss:.4f} val_bpb:{bpb:.4f}")
+    raw = [p.detach().clone() for p in model.parameters()]
+    for kind in ("ema", "swa"):
+        weights = averages.weights(kind)
+        if weights is None or kind == args.averaging:
+            continue
+        assign_weights(model, weights)
+        loss, bpb, *_ = score(model, args.train_seq_len, args.train_seq_len, plain_batch)
+        log(f"averaging_candidate:{kind} val_loss:{loss:.4f} val_bpb:{bpb:.4f}")
+    kept = averages.weights(args.averaging) if args.averaging != "none" else None
+    if args.averaging != "none" and kept is None:
+        log(f"averaging:{args.averaging} has no snapshot (training ended before SWA started); keeping raw weights")
+    assign_weights(model, kept if kept is not None else raw)
+    loss, bpb, *_ = score(model, args.train_seq_len, args.train_seq_len, plain_batch)
+    log(f"averaging:{args.averaging if kept is not None else 'none'} val_loss:{loss:.4f} val_bpb:{bpb:.4f}")
+
+    artifact_path = Path("logs") / f"{args.run_id}.ptz"
+    if rank == 0:
+        t_q = time.perf_counter()
+        stored, table = quantize_state(model, model.state_dict(), args.gptq_enabled)
+        for row in table:
+            clip = f" clip_quantile:{row['clip']}" if row["clip"] is not None else ""
+            log(f"quant: {row['name']} shape:{row['shape']} kind:{row['kind']} bytes:{row['bytes']} "
+                f"rel_err:{row['rel_err']:.4g}{clip}")
+        blob = compress(serialize(stored, model_config(args)), args.compressor)
+        artifact_path.write_bytes(blob)
+        log(f"quantize_compress_time:{1000 * (time.perf_counter() - t_q):.0f}ms")
+    if world > 1:
+        dist.barrier()
+    roundtrip = model_from_artifact(artifact_path, args, device)
+    finish(log, args, roundtrip, score, plain_batch, artifact_path.stat().st_size, code_bytes, world)
+
+
+def finish(log: Logger, args: Hyperparameters, model: GPT, score, plain_batch: int, model_bytes: int,
+           code_bytes: int, world: int) -> None:
+    """Score the artifact's model (plain, then sliding window) and account for the submission's bytes."""
+    total = model_bytes + code_bytes
+    log(f"Serialized model int6+{args.compressor}: {model_bytes} bytes")
+    log(f"Code size: {code_bytes} bytes")
+    log(f"Total submission size int6+{args.compressor}: {total} bytes")
+    loss, bpb, n_tok, n_bytes, ms = score(model, args.train_seq_len, args.train_seq_len, plain_batch)
+    log(f"val_tokens:{n_tok} val_bytes:{n_bytes}")
+    log(f"final_int6_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{ms:.0f}ms")
+    loss, bpb, _, _, ms = score(model, args.eval_seq_len, args.eval_stride, args.eval_batch_seqs)
+    log(f"final_int6_sliding_window_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{args.eval_stride} "
+        f"eval_time:{ms:.0f}ms")
+    log(f"val_bpb: {bpb:.8f}")
+    log(f"artifact_bytes: {total}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if total > ARTIFACT_LIMIT:
+        log(f"artifact_over_limit: {total - ARTIFACT_LIMIT} bytes over {ARTIFACT_LIMIT}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
