@@ -1,0 +1,550 @@
+#!/usr/bin/env python3
+"""Turn your own documents into token shards in the challenge's binary format.
+
+    python data/build_shards.py --input docs.jsonl.zst --output-dir data/datasets/mydocs \
+        --vocab-size 1024 --val-docs 1000
+
+Inputs: .txt (one document per line, or one per file with --txt-mode file) and .jsonl (one JSON object per
+line with a "text" field), each optionally compressed as .gz or .zst. The tokenizer is either given
+(--tokenizer PATH) or trained here with the official sentencepiece settings (--vocab-size V); it is saved as
+OUTPUT_DIR/tokenizer.model. Every document becomes BOS (id 1) + its tokens (no EOS); the first --val-docs
+documents form fineweb_val_*.bin, the rest fineweb_train_*.bin, each split's stream cut into shards of exactly
+--shard-tokens tokens (the last one shorter). Whitespace-only documents are skipped and counted. The output is
+byte-identical whatever --workers is. See data/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections import deque
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TextIO
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The format, as train_gpt's reader checks it (a test asserts the two agree). Repeated here rather than imported
+# because encoding workers re-import this module and must not pull in train_gpt (and with it torch).
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+SHARD_PATTERN = "fineweb_{split}_{index:06d}.bin"
+
+DEFAULT_SHARD_TOKENS = 100_000_000
+DEFAULT_TOKENIZER_TRAIN_DOCS = 200_000
+MAX_VOCAB = 1 << 16  # ids are stored as uint16
+BOS_ID = 1  # the training script and the val_bpb rule treat id 1 as the document separator
+TOKENIZER_FILE = "tokenizer.model"
+MANIFEST_FILE = "manifest.json"
+
+# The official tokenizer trainer's settings (SPEC.md §2); hard_vocab_limit=False as in the official export, so a
+# corpus too small for the requested vocab yields a smaller one (reported) instead of failing.
+SP_TRAIN_SETTINGS = {
+    "model_type": "bpe",
+    "character_coverage": 0.999,
+    "byte_fallback": True,
+    "split_digits": True,
+    "normalization_rule_name": "nmt_nfkc",
+    "add_dummy_prefix": False,
+    "pad_id": 0,
+    "bos_id": 1,
+    "eos_id": 2,
+    "unk_id": 3,
+    "hard_vocab_limit": False,
+}
+# sentencepiece stores its thread count inside the model file, so it is fixed here: tying it to --workers would
+# make the tokenizer's bytes (and sha256) depend on the worker count. The learned pieces do not depend on it.
+SP_TRAIN_THREADS = 16
+# sentencepiece's own default max_sentence_length, which the official trainer kept: longer documents are left out
+# of tokenizer training (they are still encoded into the shards).
+DEFAULT_TOKENIZER_MAX_DOC_BYTES = 4192
+
+FORMATS = (".txt", ".jsonl")
+COMPRESSIONS = (".gz", ".zst")
+TXT_MODES = ("line", "file")
+
+
+class BuildError(ValueError):
+    """Input or arguments the builder cannot use; the message says which and what to do."""
+
+
+# -----------------------------------------------------------------------------
+# Shard writer
+
+
+def write_shard(path: str | Path, tokens: Iterable[int] | np.ndarray) -> int:
+    """Write one shard (256 little-endian int32 header [magic, version, n_tokens, 0...] + uint16 ids); returns n_tokens.
+
+    Written to a temporary name and renamed, so an interrupted run never leaves a shard that looks complete.
+    """
+    path = Path(path)
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise BuildError(f"{path}: tokens must be a 1-D sequence, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise BuildError(f"{path}: tokens must be integers, got dtype {arr.dtype}")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= MAX_VOCAB):
+        raise BuildError(f"{path}: token ids must lie in [0, {MAX_VOCAB}) to fit uint16, got "
+                         f"[{int(arr.min())}, {int(arr.max())}]")
+    if arr.size >= 2**31:
+        raise BuildError(f"{path}: {arr.size} tokens do not fit the int32 count in the header; use smaller shards")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, arr.size)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(arr.astype("<u2", copy=False).tobytes())
+    os.replace(tmp, path)
+    return int(arr.size)
+
+
+class ShardWriter:
+    """Cuts one split's token stream into shards of exactly shard_tokens tokens (the last one may be shorter)."""
+
+    def __init__(self, output_dir: Path, split: str, shard_tokens: int):
+        self.output_dir, self.split, self.shard_tokens = output_dir, split, shard_tokens
+        self.buf: np.ndarray | None = None
+        self.fill = 0
+        self.files: list[dict] = []
+
+    def write(self, tokens: np.ndarray) -> None:
+        pos = 0
+        while pos < len(tokens):
+            if self.buf is None:
+                self.buf = np.empty(self.shard_tokens, dtype=np.uint16)
+            take = min(self.shard_tokens - self.fill, len(tokens) - pos)
+            self.buf[self.fill:self.fill + take] = tokens[pos:pos + take]
+            self.fill += take
+            pos += take
+            if self.fill == self.shard_tokens:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self.fill == 0:
+            return
+        name = SHARD_PATTERN.format(split=self.split, index=len(self.files))
+        write_shard(self.output_dir / name, self.buf[:self.fill])
+        self.files.append({"name": name, "tokens": self.fill})
+        self.fill = 0
+
+    def close(self) -> list[dict]:
+        self._flush()
+        self.buf = None
+        return self.files
+
+
+# -----------------------------------------------------------------------------
+# Reading documents
+
+
+def input_kind(path: Path) -> tuple[str, str | None]:
+    """(format, compression) from the file name, e.g. docs.jsonl.zst -> (".jsonl", ".zst")."""
+    suffixes = [s.lower() for s in path.suffixes]
+    compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSIONS else None
+    fmt = suffixes[-1] if suffixes else ""
+    if fmt not in FORMATS:
+        supported = ", ".join(f + c for f in FORMATS for c in ("",) + COMPRESSIONS)
+        raise BuildError(f"{path}: unsupported input type (supported: {supported}); convert it to .txt or .jsonl "
+                         f"with a \"text\" field")
+    return fmt, compression
+
+
+def check_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """Fail before any work if an input is missing, a directory or of an unknown type."""
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise BuildError("no input files given; pass --input FILE [FILE ...]")
+    for path in paths:
+        if path.is_dir():
+            raise BuildError(f"input {path} is a directory; pass its files instead (e.g. {path}/*.jsonl)")
+        if not path.is_file():
+            raise BuildError(f"input file not found: {path}")
+        input_kind(path)
+    return paths
+
+
+def open_text(path: Path, compression: str | None, newline: str | None) -> TextIO:
+    """Open a possibly compressed UTF-8 file as text; newline="\\n" splits lines on \\n only, "" keeps text as is."""
+    if compression == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", newline=newline)
+    if compression == ".zst":
+        import zstandard
+
+        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
+        return io.TextIOWrapper(raw, encoding="utf-8", newline=newline)
+    return open(path, "r", encoding="utf-8", newline=newline)
+
+
+def _jsonl_documents(path: Path, compression: str | None) -> Iterator[str]:
+    with open_text(path, compression, newline="\n") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue  # blank lines (e.g. a trailing one) separate nothing and are not documents
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BuildError(f"{path}:{line_no}: not valid JSON ({exc.msg}); each line must be one JSON object "
+                                 f"with a \"text\" field") from None
+            if not isinstance(record, dict) or "text" not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise BuildError(f"{path}:{line_no}: no \"text\" field (found {keys}); each line must be a JSON "
+                                 f"object with the document in \"text\"")
+            if not isinstance(record["text"], str):
+                raise BuildError(f"{path}:{line_no}: \"text\" is a {type(record['text']).__name__}, not a string")
+            yield record["text"]
+
+
+def _txt_line_documents(path: Path, compression: str | None) -> Iterator[str]:
+    with open_text(path, compression, newline="\n") as f:
+        for line in f:
+            # The line terminator (\n or \r\n) separates documents and is not part of one.
+            yield line[:-1].removesuffix("\r") if line.endswith("\n") else line
+
+
+def _txt_file_document(path: Path, compression: str | None) -> Iterator[str]:
+    with open_text(path, compression, newline="") as f:
+        yield f.read()
+
+
+def iter_documents(paths: Iterable[Path], txt_mode: str = "line") -> Iterator[str]:
+    """Every document of every input in order, empty ones included."""
+    if txt_mode not in TXT_MODES:
+        raise BuildError(f"txt mode must be one of {TXT_MODES}, got {txt_mode!r}")
+    for path in paths:
+        fmt, compression = input_kind(path)
+        if fmt == ".jsonl":
+            reader = _jsonl_documents
+        else:
+            reader = _txt_line_documents if txt_mode == "line" else _txt_file_document
+        try:
+            yield from reader(path, compression)
+        except UnicodeDecodeError as exc:
+            raise BuildError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start} of a decoded block); "
+                             f"re-encode it as UTF-8") from None
+
+
+def kept_documents(paths: Iterable[Path], txt_mode: str, counts: dict) -> Iterator[str]:
+    """Documents that go into shards: whitespace-only ones are skipped (counted in counts["skipped_empty"])
+    because they would add a lone BOS and teach the model nothing."""
+    counts["skipped_empty"] = 0
+    for text in iter_documents(paths, txt_mode):
+        if text.strip():
+            yield text
+        else:
+            counts["skipped_empty"] += 1
+
+
+def batch_documents(docs: Iterable[str], max_docs: int = 256, max_chars: int = 1 << 20) -> Iterator[list[str]]:
+    """Group documents into batches small enough to keep workers evenly loaded and memory bounded."""
+    batch: list[str] = []
+    chars = 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc)
+        if len(batch) >= max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+
+def load_tokenizer(model_proto: bytes, source: str):
+    import sentencepiece as spm
+
+    try:
+        sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    except Exception as exc:  # sentencepiece raises RuntimeError/OSError variants for unreadable models
+        raise BuildError(f"{source}: not a sentencepiece model ({exc})") from None
+    vocab = sp.get_piece_size()
+    if vocab > MAX_VOCAB:
+        raise BuildError(f"{source}: vocab size {vocab} > {MAX_VOCAB}: token ids would not fit the shards' uint16; "
+                         f"use a tokenizer with at most {MAX_VOCAB} pieces")
+    if sp.bos_id() != BOS_ID:
+        raise BuildError(f"{source}: BOS id is {sp.bos_id()}, but the shards and the training script use BOS id "
+                         f"{BOS_ID}; train the tokenizer with bos_id={BOS_ID} (or let this script train one with "
+                         f"--vocab-size)")
+    return sp
+
+
+def train_tokenizer(docs: Iterable[str], vocab_size: int, max_doc_bytes: int) -> tuple[bytes, dict]:
+    """Train a sentencepiece BPE model with the official settings; returns (model bytes, training facts)."""
+    import sentencepiece as spm
+
+    facts = {"docs_used": 0, "docs_skipped_too_long": 0}
+
+    def sentences() -> Iterator[str]:
+        for doc in docs:
+            # As the official trainer: NUL would end the C string inside sentencepiece, and surrounding whitespace
+            # carries no pieces worth learning.
+            text = doc.replace("\x00", " ").strip()
+            if len(text.encode("utf-8")) > max_doc_bytes:
+                facts["docs_skipped_too_long"] += 1  # counted here so the manifest says what sentencepiece saw
+                continue
+            facts["docs_used"] += 1
+            yield text
+
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size,
+                                       max_sentence_length=max_doc_bytes, num_threads=SP_TRAIN_THREADS,
+                                       minloglevel=2, **SP_TRAIN_SETTINGS)
+    except RuntimeError as exc:
+        if facts["docs_used"] == 0 and facts["docs_skipped_too_long"] == 0:
+            raise BuildError("the train split is empty, so there is nothing to train the tokenizer on: lower "
+                             "--val-docs (it counts non-empty documents) or add inputs") from None
+        if facts["docs_used"] == 0:
+            raise BuildError(f"all {facts['docs_skipped_too_long']} train documents are longer than "
+                             f"{max_doc_bytes} UTF-8 bytes, which sentencepiece leaves out of training; raise "
+                             f"--tokenizer-max-doc-bytes or pass an existing --tokenizer") from None
+        raise BuildError(f"sentencepiece could not train a {vocab_size}-piece tokenizer: {exc}") from None
+    return model.getvalue(), facts
+
+
+def _encode_batch(sp, batch: list[str]) -> list[np.ndarray]:
+    # One thread per call: parallelism comes from --workers processes, not from sentencepiece's own threads.
+    return [np.asarray(ids, dtype=np.uint16) for ids in sp.encode(batch, out_type=int, num_threads=1)]
+
+
+_WORKER_SP = None  # each encoding process loads the tokenizer once
+
+
+def _worker_init(model_proto: bytes) -> None:
+    global _WORKER_SP
+    import sentencepiece as spm
+
+    _WORKER_SP = spm.SentencePieceProcessor(model_proto=model_proto)
+
+
+def _worker_encode(batch: list[str]) -> list[np.ndarray]:
+    return _encode_batch(_WORKER_SP, batch)
+
+
+def encode_documents(docs: Iterable[str], model_proto: bytes, workers: int) -> Iterator[np.ndarray]:
+    """Token ids of each document, in input order, encoded over `workers` processes.
+
+    Order is kept by collecting batches in submission order, so the output does not depend on the worker count;
+    at most 4 batches per worker are in flight, so memory stays bounded however large the input is.
+    """
+    if workers <= 1:
+        sp = load_tokenizer(model_proto, "tokenizer")
+        for batch in batch_documents(docs):
+            yield from _encode_batch(sp, batch)
+        return
+    # spawn, not fork: the parent may hold threads (torch, sentencepiece) that a forked child would inherit broken.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(model_proto,)) as pool:
+        pending: deque = deque()
+        for batch in batch_documents(docs):
+            pending.append(pool.apply_async(_worker_encode, (batch,)))
+            while len(pending) >= 4 * workers:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+
+# -----------------------------------------------------------------------------
+# The build
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse to mix a new build with an old one's shards; with overwrite, remove only files this script writes."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ours = sorted(output_dir.glob("fineweb_train_*.bin")) + sorted(output_dir.glob("fineweb_val_*.bin"))
+    ours += [p for p in (output_dir / MANIFEST_FILE, output_dir / TOKENIZER_FILE) if p.exists()]
+    if ours and not overwrite:
+        raise BuildError(f"{output_dir} already holds a build ({ours[0].name}, ... {len(ours)} files); choose an "
+                         f"empty --output-dir or pass --overwrite to replace it")
+    for path in ours:
+        path.unlink()
+
+
+def _validate_args(val_docs: int, shard_tokens: int, workers: int, tokenizer, vocab_size,
+                   tokenizer_train_docs: int, tokenizer_max_doc_bytes: int) -> None:
+    if (tokenizer is None) == (vocab_size is None):
+        raise BuildError("pass exactly one of --tokenizer PATH (use an existing sentencepiece model) or "
+                         "--vocab-size V (train one here with the official settings)")
+    if vocab_size is not None and not 0 < vocab_size <= MAX_VOCAB:
+        raise BuildError(f"--vocab-size {vocab_size}: must be in 1..{MAX_VOCAB} so token ids fit the shards' uint16")
+    if val_docs < 0:
+        raise BuildError(f"--val-docs must be >= 0, got {val_docs}")
+    if shard_tokens < 1 or shard_tokens >= 2**31:
+        raise BuildError(f"--shard-tokens must be in 1..{2**31 - 1}, got {shard_tokens}")
+    if workers < 1:
+        raise BuildError(f"--workers must be >= 1, got {workers}")
+    if tokenizer_train_docs < 1 or tokenizer_max_doc_bytes < 1:
+        raise BuildError("--tokenizer-train-docs and --tokenizer-max-doc-bytes must be >= 1")
+
+
+def _validate_written(output_dir: Path, splits: dict) -> None:
+    """Read every shard back with the training script's own strict reader, so writer and reader cannot drift."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from train_gpt import read_shard_header
+
+    for split in splits.values():
+        for entry in split["files"]:
+            n = read_shard_header(output_dir / entry["name"])
+            if n != entry["tokens"]:
+                raise BuildError(f"{output_dir / entry['name']}: reads back {n} tokens, wrote {entry['tokens']}")
+
+
+def build_shards(inputs: Iterable[str | Path], output_dir: str | Path, *, val_docs: int,
+                 tokenizer: str | Path | None = None, vocab_size: int | None = None,
+                 shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int = 1, txt_mode: str = "line",
+                 tokenizer_train_docs: int = DEFAULT_TOKENIZER_TRAIN_DOCS,
+                 tokenizer_max_doc_bytes: int = DEFAULT_TOKENIZER_MAX_DOC_BYTES, overwrite: bool = False,
+                 log: Callable[[str], None] = print) -> dict:
+    """Build shards + tokenizer.model + manifest.json in output_dir; returns the manifest."""
+    _validate_args(val_docs, shard_tokens, workers, tokenizer, vocab_size, tokenizer_train_docs,
+                   tokenizer_max_doc_bytes)
+    if txt_mode not in TXT_MODES:
+        raise BuildError(f"--txt-mode must be one of {TXT_MODES}, got {txt_mode!r}")
+    paths = check_inputs(inputs)
+    output_dir = Path(output_dir)
+    if tokenizer is not None:
+        if not Path(tokenizer).is_file():
+            raise BuildError(f"tokenizer not found: {tokenizer}")
+        # Read and checked before the output folder is touched (it may be the folder the tokenizer lives in).
+        model_proto = Path(tokenizer).read_bytes()
+        load_tokenizer(model_proto, str(tokenizer))
+        tokenizer_info = {"source": str(tokenizer)}
+    prepare_output_dir(output_dir, overwrite)
+
+    if tokenizer is None:
+        # Trained on the train split only (documents after the first val_docs), so validation text stays unseen.
+        log(f"training a {vocab_size}-piece sentencepiece BPE tokenizer on up to {tokenizer_train_docs:,} train "
+            f"documents ...")
+        train_docs = islice(kept_documents(paths, txt_mode, {}), val_docs, val_docs + tokenizer_train_docs)
+        model_proto, facts = train_tokenizer(train_docs, vocab_size, tokenizer_max_doc_bytes)
+        tokenizer_info = {"source": "trained", "requested_vocab_size": vocab_size, "train_docs": facts["docs_used"],
+                          "train_docs_skipped_too_long": facts["docs_skipped_too_long"],
+                          "max_doc_bytes": tokenizer_max_doc_bytes, "settings": SP_TRAIN_SETTINGS}
+    sp = load_tokenizer(model_proto, str(tokenizer or "trained tokenizer"))
+    (output_dir / TOKENIZER_FILE).write_bytes(model_proto)
+    actual_vocab = sp.get_piece_size()
+    if vocab_size is not None and actual_vocab != vocab_size:
+        log(f"note: the corpus only supports {actual_vocab} pieces, not {vocab_size}; the tokenizer has {actual_vocab}")
+
+    counts: dict = {}
+    splits = {name: {"docs": 0, "tokens": 0, "files": []} for name in ("val", "train")}
+    writers = {name: ShardWriter(output_dir, name, shard_tokens) for name in splits}
+    bos = np.array([BOS_ID], dtype=np.uint16)
+    started = last_report = time.time()
+    for index, ids in enumerate(encode_documents(kept_documents(paths, txt_mode, counts), model_proto, workers)):
+        split = "val" if index < val_docs else "train"
+        if index == val_docs:
+            writers["val"].close()  # the splits never share a shard; closing frees the val buffer early
+        writers[split].write(bos)
+        writers[split].write(ids)
+        splits[split]["docs"] += 1
+        splits[split]["tokens"] += 1 + len(ids)
+        if time.time() - last_report > 10:
+            last_report = time.time()
+            tokens = splits["val"]["tokens"] + splits["train"]["tokens"]
+            log(f"  {index + 1:,} docs, {tokens:,} tokens ({tokens / (last_report - started):,.0f} tokens/s)")
+    for name in splits:
+        splits[name]["files"] = writers[name].close()  # closing twice is harmless: nothing left to flush
+
+    n_docs = splits["val"]["docs"] + splits["train"]["docs"]
+    if n_docs == 0:
+        raise BuildError(f"no non-empty document in the inputs ({counts['skipped_empty']} empty ones skipped)")
+    if splits["train"]["docs"] == 0:
+        for entry in splits["val"]["files"]:
+            (output_dir / entry["name"]).unlink()
+        raise BuildError(f"--val-docs {val_docs} takes all {n_docs} non-empty documents, leaving none for training; "
+                         f"lower --val-docs")
+    _validate_written(output_dir, splits)
+
+    manifest = {
+        "format": {"header_int32": SHARD_HEADER_INTS, "magic": SHARD_MAGIC, "version": SHARD_VERSION,
+                   "token_dtype": "uint16 little-endian"},
+        "inputs": [str(p) for p in paths],
+        "txt_mode": txt_mode,
+        "tokenizer": {"file": TOKENIZER_FILE, "sha256": sha256_file(output_dir / TOKENIZER_FILE),
+                      "vocab_size": actual_vocab, **tokenizer_info},
+        "bos_id": BOS_ID,
+        "append_eos": False,
+        "shard_tokens": shard_tokens,
+        "docs_total": n_docs,
+        "tokens_total": splits["val"]["tokens"] + splits["train"]["tokens"],
+        "docs_skipped_empty": counts["skipped_empty"],
+        "splits": splits,
+    }
+    tmp = output_dir / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, output_dir / MANIFEST_FILE)  # written last: a manifest means the build finished
+    log(f"wrote {n_docs:,} documents ({splits['val']['docs']:,} val, {splits['train']['docs']:,} train), "
+        f"{manifest['tokens_total']:,} tokens in {len(splits['val']['files'])} val + {len(splits['train']['files'])} "
+        f"train shards to {output_dir} in {time.time() - started:.1f} s; {counts['skipped_empty']} empty documents "
+        f"skipped")
+    if val_docs == 0:
+        log("note: --val-docs 0, so no validation shard was written")
+    log(f"train with: DATA_PATH={output_dir} TOKENIZER_PATH={output_dir / TOKENIZER_FILE} VOCAB_SIZE={actual_vocab}")
+    return manifest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Tokenize your own documents into challenge-format token shards "
+                                            "(see data/README.md).")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                   help="input files: .txt or .jsonl (with a \"text\" field), optionally .gz/.zst compressed")
+    p.add_argument("--output-dir", required=True, help="folder for the shards, tokenizer.model and manifest.json")
+    tok = p.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--tokenizer", help="existing sentencepiece model to encode with (copied into the output)")
+    tok.add_argument("--vocab-size", type=int, help="train a sentencepiece BPE tokenizer of this size "
+                                                    "(official settings) on the train split")
+    p.add_argument("--val-docs", type=int, required=True,
+                   help="the first N non-empty documents form the validation split (official: 50000)")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                   help="tokens per shard (default %(default)s)")
+    p.add_argument("--txt-mode", choices=TXT_MODES, default="line",
+                   help=".txt inputs: one document per line, or one document per file (default %(default)s)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="encoding processes; the output does not depend on it (default %(default)s)")
+    p.add_argument("--tokenizer-train-docs", type=int, default=DEFAULT_TOKENIZER_TRAIN_DOCS,
+                   help="with --vocab-size: train on at most this many train documents, the first ones "
+                        "(default %(default)s)")
+    p.add_argument("--tokenizer-max-doc-bytes", type=int, default=DEFAULT_TOKENIZER_MAX_DOC_BYTES,
+                   help="with --vocab-size: longer documents are left out of tokenizer training (sentencepiece's "
+                        "max_sentence_length; the official trainer kept the default, %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier build in --output-dir")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        build_shards(args.input, args.output_dir, val_docs=args.val_docs, tokenizer=args.tokenizer,
+                     vocab_size=args.vocab_size, shard_tokens=args.shard_tokens, workers=args.workers,
+                     txt_mode=args.txt_mode, tokenizer_train_docs=args.tokenizer_train_docs,
+                     tokenizer_max_doc_bytes=args.tokenizer_max_doc_bytes, overwrite=args.overwrite)
+    except BuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
