@@ -1,0 +1,138 @@
+"""Training-step benchmark: ms/step, tokens/s per GPU, MFU and peak memory of train_gpt.py's step.
+
+    python bench/bench_train.py --steps 40                       # one GPU, the default config (grad-accum 8)
+    torchrun --standalone --nproc_per_node=2 bench/bench_train.py  # per-GPU numbers at 2 GPUs
+    NUM_LAYERS=9 ATTENTION=flash python bench/bench_train.py --profile   # any knob, plus a per-kernel profile
+
+It runs the real training step (same model, optimisers, loader and compile settings as train_gpt.py) on the
+shards at DATA_PATH: untimed warm-up steps first (compilation), then `--steps` timed steps. With --profile it also
+traces one step and prints where the GPU time goes, by kernel family and by kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, vendor datasheets
+
+
+def flops_per_token(model: tg.GPT, args: tg.Hyperparameters) -> float:
+    """6 x (parameters in matmuls, lm_head included) + causal attention 6 x layers x seq_len x model_dim."""
+    kinds = tg.module_kinds(model)
+    matmul = sum(p.numel() for n, p in model.named_parameters() if kinds.get(n) in ("int6", "matrix"))
+    matmul += model.tok_emb.weight.numel()  # tied lm_head
+    return 6 * matmul + 6 * args.num_layers * args.train_seq_len * args.model_dim
+
+
+def kernel_family(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("fmha", "flash", "cudnn", "attention", "sdpa")):
+        return "attention"
+    if any(k in n for k in ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "matmul")):
+        return "matmul"
+    if "nccl" in n:
+        return "nccl"
+    if "triton" in n:
+        return "triton (fused elementwise/norm/loss)"
+    return "other"
+
+
+def profile_step(step_fn, verbose: bool, steps: int = 1) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step_fn()
+        torch.cuda.synchronize()
+    if not verbose:
+        return
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in events) or 1.0
+    families: dict[str, float] = {}
+    for e in events:
+        families[kernel_family(e.key)] = families.get(kernel_family(e.key), 0.0) + e.self_device_time_total
+    print(f"\nGPU time by kernel family ({steps} step(s)):")
+    print("| family | ms/step | share |\n|---|---:|---:|")
+    for fam, us in sorted(families.items(), key=lambda kv: -kv[1]):
+        print(f"| {fam} | {us / 1000 / steps:.1f} | {100 * us / total:.1f}% |")
+    print("\nTop kernels:")
+    print("| kernel | calls/step | ms/step | share |\n|---|---:|---:|---:|")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]:
+        print(f"| {e.key[:90]} | {e.count // steps} | {e.self_device_time_total / 1000 / steps:.2f} | "
+              f"{100 * e.self_device_time_total / total:.1f}% |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
+    ap.add_argument("--profile", action="store_true", help="trace one more step and print a kernel table")
+    ap.add_argument("--qat", action="store_true", help="time the step with late QAT on")
+    opts = ap.parse_args()
+
+    rank, world, local_rank, device = tg.setup_distributed()
+    if device.type != "cuda":
+        sys.exit("bench_train.py measures GPU steps; no CUDA device is visible")
+    args = tg.resolve(tg.Hyperparameters.from_env(), world)
+    torch.manual_seed(args.seed)
+    runtime = tg.prepare_runtime(args, device)
+    autocast = tg.make_autocast(device)
+    model, train_model, optimizers, loader = tg.build_training(args, device, rank, world, local_rank)
+    model.set_qat(opts.qat)
+
+    losses = []
+
+    def step() -> None:
+        losses.append(tg.train_step(train_model, loader, optimizers, args, 1.0, 0.95, autocast))
+
+    t0 = time.perf_counter()
+    for _ in range(opts.warmup):
+        step()
+    torch.cuda.synchronize()
+    warm_s = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(opts.steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    if world > 1:  # the slowest rank sets the pace
+        t = torch.tensor(times, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        times = t.tolist()
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    ms = statistics.median(times)
+    tok_s_gpu = args.train_batch_tokens / world / (ms / 1000)
+    gpu = torch.cuda.get_device_name()
+    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), float("nan"))
+    mfu = flops_per_token(model, args) * tok_s_gpu / (peak_tflops * 1e12)
+    if rank == 0:
+        print(f"device: {world}x{gpu}  torch {torch.__version__}  {runtime}  qat:{int(opts.qat)}")
+        print(f"config: layers={args.num_layers} dim={args.model_dim} batch_tokens={args.train_batch_tokens} "
+              f"seq={args.train_seq_len} grad_accum={args.grad_accum_steps} world={world}")
+        print(f"warm-up ({opts.warmup} steps, compile included): {warm_s:.1f}s")
+        print(f"losses (first, last timed): {losses[0].item():.4f} {losses[-1].item():.4f}")
+        print("| ms/step (median) | ms/step (mean) | tokens/s/GPU | MFU | peak mem GiB |")
+        print("|---:|---:|---:|---:|---:|")
+        print(f"| {ms:.1f} | {statistics.mean(times):.1f} | {tok_s_gpu / 1e6:.3f} M | {100 * mfu:.1f}% | {peak:.1f} |")
+    if opts.profile:  # every rank steps (collectives), rank 0 reports
+        profile_step(step, verbose=rank == 0)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
