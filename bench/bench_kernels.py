@@ -1,0 +1,175 @@
+"""Benchmark kernels/ on the local CUDA GPU: Triton op vs eager torch reference vs torch.compile'd reference.
+
+    python bench/bench_kernels.py            # the model's shapes, final markdown table
+    python bench/bench_kernels.py --sweep    # also time the Triton kernels over a few tile sizes
+
+RMSNorm (fwd+bwd, bf16): achieved GB/s counting the nominal traffic read x + write y (fwd) and
+read x, dy + write dx (bwd) = 5 * x.nbytes, the same count for every implementation (our kernel
+saves no rstd: it recomputes it). Soft-capped CE (fwd+bwd, bf16 logits): median ms and the peak
+memory the step allocates beyond its inputs (torch.cuda.max_memory_allocated delta; the returned
+logits gradient counts). Times are triton.testing.do_bench medians, L2 flushed before each run.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import kernels  # noqa: E402
+from kernels import cross_entropy, rmsnorm  # noqa: E402
+
+HBM_PEAK_GBS = 3000.0  # H100 copy bandwidth measured on the lent machine (SPEC.md §6)
+RMS_SHAPES = [(98304, 512), (98304, 8, 64)]  # residual stream; per-head q/k norm (tokens, heads, head_dim)
+CE_SHAPES = [(98304, 1024), (98304, 8192)]  # tokens per GPU × vocab
+SOFTCAP = 30.0
+
+
+def median_ms(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def rms_step(fn, x, dy):
+    def step():
+        y = fn(x)
+        torch.autograd.grad(y, x, dy)
+
+    return step
+
+
+def ce_step(fn, logits, targets):
+    def step():
+        loss = fn(logits, targets, SOFTCAP)
+        torch.autograd.grad(loss, logits)
+
+    return step
+
+
+def peak_mib(step) -> float:
+    step()  # compile / autotune / allocator warm-up outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def implementations(triton_fn, reference_fn):
+    return [
+        ("triton", triton_fn),
+        ("eager ref", reference_fn),
+        ("compiled ref", torch.compile(reference_fn, dynamic=False)),
+    ]
+
+
+def bench_rms_norm():
+    rows = []
+    for shape in RMS_SHAPES:
+        x = torch.randn(shape, device="cuda", dtype=torch.bfloat16).mul_(2).add_(0.3).requires_grad_()
+        dy = torch.randn_like(x)
+        nbytes = 5 * x.numel() * x.element_size()
+        expected = torch.autograd.grad(kernels.rms_norm_reference(x), x, dy)[0]
+        got = torch.autograd.grad(kernels.rms_norm(x), x, dy)[0]
+        assert (got.float() - expected.float()).norm() / expected.float().norm() < 1e-2, "rms_norm mismatch"
+        times = {}
+        for name, fn in implementations(kernels.rms_norm, kernels.rms_norm_reference):
+            fwd_ms = median_ms(lambda: fn(x))
+            times[name] = ms = median_ms(rms_step(fn, x, dy))
+            gbs = nbytes / ms / 1e6
+            rows.append({
+                "op": f"rms_norm {'x'.join(map(str, shape))} bf16", "impl": name,
+                "fwd ms": f"{fwd_ms:.3f}", "fwd+bwd ms": f"{ms:.3f}", "GB/s": f"{gbs:.0f}",
+                "% of 3.0 TB/s": f"{100 * gbs / HBM_PEAK_GBS:.0f}%",
+            })
+        for row in rows[-3:]:
+            row["speedup vs compiled"] = f"{times['compiled ref'] / float(row['fwd+bwd ms']):.2f}x"
+    return rows
+
+
+def bench_ce():
+    rows = []
+    for n, vocab in CE_SHAPES:
+        logits = (torch.randn(n, vocab, device="cuda") * 4).to(torch.bfloat16).requires_grad_()
+        targets = torch.randint(0, vocab, (n,), device="cuda")
+        expected = kernels.softcap_cross_entropy_reference(logits, targets, SOFTCAP)
+        got = kernels.softcap_cross_entropy(logits, targets, SOFTCAP)
+        assert abs(got.item() - expected.item()) < 1e-4 * abs(expected.item()), "cross-entropy mismatch"
+        stats = {}
+        for name, fn in implementations(kernels.softcap_cross_entropy, kernels.softcap_cross_entropy_reference):
+            step = ce_step(fn, logits, targets)
+            mem = peak_mib(step)
+            stats[name] = (median_ms(step), mem)
+        ref_ms, ref_mem = stats["compiled ref"]
+        for name, (ms, mem) in stats.items():
+            rows.append({
+                "op": f"softcap CE {n}x{vocab} bf16", "impl": name, "fwd+bwd ms": f"{ms:.3f}",
+                "peak MiB": f"{mem:.0f}", "speedup vs compiled": f"{ref_ms / ms:.2f}x",
+                "memory vs compiled": f"{mem / ref_mem:.2f}x",
+            })
+    return rows
+
+
+def sweep():
+    """Triton fwd+bwd time over tile sizes, to pick TILE_ELEMS / MAX_BLOCK_V for this GPU."""
+    rows = []
+    defaults = (rmsnorm.TILE_ELEMS, cross_entropy.TILE_ELEMS, cross_entropy.MAX_BLOCK_V)
+    for shape in RMS_SHAPES:
+        x = torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        dy = torch.randn_like(x)
+        for tile in (1024, 2048, 4096, 8192, 16384):
+            rmsnorm.TILE_ELEMS = tile
+            ms = median_ms(rms_step(kernels.rms_norm, x, dy))
+            rows.append({"op": f"rms_norm {'x'.join(map(str, shape))}", "config": f"TILE_ELEMS={tile}",
+                         "fwd+bwd ms": f"{ms:.3f}", "GB/s": f"{5 * x.numel() * 2 / ms / 1e6:.0f}"})
+    for n, vocab in CE_SHAPES:
+        logits = (torch.randn(n, vocab, device="cuda") * 4).to(torch.bfloat16).requires_grad_()
+        targets = torch.randint(0, vocab, (n,), device="cuda")
+        for tile in (2048, 4096, 8192, 16384):
+            for block_v in (1024, 2048, 4096, 8192):
+                if block_v > min(tile, vocab):  # BLOCK_V would be clipped: a duplicate config
+                    continue
+                cross_entropy.TILE_ELEMS, cross_entropy.MAX_BLOCK_V = tile, block_v
+                ms = median_ms(ce_step(kernels.softcap_cross_entropy, logits, targets))
+                rows.append({"op": f"softcap CE {n}x{vocab}", "config": f"TILE_ELEMS={tile} MAX_BLOCK_V={block_v}",
+                             "fwd+bwd ms": f"{ms:.3f}", "GB/s": f"{3 * logits.numel() * 2 / ms / 1e6:.0f}"})
+    rmsnorm.TILE_ELEMS, cross_entropy.TILE_ELEMS, cross_entropy.MAX_BLOCK_V = defaults
+    return rows
+
+
+def markdown(rows) -> str:
+    cols = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in cols) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also time the Triton kernels over tile sizes")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA GPU (none visible); the CPU path is covered by tests/test_kernels.py")
+    if not kernels.triton_available("cuda"):
+        sys.exit("bench_kernels.py needs triton importable: the ops would fall back to torch")
+    torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {__import__('triton').__version__}")
+    print(f"cross-entropy: Triton TILE_ELEMS={cross_entropy.TILE_ELEMS} MAX_BLOCK_V={cross_entropy.MAX_BLOCK_V}; "
+          f"rms_norm: TILE_ELEMS={rmsnorm.TILE_ELEMS}\n")
+    rms_rows, ce_rows = bench_rms_norm(), bench_ce()
+    print("## RMSNorm fwd+bwd (nominal bytes 5 x x.nbytes)\n")
+    print(markdown(rms_rows))
+    print("\n## Soft-capped cross-entropy fwd+bwd (softcap 30, mean)\n")
+    print(markdown(ce_rows))
+    if args.sweep:
+        print("\n## Triton tile sweep (fwd+bwd; CE GB/s counts 3 x logits.nbytes)\n")
+        print(markdown(sweep()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""Tests for kernels/: Triton RMSNorm and soft-capped cross-entropy against float64 torch references.
+
+On a machine without CUDA the Triton kernels run in Triton's interpreter on CPU tensors. The
+interpreter is chosen when triton.jit decorates the kernels, i.e. when `kernels` is first imported,
+so TRITON_INTERPRET=1 is set here around that import, and again while this module's tests run (the
+interpreter reads it at launch too). Outside those windows the variable is restored, so other test
+modules and the subprocesses they start see their usual environment (kernels then take the torch path
+on CPU). With CUDA the same tests run on the GPU with a larger sweep.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+HAS_CUDA = torch.cuda.is_available()
+_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
+
+
+def _set_interpret(value):
+    if value is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = value
+
+
+if not HAS_CUDA:
+    _set_interpret("1")
+import kernels  # noqa: E402
+from kernels import rms_norm, rms_norm_reference, softcap_cross_entropy, softcap_cross_entropy_reference  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+TRITON_ACTIVE = kernels.triton_available(DEVICE)
+_set_interpret(_INTERPRET_BEFORE)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def triton_interpreter_on_cpu():
+    if not HAS_CUDA:
+        _set_interpret("1")
+    yield
+    _set_interpret(_INTERPRET_BEFORE)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Norm-wise relative error allowed against float64, by the dtype the result is stored in. bf16 keeps
+# 8 mantissa bits (2^-9 relative rounding), fp32 results see only fp32 accumulation error.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
+
+needs_triton = pytest.mark.skipif(
+    not TRITON_ACTIVE,
+    reason="Triton path inactive here: triton missing, or `kernels` was imported before TRITON_INTERPRET=1 "
+    "was set (run this file on its own, or set TRITON_INTERPRET=1 for CPU runs)",
+)
+
+ROWS = [1, 7, 33, 257] + ([4099, 65536] if HAS_CUDA else [])
+WIDTHS = [64, 96, 512, 1000, 2048] + ([4096, 5000] if HAS_CUDA else [])
+CE_ROWS = [1, 7, 33, 257] + ([4099] if HAS_CUDA else [])
+# 1000 and 5000 are not powers of two; 5000 also spans two vocab blocks with a ragged last one.
+VOCABS = [1000, 1024, 4096, 5000, 8192] + ([50304] if HAS_CUDA else [])
+# The interpreter is slow: on CPU the 257-row case runs at the small vocabularies only.
+CE_SHAPES = [(n, v) for n in CE_ROWS for v in VOCABS if HAS_CUDA or n < 257 or v <= 1024]
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str):
+    assert actual.shape == expected.shape, what
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = rel_err(actual, expected)
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:.1g}"
+
+
+def rms_norm_f64(x, weight, eps):
+    y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return y if weight is None else y * weight
+
+
+def softcap_ce_f64(logits, targets, softcap, reduction):
+    c = softcap * torch.tanh(logits / softcap) if softcap > 0 else logits
+    loss = F.cross_entropy(c.reshape(-1, c.shape[-1]), targets.reshape(-1), reduction=reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss
+
+
+def check_rms_norm(x, weight, eps=1e-6):
+    """Forward and gradients of rms_norm on (x, weight) against float64 autograd."""
+    dtype = x.dtype
+    x = x.detach().requires_grad_()
+    weight = weight.detach().requires_grad_() if weight is not None else None
+    y = rms_norm(x, weight, eps)
+    assert y.dtype == dtype and y.shape == x.shape
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    x64 = x.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_() if weight is not None else None
+    y64 = rms_norm_f64(x64, w64, eps)
+    y64.backward(dy.double())
+    assert_close(y, y64, dtype, "y")
+    assert x.grad.dtype == dtype
+    assert_close(x.grad, x64.grad, dtype, "dx")
+    if weight is not None:
+        assert weight.grad.dtype == weight.dtype
+        assert_close(weight.grad, w64.grad, weight.dtype, "dw")
+
+
+def check_ce(logits, targets, softcap, reduction):
+    """Loss and logits gradient of softcap_cross_entropy against float64 autograd."""
+    dtype = logits.dtype
+    logits = logits.detach().requires_grad_()
+    loss = softcap_cross_entropy(logits, targets, softcap, reduction)
+    assert loss.dtype == torch.float32
+    assert loss.shape == (targets.shape if reduction == "none" else ())
+    dloss = torch.rand_like(loss) + 0.5 if reduction == "none" else torch.ones_like(loss)
+    loss.backward(dloss)
+
+    z64 = logits.detach().double().requires_grad_()
+    loss64 = softcap_ce_f64(z64, targets, softcap, reduction)
+    loss64.backward(dloss.double())
+    assert_close(loss, loss64, torch.float32, "loss")  # fp32 math on exactly representable inputs
+    assert logits.grad.dtype == dtype
+    assert_close(logits.grad, z64.grad, dtype, "dlogits")
+
+
+# --------------------------------------------------------------------------------------------------
+# RMSNorm
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("rows", ROWS)
+def test_rms_norm_sweep(rows, width, dtype):
+    torch.manual_seed(rows * 7919 + width)
+    x = (torch.randn(rows, width, device=DEVICE) * 3 + 0.5).to(dtype)
+    check_rms_norm(x, None)
+    w = (1 + 0.5 * torch.randn(width, device=DEVICE)).to(dtype)
+    check_rms_norm(x, w)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rms_norm_shapes_and_layouts(dtype):
+    torch.manual_seed(1)
+    # per-head q/k norm: (batch, seq, heads, head_dim)
+    check_rms_norm(torch.randn(2, 5, 8, 64, device=DEVICE).to(dtype), None)
+    # a column slice: rows are strided, columns contiguous (no copy needed)
+    wide = torch.randn(9, 160, device=DEVICE).to(dtype)
+    check_rms_norm(wide[:, :96], None)
+    # transposed input: not viewable as rows, gets copied
+    check_rms_norm(torch.randn(96, 11, device=DEVICE).to(dtype).t(), torch.rand(96, device=DEVICE).to(dtype) + 0.5)
+    # fp32 weight on bf16 activations: output stays in x's dtype, dw in the weight's
+    check_rms_norm(torch.randn(13, 512, device=DEVICE).to(dtype), torch.rand(512, device=DEVICE) + 0.5)
+    # custom eps
+    check_rms_norm(torch.randn(5, 64, device=DEVICE).to(dtype) * 1e-2, None, eps=1e-2)
+    # rows too wide for one program take the torch path
+    check_rms_norm(torch.randn(2, kernels.rmsnorm.MAX_TRITON_WIDTH + 8, device=DEVICE).to(dtype), None)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rms_norm_extreme_values(dtype):
+    torch.manual_seed(2)
+    x = torch.randn(6, 512, device=DEVICE)
+    x[0] *= 1e4
+    x[1] *= 1e-4
+    x[2] = 0.0  # rstd = 1/sqrt(eps): finite, y = 0
+    x[3, ::2] = -3e4
+    x = x.to(dtype).requires_grad_()
+    w = torch.randn(512, device=DEVICE).to(dtype).requires_grad_()
+    y = rms_norm(x, w)
+    y.backward(torch.randn_like(y))
+    for t in (y, x.grad, w.grad):
+        assert torch.isfinite(t).all()
+    assert (y[2] == 0).all()
+    check_rms_norm(x.detach(), w.detach())
+
+
+def test_rms_norm_empty():
+    x = torch.randn(0, 64, device=DEVICE, requires_grad=True)
+    w = torch.ones(64, device=DEVICE, requires_grad=True)
+    y = rms_norm(x, w)
+    y.sum().backward()
+    assert y.shape == (0, 64) and x.grad.shape == (0, 64) and (w.grad == 0).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Soft-capped cross-entropy
+
+
+@needs_triton
+@pytest.mark.parametrize("softcap", [30.0, 0.0], ids=["cap30", "nocap"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows,vocab", CE_SHAPES)
+def test_ce_sweep(rows, vocab, dtype, softcap):
+    torch.manual_seed(rows * 7919 + vocab)
+    logits = (torch.randn(rows, vocab, device=DEVICE) * 8).to(dtype)
+    targets = torch.randint(0, vocab, (rows,), device=DEVICE)
+    reduction = ("mean", "sum", "none")[(rows + vocab) % 3]
+    check_ce(logits, targets, softcap, reduction)
+
+
+@needs_triton
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_ce_reductions(reduction, dtype):
+    torch.manual_seed(3)
+    logits = (torch.randn(37, 1024, device=DEVICE) * 4).to(dtype)
+    targets = torch.randint(0, 1024, (37,), device=DEVICE)
+    check_ce(logits, targets, 30.0, reduction)
+    # leading dims: (batch, seq, V) logits with (batch, seq) targets
+    check_ce(logits[:36].view(4, 9, 1024), targets[:36].view(4, 9), 30.0, reduction)
+
+
+@needs_triton
+@pytest.mark.parametrize("softcap", [30.0, 0.0], ids=["cap30", "nocap"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_ce_large_logits(dtype, softcap):
+    torch.manual_seed(4)
+    rows, vocab = 9, 5000
+    logits = torch.randn(rows, vocab, device=DEVICE).sign() * (5e3 + 5e3 * torch.rand(rows, vocab, device=DEVICE))
+    logits[0] = -1e4  # a constant row: uniform softmax
+    logits[1, 17] = 1e4  # target is the dominant logit: loss ~ 0
+    targets = torch.randint(0, vocab, (rows,), device=DEVICE)
+    targets[1] = 17
+    logits = logits.to(dtype)
+    for reduction in ("none", "mean"):
+        check_ce(logits, targets, softcap, reduction)
+
+
+@needs_triton
+def test_ce_strided_logits():
+    torch.manual_seed(5)
+    wide = torch.randn(11, 1100, device=DEVICE) * 5
+    targets = torch.randint(0, 1000, (11,), device=DEVICE)
+    check_ce(wide[:, :1000], targets, 30.0, "none")  # row stride 1100, columns contiguous
+    check_ce(torch.randn(1000, 11, device=DEVICE).t(), targets, 30.0, "mean")  # needs a copy
+
+
+@pytest.mark.parametrize("softcap", [30.0, 0.0], ids=["cap30", "nocap"])
+def test_ce_out_of_range_targets(softcap):
+    torch.manual_seed(6)
+    vocab = 1024
+    logits = torch.randn(5, vocab, device=DEVICE, requires_grad=True)
+    targets = torch.tensor([3, -1, vocab, 7, 10**9], device=DEVICE)
+    loss = softcap_cross_entropy(logits, targets, softcap, "none")
+    bad = torch.tensor([False, True, True, False, True], device=DEVICE)
+    assert torch.isnan(loss[bad]).all()
+    expected = softcap_ce_f64(logits.detach().double()[~bad], targets[~bad], softcap, "none")
+    assert rel_err(loss[~bad], expected) < TOL[torch.float32]
+    loss[~bad].sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_ce_empty():
+    logits = torch.randn(0, 1024, device=DEVICE, requires_grad=True)
+    loss = softcap_cross_entropy(logits, torch.zeros(0, dtype=torch.long, device=DEVICE), 30.0, "sum")
+    loss.backward()
+    assert loss.item() == 0 and logits.grad.shape == (0, 1024)
+
+
+def test_ce_bad_reduction():
+    with pytest.raises(ValueError):
+        softcap_cross_entropy(torch.randn(2, 8), torch.zeros(2, dtype=torch.long), 30.0, "max")
+
+
+# --------------------------------------------------------------------------------------------------
+# References, fallback, torch.library / torch.compile integration
+
+
+@pytest.mark.parametrize("softcap", [30.0, 0.0], ids=["cap30", "nocap"])
+def test_module_references_match_f64(softcap):
+    """The plain-torch references (the benchmark baselines) against the float64 formulas."""
+    torch.manual_seed(7)
+    x = torch.randn(33, 96, device=DEVICE, requires_grad=True)
+    w = torch.randn(96, device=DEVICE, requires_grad=True)
+    assert rel_err(rms_norm_reference(x, w), rms_norm_f64(x.double(), w.double(), 1e-6)) < TOL[torch.float32]
+    z = torch.randn(33, 1000, device=DEVICE) * 8
+    t = torch.randint(0, 1000, (33,), device=DEVICE)
+    for reduction in ("mean", "none"):
+        got = softcap_cross_entropy_reference(z, t, softcap, reduction)
+        assert rel_err(got, softcap_ce_f64(z.double(), t, softcap, reduction)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_torch_fallback_matches(monkeypatch, dtype):
+    """With Triton switched off the ops take their plain-torch path; same checks as the kernels."""
+    monkeypatch.setattr(kernels, "HAS_TRITON", False)
+    assert not kernels.triton_available(DEVICE)
+    torch.manual_seed(8)
+    check_rms_norm(torch.randn(33, 1000, device=DEVICE).to(dtype), None)
+    check_rms_norm(torch.randn(3, 4, 96, device=DEVICE).to(dtype), torch.rand(96, device=DEVICE).to(dtype) + 0.5)
+    for softcap in (30.0, 0.0):
+        logits = (torch.randn(33, 5000, device=DEVICE) * 8).to(dtype)
+        targets = torch.randint(0, 5000, (33,), device=DEVICE)
+        for reduction in ("mean", "none"):
+            check_ce(logits, targets, softcap, reduction)
+    big = (torch.randn(4, 1024, device=DEVICE).sign() * 1e4).to(dtype)
+    check_ce(big, torch.randint(0, 1024, (4,), device=DEVICE), 30.0, "none")
+
+
+@needs_triton
+def test_triton_matches_fallback(monkeypatch):
+    """Kernel and torch path agree closely with each other (same fp32 math, different order)."""
+    torch.manual_seed(9)
+    x = torch.randn(33, 512, device=DEVICE)
+    w = torch.rand(512, device=DEVICE) + 0.5
+    z = torch.randn(33, 1024, device=DEVICE) * 8
+    t = torch.randint(0, 1024, (33,), device=DEVICE)
+
+    def run():
+        xx, ww, zz = (a.clone().requires_grad_() for a in (x, w, z))
+        y = rms_norm(xx, ww)
+        y.backward(torch.ones_like(y))
+        loss = softcap_cross_entropy(zz, t, 30.0, "none")
+        loss.backward(torch.ones_like(loss))
+        return y, xx.grad, ww.grad, loss, zz.grad
+
+    triton_out = run()
+    monkeypatch.setattr(kernels, "HAS_TRITON", False)
+    for a, b in zip(triton_out, run()):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_import_without_triton():
+    """`import kernels` and both ops work when triton cannot be imported at all."""
+    code = """
+import sys
+sys.modules["triton"] = None  # any `import triton` now raises ImportError
+import torch, kernels
+assert not kernels.HAS_TRITON and not kernels.triton_available("cpu")
+x = torch.randn(5, 64, requires_grad=True)
+kernels.rms_norm(x).sum().backward()
+assert torch.allclose(kernels.rms_norm(x), kernels.rms_norm_reference(x))
+z = torch.randn(5, 1024, requires_grad=True)
+t = torch.randint(0, 1024, (5,))
+loss = kernels.softcap_cross_entropy(z, t, 30.0)
+loss.backward()
+assert torch.allclose(loss, kernels.softcap_cross_entropy_reference(z, t, 30.0))
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+OPCHECK_CASES = ["rms_fwd", "rms_fwd_w", "rms_bwd", "rms_bwd_w", "ce_fwd", "ce_fwd_nocap", "ce_bwd"]
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES)
+def test_opcheck(case):
+    """torch.library.opcheck: schema, fake vs real (shapes, strides), autograd registration, AOT dispatch."""
+    torch.manual_seed(10)
+    x = torch.randn(7, 96, device=DEVICE)
+    w = torch.rand(96, device=DEVICE) + 0.5
+    z = torch.randn(7, 1000, device=DEVICE) * 8
+    t = torch.randint(0, 1000, (7,), device=DEVICE)
+    _, stats = torch.ops.pgolf.softcap_ce_fwd(z, t, 30.0)
+    xg, wg, zg = (a.clone().requires_grad_() for a in (x, w, z))
+    op, args = {
+        "rms_fwd": (torch.ops.pgolf.rms_norm_fwd, (xg, None, 1e-6)),
+        "rms_fwd_w": (torch.ops.pgolf.rms_norm_fwd, (xg, wg, 1e-6)),
+        "rms_bwd": (torch.ops.pgolf.rms_norm_bwd, (torch.randn_like(x), x, None, 1e-6)),
+        "rms_bwd_w": (torch.ops.pgolf.rms_norm_bwd, (torch.randn_like(x), x, w, 1e-6)),
+        "ce_fwd": (torch.ops.pgolf.softcap_ce_fwd, (zg, t, 30.0)),
+        "ce_fwd_nocap": (torch.ops.pgolf.softcap_ce_fwd, (zg, t, 0.0)),
+        "ce_bwd": (torch.ops.pgolf.softcap_ce_bwd, (torch.rand(7, device=DEVICE), z, t, stats, 30.0)),
+    }[case]
+    torch.library.opcheck(op.default, args)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compile_fullgraph(dynamic):
+    """Both ops inside torch.compile(fullgraph=True): one graph holding the custom ops, fakes and
+    backward traced (also with symbolic shapes), same numbers as eager.
+
+    On CPU the aot_eager backend is used (traces with fake tensors through AOTAutograd, then runs the
+    real op, i.e. the interpreted kernels); inductor's C++ codegen would only add a minute of compile.
+    """
+    from torch._dynamo.backends.registry import lookup_backend
+
+    torch.manual_seed(11)
+    x = torch.randn(2, 9, 64, device=DEVICE)
+    emb = torch.randn(1024, 64, device=DEVICE) * 0.5
+    scale = torch.rand(64, device=DEVICE) + 0.5
+    targets = torch.randint(0, 1024, (2, 9), device=DEVICE)
+
+    def f(x, emb, scale, targets):
+        h = rms_norm(x, scale)
+        logits = rms_norm(h) @ emb.t()
+        return softcap_cross_entropy(logits, targets, 30.0)
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend("inductor" if HAS_CUDA else "aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic, backend=backend)
+    results = []
+    for fn in (f, compiled):
+        args = [a.clone().requires_grad_() for a in (x, emb, scale)]
+        loss = fn(*args, targets)
+        loss.backward()
+        results.append([loss] + [a.grad for a in args])
+    for a, b in zip(*results):
+        assert rel_err(b, a) < 1e-5
+    # fullgraph=True already forbids graph breaks. With dynamic=True dynamo first traces the float eps
+    # default as a symbolic float, then restarts with it specialised: the last graph is the one used.
+    called = [str(node.target) for node in graphs[-1].graph.nodes if node.op == "call_function"]
+    assert sum("pgolf.rms_norm_fwd" in name for name in called) == 2
+    assert sum("pgolf.softcap_ce_fwd" in name for name in called) == 1
