@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
     ap.add_argument("--profile", action="store_true", help="trace one more step and print a kernel table")
     ap.add_argument("--qat", action="store_true", help="time the step with late QAT on")
+    ap.add_argument("--losses", help="write every step's training loss to this file (one per line)")
     opts = ap.parse_args()
 
     rank, world, local_rank, device = tg.setup_distributed()
@@ -128,6 +129,8 @@ def main() -> None:
         print("| ms/step (median) | ms/step (mean) | tokens/s/GPU | MFU | peak mem GiB |")
         print("|---:|---:|---:|---:|---:|")
         print(f"| {ms:.1f} | {statistics.mean(times):.1f} | {tok_s_gpu / 1e6:.3f} M | {100 * mfu:.1f}% | {peak:.1f} |")
+    if opts.losses and rank == 0:
+        Path(opts.losses).write_text("".join(f"{loss.item():.6f}\n" for loss in losses))
     if opts.profile:  # every rank steps (collectives), rank 0 reports
         profile_step(step, verbose=rank == 0)
     if dist.is_initialized():
