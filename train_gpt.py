@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import glob
 import hashlib
 import importlib.util
@@ -167,6 +168,7 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
                  "GRAD_CLIP_NORM", "BIGRAM_VOCAB_SIZE", "MUON_MOMENTUM_WARMUP_STEPS", "XSA_LAST_N", "ROPE_DIMS",
                  "MATRIX_LR", "TIED_EMBED_LR", "SCALAR_LR", "MUON_WEIGHT_DECAY", "ADAM_WEIGHT_DECAY"):
         need(getattr(a, name.lower()) >= 0, name, "must not be negative")
+    need(a.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE", "must be 0 (off) or at least 2: bucket 0 is kept for position 0")
     need(a.vocab_size <= 65536, "VOCAB_SIZE", "token ids are stored as uint16, so at most 65536")
     need(a.model_dim % a.num_heads == 0, "NUM_HEADS", f"must divide MODEL_DIM={a.model_dim}")
     need(a.num_heads % a.num_kv_heads == 0, "NUM_KV_HEADS", f"must divide NUM_HEADS={a.num_heads}")
@@ -1296,6 +1298,10 @@ def main() -> None:
         config = load_artifact(args.eval_only)[1]
         args = dataclasses.replace(args, **{k.lower(): v for k, v in config.items()})
     args = resolve(args, world)
+    if world > 1:  # the default RUN_ID is a fresh uuid in every process: all ranks take rank 0's
+        run_id = [args.run_id]
+        dist.broadcast_object_list(run_id, src=0)
+        args.run_id = run_id[0]
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     log = Logger(Path("logs") / f"{args.run_id}.txt" if rank == 0 else None)
@@ -1336,7 +1342,9 @@ def main() -> None:
             torch.cuda.synchronize()
 
     max_ms = 1000 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else float("inf")
-    train_ms, step, qat_on, stop_reason = 0.0, 0, False, None
+    # synced_ms: the ranks' mean training time after the last step. The LR schedule, late QAT, SWA and the cap
+    # all read it, so every rank takes the same decisions on the same step.
+    train_ms, synced_ms, step, qat_on, stop_reason = 0.0, 0.0, 0, False, None
     sync()
     t0 = time.perf_counter()
     while True:
@@ -1351,8 +1359,7 @@ def main() -> None:
             t0 = time.perf_counter()
         if last:
             break
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-        scale = lr_scale(step, elapsed, args)
+        scale = lr_scale(step, synced_ms, args)
         if not qat_on and args.late_qat_threshold > 0 and scale < args.late_qat_threshold:
             qat_on = True
             model.set_qat(True)
@@ -1362,13 +1369,12 @@ def main() -> None:
         if averages.update(step, scale):
             log(f"swa:start step:{step} lr_scale:{scale:.4f}")
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-        # one small all-reduce a step: the mean loss, a non-finite flag, and whether any rank hit the cap
+        # one small all-reduce a step: the loss, a non-finite flag and the elapsed time, summed over ranks
         flags = torch.stack([loss.float(), (~torch.isfinite(loss)).float(),
-                             torch.tensor(float(elapsed >= max_ms), device=device)])
+                             torch.tensor(elapsed, dtype=torch.float32, device=device)])
         if world > 1:
             dist.all_reduce(flags)
-        mean_loss, nonfinite, capped = flags.tolist()
-        mean_loss /= world
+        mean_loss, nonfinite, synced_ms = (v / world for v in flags.tolist())
         if nonfinite:
             raise FloatingPointError(f"step {step}: training loss is {mean_loss} (NaN or inf); lower the learning "
                                      f"rates (MATRIX_LR, TIED_EMBED_LR, SCALAR_LR) or check the data")
@@ -1376,10 +1382,12 @@ def main() -> None:
             eta_ms = min((args.iterations - step) * elapsed / step, max(max_ms - elapsed, 0))
             log(f"step:{step}/{args.iterations} train_loss:{mean_loss:.4f} train_time:{elapsed:.0f}ms "
                 f"step_avg:{elapsed / step:.2f}ms eta:{eta_ms / 1000:.0f}s")
-        if capped and step < args.iterations:
+        if synced_ms >= max_ms and step < args.iterations:
             stop_reason = "wallclock_cap"
             log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{args.iterations}")
 
+    del train_model  # the DDP wrapper holds the process group: free it before finish() destroys the group
+    gc.collect()
     if device.type == "cuda":
         log(f"peak_memory allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
             f"reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
