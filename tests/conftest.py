@@ -89,6 +89,15 @@ TINY_CONFIG = dict(
 )
 
 
+def tiny_args(**knobs):
+    """The tiny config resolved for one rank (no data needed), with knobs given as NAME=value."""
+    import train_gpt as tg
+
+    env = dict(TINY_CONFIG)
+    env.update({k.upper(): str(v) for k, v in knobs.items()})
+    return tg.resolve(tg.Hyperparameters.from_env(env), 1)
+
+
 @pytest.fixture
 def tiny_env(tiny_shards, tmp_path) -> dict:
     """Environment for `python train_gpt.py` with a tiny config; run it with cwd=tmp_path (logs/ goes there)."""

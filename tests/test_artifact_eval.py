@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SP1024, TINY_CONFIG, encode_stream, fineweb_texts, need_shared_data
+from conftest import SP1024, tiny_args, encode_stream, fineweb_texts, need_shared_data
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -47,12 +47,6 @@ def _one_thread():
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def tiny_args(**overrides) -> tg.Hyperparameters:
-    env = dict(TINY_CONFIG)
-    env.update({k: str(v) for k, v in overrides.items()})
-    return tg.resolve(tg.Hyperparameters.from_env(env), 1)
 
 
 def random_model(args: tg.Hyperparameters, seed: int = 0) -> tg.GPT:

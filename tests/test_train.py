@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(TESTS))
 
 import train_gpt as tg  # noqa: E402
-from conftest import SP1024, TINY_CONFIG, need_shared_data, write_shard  # noqa: E402
+from conftest import SP1024, TINY_CONFIG, tiny_args, need_shared_data, write_shard  # noqa: E402
 
 SCRIPT = REPO / "train_gpt.py"
 DRIVER = TESTS / "dist_driver.py"
@@ -48,13 +48,6 @@ def plain_torch_runtime():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny_args(**knobs) -> tg.Hyperparameters:
-    """The tiny config of conftest, resolved for one rank, with knobs given as NAME=value strings."""
-    env = dict(TINY_CONFIG)
-    env.update({k.upper(): str(v) for k, v in knobs.items()})
-    return tg.resolve(tg.Hyperparameters.from_env(env), 1)
 
 
 def clean_env(env: dict) -> dict:
