@@ -182,9 +182,8 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
         raise ConfigError(f"VE_LAYERS={a.ve_layers!r}: expected comma-separated layer indices") from None
     need(all(0 <= i < a.num_layers for i in layers), "VE_LAYERS", f"indices must lie in [0, NUM_LAYERS={a.num_layers})")
     need(len(set(layers)) == len(layers), "VE_LAYERS", "lists a layer twice")
-    if layers or a.bigram_vocab_size:
-        need(a.ve_dim >= 1 or not layers, "VE_DIM", "must be at least 1")
-        need(a.bigram_dim >= 1 or not a.bigram_vocab_size, "BIGRAM_DIM", "must be at least 1")
+    need(a.ve_dim >= 1 or not layers, "VE_DIM", "must be at least 1")
+    need(a.bigram_dim >= 1 or not a.bigram_vocab_size, "BIGRAM_DIM", "must be at least 1")
     micro = world_size * a.grad_accum_steps * a.train_seq_len
     need(a.train_batch_tokens % micro == 0, "TRAIN_BATCH_TOKENS",
          f"must split into WORLD_SIZE({world_size}) x GRAD_ACCUM_STEPS({a.grad_accum_steps}) x TRAIN_SEQ_LEN"
@@ -1329,7 +1328,7 @@ def main() -> None:
     plain_batch = max(1, args.val_batch_tokens // (world * args.train_seq_len))
     if args.eval_only:
         model = model_from_artifact(args.eval_only, args, device)
-        finish(log, args, model, score, plain_batch, Path(args.eval_only).stat().st_size, code_bytes, world)
+        finish(log, args, model, score, plain_batch, Path(args.eval_only).stat().st_size, code_bytes)
         return
 
     model, train_model, optimizers, loader = build_training(args, device, rank, world, local_rank)
@@ -1423,11 +1422,11 @@ def main() -> None:
     if world > 1:
         dist.barrier()
     roundtrip = model_from_artifact(artifact_path, args, device)
-    finish(log, args, roundtrip, score, plain_batch, artifact_path.stat().st_size, code_bytes, world)
+    finish(log, args, roundtrip, score, plain_batch, artifact_path.stat().st_size, code_bytes)
 
 
 def finish(log: Logger, args: Hyperparameters, model: GPT, score, plain_batch: int, model_bytes: int,
-           code_bytes: int, world: int) -> None:
+           code_bytes: int) -> None:
     """Score the artifact's model (plain, then sliding window) and account for the submission's bytes."""
     total = model_bytes + code_bytes
     log(f"Serialized model int6+{args.compressor}: {model_bytes} bytes")

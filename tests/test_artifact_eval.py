@@ -778,7 +778,7 @@ def _finish(tmp_path: Path, model_bytes: int, code_bytes: int):
     log = tg.Logger(log_path)
     exc = None
     try:
-        tg.finish(log, args, random_model(args), score, 7, model_bytes, code_bytes, 1)
+        tg.finish(log, args, random_model(args), score, 7, model_bytes, code_bytes)
     except SystemExit as e:
         exc = e
     return exc, calls, log_path.read_text().splitlines(), args
