@@ -659,10 +659,9 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def sdpa_attention_repeat_kv(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """For SDPA backends without native GQA: every query head gets its own copy of its KV head."""
     groups = q.size(2) // k.size(2)
-    k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          is_causal=True).transpose(1, 2)
+    return sdpa_attention(q, k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2))
 
 
 def fa3_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -1326,6 +1325,9 @@ def main() -> None:
         return loss, bpb, n_tok, n_bytes, 1000 * (time.perf_counter() - t0)
 
     plain_batch = max(1, args.val_batch_tokens // (world * args.train_seq_len))
+
+    def score_plain(model: GPT) -> tuple[float, float]:
+        return score(model, args.train_seq_len, args.train_seq_len, plain_batch)[:2]
     if args.eval_only:
         model = model_from_artifact(args.eval_only, args, device)
         finish(log, args, model, score, plain_batch, Path(args.eval_only).stat().st_size, code_bytes)
@@ -1343,15 +1345,15 @@ def main() -> None:
     max_ms = 1000 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else float("inf")
     # synced_ms: the ranks' mean training time after the last step. The LR schedule, late QAT, SWA and the cap
     # all read it, so every rank takes the same decisions on the same step.
-    train_ms, synced_ms, step, qat_on, stop_reason = 0.0, 0.0, 0, False, None
+    train_ms, synced_ms, step, qat_on, capped = 0.0, 0.0, 0, False, False
     sync()
     t0 = time.perf_counter()
     while True:
-        last = step == args.iterations or stop_reason is not None
+        last = step == args.iterations or capped
         if last or (args.val_loss_every and step % args.val_loss_every == 0):
             sync()
             train_ms += 1000 * (time.perf_counter() - t0)
-            loss, bpb, *_ = score(model, args.train_seq_len, args.train_seq_len, plain_batch)
+            loss, bpb = score_plain(model)
             log(f"step:{step}/{args.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} train_time:{train_ms:.0f}ms "
                 f"step_avg:{train_ms / max(step, 1):.2f}ms")
             sync()
@@ -1382,7 +1384,7 @@ def main() -> None:
             log(f"step:{step}/{args.iterations} train_loss:{mean_loss:.4f} train_time:{elapsed:.0f}ms "
                 f"step_avg:{elapsed / step:.2f}ms eta:{eta_ms / 1000:.0f}s")
         if synced_ms >= max_ms and step < args.iterations:
-            stop_reason = "wallclock_cap"
+            capped = True
             log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{args.iterations}")
 
     del train_model  # the DDP wrapper holds the process group: free it before finish() destroys the group
@@ -1391,7 +1393,7 @@ def main() -> None:
         log(f"peak_memory allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
             f"reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
     model.set_qat(False)
-    loss, bpb, *_ = score(model, args.train_seq_len, args.train_seq_len, plain_batch)
+    loss, bpb = score_plain(model)
     log(f"pre_averaging val_loss:{loss:.4f} val_bpb:{bpb:.4f}")
     raw = [p.detach().clone() for p in model.parameters()]
     for kind in ("ema", "swa"):
@@ -1399,13 +1401,13 @@ def main() -> None:
         if weights is None or kind == args.averaging:
             continue
         assign_weights(model, weights)
-        loss, bpb, *_ = score(model, args.train_seq_len, args.train_seq_len, plain_batch)
+        loss, bpb = score_plain(model)
         log(f"averaging_candidate:{kind} val_loss:{loss:.4f} val_bpb:{bpb:.4f}")
     kept = averages.weights(args.averaging) if args.averaging != "none" else None
     if args.averaging != "none" and kept is None:
         log(f"averaging:{args.averaging} has no snapshot (training ended before SWA started); keeping raw weights")
     assign_weights(model, kept if kept is not None else raw)
-    loss, bpb, *_ = score(model, args.train_seq_len, args.train_seq_len, plain_batch)
+    loss, bpb = score_plain(model)
     log(f"averaging:{args.averaging if kept is not None else 'none'} val_loss:{loss:.4f} val_bpb:{bpb:.4f}")
 
     artifact_path = Path("logs") / f"{args.run_id}.ptz"
