@@ -1,13 +1,15 @@
 """Benchmark kernels/ on the local CUDA GPU: Triton op vs eager torch reference vs torch.compile'd reference.
 
     python bench/bench_kernels.py            # the model's shapes, final markdown table
-    python bench/bench_kernels.py --sweep    # also time the Triton kernels over a few tile sizes
+    python bench/bench_kernels.py --sweep    # also time the Triton kernels over a few tile and chunk sizes
 
 RMSNorm (fwd+bwd, bf16): achieved GB/s counting the nominal traffic read x + write y (fwd) and
 read x, dy + write dx (bwd) = 5 * x.nbytes, the same count for every implementation (our kernel
 saves no rstd: it recomputes it). Soft-capped CE (fwd+bwd, bf16 logits): median ms and the peak
 memory the step allocates beyond its inputs (torch.cuda.max_memory_allocated delta; the returned
-logits gradient counts). Times are triton.testing.do_bench medians, L2 flushed before each run.
+logits gradient counts). lm_head + soft-capped CE (fwd+bwd, bf16 hidden states h of width 512, fp32 tied
+weight as in the model): the same two numbers, the gradients of h and the weight counted. Times are
+triton.testing.do_bench medians, L2 flushed before each run.
 """
 
 import argparse
@@ -24,6 +26,7 @@ from kernels import cross_entropy, rmsnorm  # noqa: E402
 HBM_PEAK_GBS = 3000.0  # H100 copy bandwidth measured on the lent machine (SPEC.md §6)
 RMS_SHAPES = [(98304, 512), (98304, 8, 64)]  # residual stream; per-head q/k norm (tokens, heads, head_dim)
 CE_SHAPES = [(98304, 1024), (98304, 8192)]  # tokens per GPU × vocab
+MODEL_DIM = 512
 SOFTCAP = 30.0
 
 
@@ -47,6 +50,23 @@ def ce_step(fn, logits, targets):
         torch.autograd.grad(loss, logits)
 
     return step
+
+
+def linear_ce_step(fn, h, weight, targets):
+    def step():
+        loss = fn(h, weight, targets, SOFTCAP)
+        torch.autograd.grad(loss, (h, weight))
+
+    return step
+
+
+def unfused_linear_ce(h, weight, targets, softcap):
+    """The model's torch path: bf16 logits from the matmul, then the loss."""
+    return kernels.softcap_cross_entropy_reference(h @ weight.to(h.dtype).t(), targets, softcap)
+
+
+def matmul_then_triton_ce(h, weight, targets, softcap):
+    return kernels.softcap_cross_entropy(h @ weight.to(h.dtype).t(), targets, softcap)
 
 
 def peak_mib(step) -> float:
@@ -115,6 +135,36 @@ def bench_ce():
     return rows
 
 
+def linear_ce_inputs(n, vocab):
+    h = torch.randn(n, MODEL_DIM, device="cuda").to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(vocab, MODEL_DIM, device="cuda") * 0.1).requires_grad_()
+    return h, weight, torch.randint(0, vocab, (n,), device="cuda")
+
+
+def bench_linear_ce():
+    rows = []
+    for n, vocab in CE_SHAPES:
+        h, weight, targets = linear_ce_inputs(n, vocab)
+        expected = unfused_linear_ce(h, weight, targets, SOFTCAP)
+        got = kernels.linear_softcap_cross_entropy(h, weight, targets, SOFTCAP)
+        assert abs(got.item() - expected.item()) < 1e-3 * abs(expected.item()), "lm_head + CE mismatch"
+        stats = {}
+        impls = [("chunked triton", kernels.linear_softcap_cross_entropy), ("matmul + triton CE", matmul_then_triton_ce),
+                 ("eager ref", unfused_linear_ce), ("compiled ref", torch.compile(unfused_linear_ce, dynamic=False))]
+        for name, fn in impls:
+            step = linear_ce_step(fn, h, weight, targets)
+            mem = peak_mib(step)
+            stats[name] = (median_ms(step), mem)
+        ref_ms, ref_mem = stats["compiled ref"]
+        for name, (ms, mem) in stats.items():
+            rows.append({
+                "op": f"lm_head+CE {n}x{MODEL_DIM}x{vocab}", "impl": name, "fwd+bwd ms": f"{ms:.3f}",
+                "peak MiB": f"{mem:.0f}", "speedup vs compiled": f"{ref_ms / ms:.2f}x",
+                "memory vs compiled": f"{mem / ref_mem:.2f}x",
+            })
+    return rows
+
+
 def sweep():
     """Triton fwd+bwd time over tile sizes, to pick TILE_ELEMS / MAX_BLOCK_V for this GPU."""
     rows = []
@@ -139,6 +189,15 @@ def sweep():
                 rows.append({"op": f"softcap CE {n}x{vocab}", "config": f"TILE_ELEMS={tile} MAX_BLOCK_V={block_v}",
                              "fwd+bwd ms": f"{ms:.3f}", "GB/s": f"{3 * logits.numel() * 2 / ms / 1e6:.0f}"})
     rmsnorm.TILE_ELEMS, cross_entropy.TILE_ELEMS, cross_entropy.MAX_BLOCK_V = defaults
+    chunk_default = cross_entropy.CHUNK_LOGITS
+    for n, vocab in CE_SHAPES:
+        h, weight, targets = linear_ce_inputs(n, vocab)
+        for log2 in range(20, 26):
+            cross_entropy.CHUNK_LOGITS = 1 << log2
+            step = linear_ce_step(kernels.linear_softcap_cross_entropy, h, weight, targets)
+            rows.append({"op": f"lm_head+CE {n}x{MODEL_DIM}x{vocab}", "config": f"CHUNK_LOGITS=2^{log2}",
+                         "fwd+bwd ms": f"{median_ms(step):.3f}", "peak MiB": f"{peak_mib(step):.0f}"})
+    cross_entropy.CHUNK_LOGITS = chunk_default
     return rows
 
 
@@ -161,13 +220,15 @@ def main():
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {__import__('triton').__version__}")
     print(f"cross-entropy: Triton TILE_ELEMS={cross_entropy.TILE_ELEMS} MAX_BLOCK_V={cross_entropy.MAX_BLOCK_V}; "
           f"rms_norm: TILE_ELEMS={rmsnorm.TILE_ELEMS}\n")
-    rms_rows, ce_rows = bench_rms_norm(), bench_ce()
+    rms_rows, ce_rows, linear_rows = bench_rms_norm(), bench_ce(), bench_linear_ce()
     print("## RMSNorm fwd+bwd (nominal bytes 5 x x.nbytes)\n")
     print(markdown(rms_rows))
     print("\n## Soft-capped cross-entropy fwd+bwd (softcap 30, mean)\n")
     print(markdown(ce_rows))
+    print(f"\n## lm_head matmul + soft-capped CE fwd+bwd (d={MODEL_DIM}, CHUNK_LOGITS={cross_entropy.CHUNK_LOGITS})\n")
+    print(markdown(linear_rows))
     if args.sweep:
-        print("\n## Triton tile sweep (fwd+bwd; CE GB/s counts 3 x logits.nbytes)\n")
+        print("\n## Triton tile and chunk sweep (fwd+bwd; CE GB/s counts 3 x logits.nbytes)\n")
         print(markdown(sweep()))
 
 

@@ -35,7 +35,11 @@ def triton_available(device) -> bool:
 
 
 # Imported after triton_available exists: the op modules import it from this package.
-from .cross_entropy import softcap_cross_entropy, softcap_cross_entropy_reference  # noqa: E402
+from .cross_entropy import (  # noqa: E402
+    linear_softcap_cross_entropy,
+    softcap_cross_entropy,
+    softcap_cross_entropy_reference,
+)
 from .rmsnorm import rms_norm, rms_norm_reference  # noqa: E402
 
 __all__ = [
@@ -44,5 +48,6 @@ __all__ = [
     "rms_norm",
     "rms_norm_reference",
     "softcap_cross_entropy",
+    "linear_softcap_cross_entropy",
     "softcap_cross_entropy_reference",
 ]

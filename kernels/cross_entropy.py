@@ -18,6 +18,12 @@ ulp(m) while c - m is exact near the max: the split keeps torch's accuracy at |z
 Reductions ("mean", "sum") are ordinary torch ops over the per-row losses, so the backward receives
 g per row (an expanded, stride-0 tensor for mean/sum) and one kernel serves all three reductions.
 A target outside [0, V) reads nothing out of bounds and gives a NaN loss for its row.
+
+linear_softcap_cross_entropy fuses the lm_head matmul in: rows of hidden states go through in chunks;
+each chunk's logits (16 MiB, L2-sized) are made by a matmul, turned into loss and gradient in place by
+the forward kernel (WRITE_GRAD: one read and one write of them), and consumed by the two matmuls of the
+gradients, so no (N, V) tensor exists. The gradient is computed in the forward pass; the backward only
+scales it by the incoming (scalar) gradient.
 """
 
 import torch
@@ -89,27 +95,48 @@ if triton is not None:
         return tl.where(u < 0, -t, t)
 
     @triton.jit
+    def _capped_tile(z, softcap, HAS_CAP: tl.constexpr):
+        """(c, dc/dz) of an fp32 tile; dc/dz is unused (1.0) without a cap."""
+        if HAS_CAP:
+            t = _tanh(z * (1.0 / softcap))
+            return softcap * t, 1.0 - t * t
+        else:
+            return z, 1.0
+
+    @triton.jit
+    def _store_grad(z_rows, dz_rows, row_mask, y, m, log_s, g, V, softcap,
+                    HAS_CAP: tl.constexpr, BLOCK_V: tl.constexpr):
+        """dL/dz = g * (softmax(c) - onehot(y)) * dc/dz for a tile of rows, swept over the vocab in blocks.
+        dz_rows may be z_rows: each block is read before it is overwritten, and rows belong to one program."""
+        cols = tl.arange(0, BLOCK_V)
+        for start in range(0, V, BLOCK_V):
+            col = start + cols
+            col_mask = col < V
+            # -inf in the padding keeps exp() in range there (it is never stored)
+            z = tl.load(z_rows[:, None] + col[None, :], mask=col_mask[None, :], other=float("-inf")).to(tl.float32)
+            c, dcap = _capped_tile(z, softcap, HAS_CAP)
+            p = tl.exp((c - m[:, None]) - log_s[:, None])
+            grad = (p - tl.where(col[None, :] == y[:, None], 1.0, 0.0)) * g[:, None] * dcap
+            mask = row_mask[:, None] & col_mask[None, :]
+            tl.store(dz_rows[:, None] + col[None, :], grad.to(dz_rows.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _ce_fwd_kernel(
-        Z, T, LOSS, STATS, N, V, stride_z, softcap,
-        HAS_CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+        Z, T, LOSS, STATS, DZ, N, V, stride_z, stride_dz, softcap, grad_scale,
+        HAS_CAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < N
         # Rows past N recompute row N-1 so that every lane stays finite; only the stores are masked.
-        safe_rows = tl.minimum(rows, N - 1)
-        z_rows = Z + safe_rows.to(tl.int64) * stride_z
+        safe_rows = tl.minimum(rows, N - 1).to(tl.int64)
+        z_rows = Z + safe_rows * stride_z
         cols = tl.arange(0, BLOCK_V)
-        if HAS_CAP:
-            inv_cap = 1.0 / softcap  # one division a program, a multiply per element
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
             col_mask = start + cols < V
             z = tl.load(z_rows[:, None] + start + cols[None, :], mask=col_mask[None, :], other=0.0).to(tl.float32)
-            if HAS_CAP:
-                c = softcap * _tanh(z * inv_cap)
-            else:
-                c = z
+            c, _ = _capped_tile(z, softcap, HAS_CAP)
             c = tl.where(col_mask[None, :], c, float("-inf"))
             # the first block always holds column 0, so m_new is finite and exp(m - m_new) is 0, not NaN
             m_new = tl.maximum(m, tl.max(c, axis=1))
@@ -119,15 +146,14 @@ if triton is not None:
 
         y = tl.load(T + safe_rows)
         valid = (y >= 0) & (y < V)
-        z_y = tl.load(z_rows + tl.where(valid, y, 0)).to(tl.float32)
-        if HAS_CAP:
-            c_y = softcap * _tanh(z_y * inv_cap)
-        else:
-            c_y = z_y
+        c_y, _ = _capped_tile(tl.load(z_rows + tl.where(valid, y, 0)).to(tl.float32), softcap, HAS_CAP)
         loss = tl.where(valid, (m - c_y) + log_s, float("nan"))
         tl.store(LOSS + rows, loss, mask=row_mask)
         tl.store(STATS + 2 * rows, m, mask=row_mask)
         tl.store(STATS + 2 * rows + 1, log_s, mask=row_mask)
+        if WRITE_GRAD:  # the gradient of grad_scale * loss, possibly over the logits themselves (DZ = Z)
+            g = tl.full([BLOCK_M], 1.0, tl.float32) * grad_scale
+            _store_grad(z_rows, DZ + safe_rows * stride_dz, row_mask, y, m, log_s, g, V, softcap, HAS_CAP, BLOCK_V)
 
     @triton.jit
     def _ce_bwd_kernel(
@@ -141,26 +167,8 @@ if triton is not None:
         log_s = tl.load(STATS + 2 * safe_rows + 1)
         y = tl.load(T + safe_rows)
         g = tl.load(DLOSS + safe_rows * stride_dloss).to(tl.float32)
-        z_rows = Z + safe_rows * stride_z
-        dz_rows = DZ + safe_rows * stride_dz
-        cols = tl.arange(0, BLOCK_V)
-        if HAS_CAP:
-            inv_cap = 1.0 / softcap
-        for start in range(0, V, BLOCK_V):
-            col = start + cols
-            col_mask = col < V
-            # -inf in the padding keeps exp() in range there (it is never stored)
-            z = tl.load(z_rows[:, None] + col[None, :], mask=col_mask[None, :], other=float("-inf")).to(tl.float32)
-            if HAS_CAP:
-                t = _tanh(z * inv_cap)
-                c = softcap * t
-            else:
-                c = z
-            grad = (tl.exp((c - m[:, None]) - log_s[:, None]) - tl.where(col[None, :] == y[:, None], 1.0, 0.0)) * g[:, None]
-            if HAS_CAP:
-                grad = grad * (1.0 - t * t)
-            mask = row_mask[:, None] & col_mask[None, :]
-            tl.store(dz_rows[:, None] + col[None, :], grad.to(DZ.dtype.element_ty), mask=mask)
+        _store_grad(Z + safe_rows * stride_z, DZ + safe_rows * stride_dz, row_mask, y, m, log_s, g, V, softcap,
+                    HAS_CAP, BLOCK_V)
 
 
 def _launch_config(vocab: int):
@@ -190,8 +198,8 @@ def _softcap_ce_fwd(logits: Tensor, targets: Tensor, softcap: float) -> tuple[Te
     stats = torch.empty((n, 2), dtype=torch.float32, device=z.device)
     block_m, block_v, num_warps = _launch_config(v)
     _ce_fwd_kernel[(triton.cdiv(n, block_m),)](
-        z, targets.contiguous(), loss, stats, n, v, z.stride(0), softcap,
-        HAS_CAP=softcap > 0, BLOCK_M=block_m, BLOCK_V=block_v, num_warps=num_warps,
+        z, targets.contiguous(), loss, stats, z, n, v, z.stride(0), z.stride(0), softcap, 0.0,
+        HAS_CAP=softcap > 0, WRITE_GRAD=False, BLOCK_M=block_m, BLOCK_V=block_v, num_warps=num_warps,
     )
     return loss, stats
 
@@ -248,6 +256,104 @@ def softcap_cross_entropy(logits: Tensor, targets: Tensor, softcap: float, reduc
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     loss, _ = torch.ops.pgolf.softcap_ce_fwd(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), float(softcap))
+    if reduction == "none":
+        return loss.view(targets.shape)
+    return loss.sum() if reduction == "sum" else loss.mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# lm_head matmul fused in: logits = h @ weight.T, one chunk of rows at a time
+
+# Logits per chunk: 2^23 bf16 values = 16 MiB, so a chunk's logits stay in an H100's 50 MB L2 between
+# the matmul that writes them, the kernel that turns them into gradients in place and the two matmuls
+# that read those back.
+CHUNK_LOGITS = 1 << 23
+
+
+def _ce_loss_and_grad_(logits: Tensor, targets: Tensor, softcap: float, grad_scale: float) -> Tensor:
+    """Per-row losses (fp32) of a contiguous (n, V) block of logits; the block is overwritten with
+    grad_scale * dloss/dlogits (one read and one write of it in all)."""
+    if not _use_triton(logits):
+        loss, stats = _ce_fwd_reference(logits, targets, softcap)
+        logits.copy_(_ce_bwd_reference(torch.full_like(loss, grad_scale), logits, targets, stats, softcap))
+        return loss
+    n, v = logits.shape
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    stats = torch.empty((n, 2), dtype=torch.float32, device=logits.device)
+    block_m, block_v, num_warps = _launch_config(v)
+    _ce_fwd_kernel[(triton.cdiv(n, block_m),)](
+        logits, targets, loss, stats, logits, n, v, logits.stride(0), logits.stride(0), softcap, grad_scale,
+        HAS_CAP=softcap > 0, WRITE_GRAD=True, BLOCK_M=block_m, BLOCK_V=block_v, num_warps=num_warps,
+    )
+    return loss
+
+
+@torch.library.custom_op("pgolf::linear_softcap_ce", mutates_args=())
+def _linear_softcap_ce(h: Tensor, weight: Tensor, targets: Tensor, softcap: float, mean: bool,
+                       chunk_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, dloss/dh, dloss/dweight) for the sum (or mean) over rows of the soft-capped cross-entropy of
+    h (N, d) @ weight (V, d).T. The gradients are computed here, in the forward: the loss is a terminal node,
+    so the backward only scales them by the incoming gradient, and no (N, V) tensor ever exists."""
+    n = h.shape[0]
+    w = weight.to(h.dtype)
+    grad_scale = 1.0 / n if mean and n else 1.0
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    grad_h = torch.empty_like(h)
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+    for start in range(0, n, chunk_rows):
+        hc = h[start:start + chunk_rows]
+        logits = hc @ w.t()
+        total += _ce_loss_and_grad_(logits, targets[start:start + chunk_rows], softcap, grad_scale).sum()
+        torch.mm(logits, w, out=grad_h[start:start + chunk_rows])
+        grad_w += (logits.t() @ hc).float()
+    loss = total / n if mean else total
+    return loss, grad_h, grad_w.to(weight.dtype)
+
+
+@_linear_softcap_ce.register_fake
+def _(h, weight, targets, softcap, mean, chunk_rows):
+    return h.new_empty((), dtype=torch.float32), torch.empty_like(h), torch.empty_like(weight)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    _, grad_h, grad_w = output
+    ctx.mark_non_differentiable(grad_h, grad_w)
+    ctx.save_for_backward(grad_h, grad_w)
+
+
+def _linear_backward(ctx, dloss, _dgrad_h, _dgrad_w):
+    grad_h, grad_w = ctx.saved_tensors
+    return grad_h * dloss.to(grad_h.dtype), grad_w * dloss.to(grad_w.dtype), None, None, None, None
+
+
+_linear_softcap_ce.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+def linear_softcap_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, softcap: float,
+                                 reduction: str = "mean", chunk_rows: int | None = None) -> Tensor:
+    """softcap_cross_entropy(h @ weight.T, targets, softcap, reduction) without materialising the logits:
+    rows go through in chunks of `chunk_rows` (default: CHUNK_LOGITS / V). The matmuls run in h's dtype
+    (weight is cast to it), the loss is fp32 and weight's gradient comes back in weight's dtype.
+
+    With a gradient to compute and reduction "mean" or "sum", the gradient is made in the forward pass
+    (memory: one chunk of logits plus the gradients themselves). Per-row losses ("none") with a gradient
+    take the unfused path; without a gradient every reduction is chunked.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    vocab = weight.shape[0]
+    rows = chunk_rows or max(1, CHUNK_LOGITS // vocab)
+    needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    h2, t = h.reshape(-1, h.shape[-1]).contiguous(), targets.reshape(-1).contiguous()
+    if needs_grad and reduction != "none":
+        loss, _, _ = torch.ops.pgolf.linear_softcap_ce(h2, weight, t, float(softcap), reduction == "mean", rows)
+        return loss
+    if needs_grad:
+        return softcap_cross_entropy(h @ weight.to(h.dtype).t(), targets, softcap, reduction)
+    w = weight.to(h.dtype)
+    losses = [torch.ops.pgolf.softcap_ce_fwd(h2[s:s + rows] @ w.t(), t[s:s + rows], float(softcap))[0]
+              for s in range(0, h2.shape[0], rows)]
+    loss = torch.cat(losses) if losses else h2.new_empty(0, dtype=torch.float32)
     if reduction == "none":
         return loss.view(targets.shape)
     return loss.sum() if reduction == "sum" else loss.mean()

@@ -31,7 +31,14 @@ def _set_interpret(value):
 if not HAS_CUDA:
     _set_interpret("1")
 import kernels  # noqa: E402
-from kernels import rms_norm, rms_norm_reference, softcap_cross_entropy, softcap_cross_entropy_reference  # noqa: E402
+from kernels import (  # noqa: E402
+    linear_softcap_cross_entropy,
+    rms_norm,
+    rms_norm_reference,
+    softcap_cross_entropy,
+    softcap_cross_entropy_reference,
+)
+from kernels import cross_entropy  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 TRITON_ACTIVE = kernels.triton_available(DEVICE)
@@ -272,6 +279,97 @@ def test_ce_bad_reduction():
 
 
 # --------------------------------------------------------------------------------------------------
+# lm_head matmul + soft-capped cross-entropy, chunked
+
+
+def check_linear_ce(h, weight, targets, softcap, reduction, chunk_rows):
+    """Loss and the gradients of h and weight against float64 autograd of softcap CE(h @ weight.T)."""
+    h = h.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+    loss = linear_softcap_cross_entropy(h, weight, targets, softcap, reduction, chunk_rows=chunk_rows)
+    assert loss.dtype == torch.float32 and loss.shape == (targets.shape if reduction == "none" else ())
+    dloss = torch.rand_like(loss) + 0.5
+    loss.backward(dloss)
+
+    h64, w64 = (a.detach().double().requires_grad_() for a in (h, weight))
+    loss64 = softcap_ce_f64(h64 @ w64.t(), targets, softcap, reduction)
+    loss64.backward(dloss.double())
+    assert h.grad.dtype == h.dtype and weight.grad.dtype == weight.dtype
+    # In bf16 four roundings stack up (weight, logits, their gradient, the products), so the bound against
+    # float64 is 2x the single-rounding one; the unfused path (matmul, then the CE op) must agree closely.
+    tol = {torch.float32: TOL[torch.float32], torch.bfloat16: 2 * TOL[torch.bfloat16]}[h.dtype]
+    for what, got, want in (("loss", loss, loss64), ("dh", h.grad, h64.grad), ("dweight", weight.grad, w64.grad)):
+        assert torch.isfinite(got).all() and rel_err(got, want) <= tol, f"{what}: {rel_err(got, want):.3g}"
+    hu, wu = (a.detach().requires_grad_() for a in (h, weight))
+    softcap_cross_entropy(hu @ wu.to(h.dtype).t(), targets, softcap, reduction).backward(dloss)
+    for what, got, want in (("dh", h.grad, hu.grad), ("dweight", weight.grad, wu.grad)):
+        assert rel_err(got, want) <= TOL[h.dtype], f"{what} vs unfused: {rel_err(got, want):.3g}"
+
+
+LINEAR_CE_SHAPES = [(1, 64, 1024), (7, 64, 1000), (33, 96, 5000), (100, 64, 1024), (16, 128, 8192)] + (
+    [(4099, 512, 1024), (1000, 512, 8192)] if HAS_CUDA else [])
+
+
+@needs_triton
+@pytest.mark.parametrize("softcap", [30.0, 0.0], ids=["cap30", "nocap"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows,dim,vocab", LINEAR_CE_SHAPES)
+def test_linear_ce_sweep(rows, dim, vocab, dtype, softcap):
+    torch.manual_seed(rows * 31 + vocab)
+    h = torch.randn(rows, dim, device=DEVICE).to(dtype)
+    weight = torch.randn(vocab, dim, device=DEVICE) * (4 / dim ** 0.5)  # fp32 master weight, logits ~ N(0, 16)
+    targets = torch.randint(0, vocab, (rows,), device=DEVICE)
+    reduction = ("mean", "sum")[rows % 2]
+    for chunk_rows in (None, max(1, rows // 3)):  # one chunk, and three or more with a ragged last one
+        check_linear_ce(h, weight, targets, softcap, reduction, chunk_rows)
+
+
+@needs_triton
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_ce_reductions_with_and_without_grad(reduction):
+    torch.manual_seed(12)
+    h = torch.randn(4, 9, 64, device=DEVICE)  # leading dims, as the model calls it
+    weight = torch.randn(1024, 64, device=DEVICE) * 0.5
+    targets = torch.randint(0, 1024, (4, 9), device=DEVICE)
+    check_linear_ce(h, weight, targets, 30.0, reduction, 5)
+    with torch.no_grad():
+        got = linear_softcap_cross_entropy(h, weight, targets, 30.0, reduction, chunk_rows=5)
+    want = softcap_ce_f64(h.double() @ weight.double().t(), targets, 30.0, reduction)
+    assert got.shape == want.shape and rel_err(got, want) < TOL[torch.float32]
+
+
+def test_linear_ce_holds_one_chunk_of_logits_at_a_time(monkeypatch):
+    """Every block of logits the op makes is one chunk: rows <= chunk_rows, together exactly the N rows."""
+    seen = []
+    real = cross_entropy._ce_loss_and_grad_
+
+    def spy(logits, *args):
+        seen.append(tuple(logits.shape))
+        return real(logits, *args)
+
+    monkeypatch.setattr(cross_entropy, "_ce_loss_and_grad_", spy)
+    h = torch.randn(50, 64, device=DEVICE, requires_grad=True)
+    weight = torch.randn(1024, 64, device=DEVICE, requires_grad=True)
+    targets = torch.randint(0, 1024, (50,), device=DEVICE)
+    linear_softcap_cross_entropy(h, weight, targets, 30.0, chunk_rows=16).backward()
+    assert seen == [(16, 1024), (16, 1024), (16, 1024), (2, 1024)]
+    seen.clear()
+    monkeypatch.setattr(cross_entropy, "CHUNK_LOGITS", 20 * 1024)  # the default chunk: CHUNK_LOGITS logits
+    linear_softcap_cross_entropy(h, weight, targets, 30.0).backward()
+    assert seen == [(20, 1024), (20, 1024), (10, 1024)]
+
+
+def test_linear_ce_empty_and_bad_reduction():
+    weight = torch.randn(1024, 64, device=DEVICE, requires_grad=True)
+    h = torch.randn(0, 64, device=DEVICE, requires_grad=True)
+    loss = linear_softcap_cross_entropy(h, weight, torch.zeros(0, dtype=torch.long, device=DEVICE), 30.0, "sum")
+    loss.backward()
+    assert loss.item() == 0 and h.grad.shape == (0, 64) and not weight.grad.any()
+    with pytest.raises(ValueError):
+        linear_softcap_cross_entropy(h, weight, torch.zeros(0, dtype=torch.long), 30.0, "max")
+
+
+# --------------------------------------------------------------------------------------------------
 # References, fallback, torch.library / torch.compile integration
 
 
@@ -352,7 +450,8 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-OPCHECK_CASES = ["rms_fwd", "rms_fwd_w", "rms_bwd", "rms_bwd_w", "ce_fwd", "ce_fwd_nocap", "ce_bwd"]
+OPCHECK_CASES = ["rms_fwd", "rms_fwd_w", "rms_bwd", "rms_bwd_w", "ce_fwd", "ce_fwd_nocap", "ce_bwd", "linear_ce",
+                 "linear_ce_mean"]
 
 
 @pytest.mark.parametrize("case", OPCHECK_CASES)
@@ -364,6 +463,7 @@ def test_opcheck(case):
     z = torch.randn(7, 1000, device=DEVICE) * 8
     t = torch.randint(0, 1000, (7,), device=DEVICE)
     _, stats = torch.ops.pgolf.softcap_ce_fwd(z, t, 30.0)
+    lm_head = (torch.randn(1000, 96, device=DEVICE) * 0.3).requires_grad_()
     xg, wg, zg = (a.clone().requires_grad_() for a in (x, w, z))
     op, args = {
         "rms_fwd": (torch.ops.pgolf.rms_norm_fwd, (xg, None, 1e-6)),
@@ -373,6 +473,8 @@ def test_opcheck(case):
         "ce_fwd": (torch.ops.pgolf.softcap_ce_fwd, (zg, t, 30.0)),
         "ce_fwd_nocap": (torch.ops.pgolf.softcap_ce_fwd, (zg, t, 0.0)),
         "ce_bwd": (torch.ops.pgolf.softcap_ce_bwd, (torch.rand(7, device=DEVICE), z, t, stats, 30.0)),
+        "linear_ce": (torch.ops.pgolf.linear_softcap_ce, (xg, lm_head, t, 30.0, False, 3)),
+        "linear_ce_mean": (torch.ops.pgolf.linear_softcap_ce, (xg, lm_head, t, 0.0, True, 7)),
     }[case]
     torch.library.opcheck(op.default, args)
 
@@ -419,3 +521,40 @@ def test_compile_fullgraph(dynamic):
     called = [str(node.target) for node in graphs[-1].graph.nodes if node.op == "call_function"]
     assert sum("pgolf.rms_norm_fwd" in name for name in called) == 2
     assert sum("pgolf.softcap_ce_fwd" in name for name in called) == 1
+
+
+def test_compile_fullgraph_linear_ce():
+    """The chunked lm_head + CE inside torch.compile(fullgraph=True): the training call is one custom op in
+    the graph, the no-grad (evaluation) call traces its chunks; both give eager's numbers."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    torch.manual_seed(13)
+    h = torch.randn(2, 9, 64, device=DEVICE)
+    emb = torch.randn(1024, 64, device=DEVICE) * 0.5
+    targets = torch.randint(0, 1024, (2, 9), device=DEVICE)
+
+    def f(h, emb, targets):
+        return linear_softcap_cross_entropy(rms_norm(h), emb, targets, 30.0, chunk_rows=7)
+
+    def g(h, emb, targets):
+        return linear_softcap_cross_entropy(h, emb, targets, 30.0, "none", chunk_rows=7)
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend("inductor" if HAS_CUDA else "aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend=backend)):
+        args = [a.clone().requires_grad_() for a in (h, emb)]
+        loss = fn(*args, targets)
+        loss.backward()
+        results.append([loss] + [a.grad for a in args])
+    for a, b in zip(*results):
+        assert rel_err(b, a) < 1e-5
+    called = [str(node.target) for node in graphs[-1].graph.nodes if node.op == "call_function"]
+    assert sum("pgolf.linear_softcap_ce" in name for name in called) == 1
+    with torch.no_grad():
+        assert rel_err(torch.compile(g, fullgraph=True, backend=backend)(h, emb, targets), g(h, emb, targets)) < 1e-6
