@@ -108,8 +108,9 @@ class Hyperparameters:
     eval_only: str = ""  # path of an artifact to score without training
     # systems
     compile: bool = True  # torch.compile on CUDA (CPU always runs eager)
-    fused_kernels: bool = False  # Triton RMSNorm and softcapped CE on CUDA (off: 936 vs 724 ms/step, docs/PERF.md)
+    fused_kernels: str = "none"  # Triton kernels on CUDA: none | loss (chunked lm_head + CE) | all (+ RMSNorm)
     attention: str = "auto"  # auto | fa3 | cudnn | flash | efficient | math
+    residual_fp32: bool = False  # residual stream in fp32 under autocast (default: bf16, as the record's script)
 
     @classmethod
     def defaults(cls) -> dict:
@@ -199,6 +200,8 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
     need(a.compressor in COMPRESSORS, "COMPRESSOR", f"must be one of {', '.join(COMPRESSORS)}")
     module = {"zstd": "zstandard", "brotli": "brotli", "lzma": "lzma"}[a.compressor]
     need(importlib.util.find_spec(module) is not None, "COMPRESSOR", f"needs the {module} package: pip install {module}")
+    a.fused_kernels = {"0": "none", "1": "all"}.get(a.fused_kernels, a.fused_kernels)
+    need(a.fused_kernels in ("none", "loss", "all"), "FUSED_KERNELS", "must be none, loss or all")
     need(a.attention in ("auto", "fa3", "cudnn", "flash", "efficient", "math"), "ATTENTION",
          "must be auto, fa3, cudnn, flash, efficient or math")
     need(not a.eval_only or Path(a.eval_only).is_file(), "EVAL_ONLY", "is not a file")
@@ -382,29 +385,33 @@ def torch_rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),), eps=NORM_EPS)
 
 
-def torch_softcap_cross_entropy(logits: Tensor, targets: Tensor, softcap: float, reduction: str) -> Tensor:
-    logits = logits.float()
+def torch_lm_head_loss(h: Tensor, weight: Tensor, targets: Tensor, softcap: float, reduction: str) -> Tensor:
+    """Cross-entropy of softcap * tanh(h @ weight.T / softcap); "none" gives the losses shaped like targets."""
+    logits = F.linear(h.reshape(-1, h.size(-1)), weight.to(h.dtype)).float()
     if softcap > 0:
         logits = softcap * torch.tanh(logits / softcap)
-    return F.cross_entropy(logits, targets, reduction=reduction)
+    loss = F.cross_entropy(logits, targets.reshape(-1), reduction=reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss
 
 
 NORM_EPS = 1e-6
 RMS_NORM = torch_rms_norm
-SOFTCAP_CROSS_ENTROPY = torch_softcap_cross_entropy
+LM_HEAD_LOSS = torch_lm_head_loss
 
 
-def use_fused_kernels(on: bool) -> bool:
-    """Route RMSNorm and the softcapped loss through kernels/ (Triton); returns whether that path is active."""
-    global RMS_NORM, SOFTCAP_CROSS_ENTROPY
-    RMS_NORM, SOFTCAP_CROSS_ENTROPY = torch_rms_norm, torch_softcap_cross_entropy
-    if not on:
-        return False
+def use_fused_kernels(which: str) -> str:
+    """Route the lm_head loss ("loss") or it and RMSNorm ("all") through kernels/ (Triton); "none" restores
+    the torch path. Returns which is active."""
+    global RMS_NORM, LM_HEAD_LOSS
+    RMS_NORM, LM_HEAD_LOSS = torch_rms_norm, torch_lm_head_loss
+    if which == "none":
+        return which
     import kernels  # only now: its files then count towards the code bytes (project_code_files)
 
-    RMS_NORM = lambda x: kernels.rms_norm(x, eps=NORM_EPS)  # noqa: E731
-    SOFTCAP_CROSS_ENTROPY = kernels.softcap_cross_entropy
-    return True
+    LM_HEAD_LOSS = kernels.linear_softcap_cross_entropy
+    if which == "all":
+        RMS_NORM = lambda x: kernels.rms_norm(x, eps=NORM_EPS)  # noqa: E731
+    return which
 
 
 def fake_quantize_int6(w: Tensor) -> Tensor:
@@ -579,7 +586,7 @@ class ValueEmbedding(nn.Module):
 class GPT(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
-        self.softcap = args.logit_softcap
+        self.softcap, self.residual_fp32 = args.logit_softcap, args.residual_fp32
         self.tok_emb = nn.Embedding(args.vocab_size, args.model_dim)
         self.bigram = BigramHash(args.bigram_vocab_size, args.bigram_dim, args.model_dim) if args.bigram_vocab_size else None
         self.smear = SmearGate(args.model_dim) if args.smear_gate else None
@@ -619,6 +626,10 @@ class GPT(nn.Module):
     def hidden(self, ids: Tensor) -> Tensor:
         """Final normalised hidden states (B, T, D) for token ids (B, T)."""
         x = self.tok_emb(ids)
+        # Under autocast the residual stream (embeddings, block outputs, skips) runs in bf16 like the record's
+        # script: it halves the bytes of the ~20 elementwise passes a block makes over it. Weights stay fp32.
+        if not self.residual_fp32 and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         if self.bigram is not None:
             x = x + self.bigram(ids)
         x = rms_norm(x)
@@ -638,8 +649,7 @@ class GPT(nn.Module):
         return rms_norm(x)
 
     def token_losses(self, h: Tensor, targets: Tensor, reduction: str) -> Tensor:
-        logits = F.linear(h.reshape(-1, h.size(-1)), self.tok_emb.weight.to(h.dtype))
-        return SOFTCAP_CROSS_ENTROPY(logits, targets.reshape(-1), self.softcap, reduction)
+        return LM_HEAD_LOSS(h, self.tok_emb.weight, targets, self.softcap, reduction)
 
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
         return self.token_losses(self.hidden(ids), targets, "mean")
@@ -1251,13 +1261,13 @@ def make_autocast(device: torch.device):
 
 def prepare_runtime(args: Hyperparameters, device: torch.device) -> str:
     """Choose kernels, attention backend and compilation for this device; returns the line that logs them."""
-    fused = use_fused_kernels(args.fused_kernels and device.type == "cuda")
+    fused = use_fused_kernels(args.fused_kernels if device.type == "cuda" else "none")
     # Inductor's mix-order reductions (row + column reductions in one kernel) spill badly on this model's
     # backward: 784 -> 738 ms/step on one H100 with them off (docs/PERF.md).
     inductor_config.triton.mix_order_reduction = False
     attention = select_attention(args.attention, device, args.num_heads, args.num_kv_heads,
                                  args.model_dim // args.num_heads)
-    return f"attention:{attention} fused_kernels:{int(fused)} compile:{int(args.compile and device.type == 'cuda')}"
+    return f"attention:{attention} fused_kernels:{fused} compile:{int(args.compile and device.type == 'cuda')}"
 
 
 def build_training(args: Hyperparameters, device: torch.device, rank: int, world: int, local_rank: int):

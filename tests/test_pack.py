@@ -91,7 +91,7 @@ def make_log(path: Path, code: dict[str, bytes], seed: int, steps: int, step_avg
              "versions: python:3.12.3 torch:2.11.0+cu130 triton:3.6.0 numpy:2.2.1 cuda:13.0 "
              "device:8xNVIDIA H100 80GB HBM3",
              f"config: {json.dumps(config)}",
-             "world_size:8 grad_accum_steps:1 attention:cudnn fused_kernels:1 compile:1",
+             "world_size:8 grad_accum_steps:1 attention:cudnn fused_kernels:none compile:1",
              "model_params:26993756",
              "step:0/20000 val_loss:6.9357 val_bpb:4.1077 train_time:0ms step_avg:0.00ms"]
     for s in [1, 2, 3, 1000, 2000, 4000, 6000, 7000]:

@@ -42,7 +42,7 @@ CPU = torch.device("cpu")
 def plain_torch_runtime():
     """The CPU paths of the module-level switches (another test file may have flipped them), on one thread: the
     tiny tensors gain nothing from more, and a busy machine stalls multi-threaded OpenMP regions badly."""
-    tg.use_fused_kernels(False)
+    tg.use_fused_kernels("none")
     tg.select_attention("auto", CPU, 4, 2, 16)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -686,6 +686,70 @@ def test_switching_modules_off_removes_them_exactly():
     assert tg.GPT(tiny_args(VE_LAYERS="")).ve_slot == {}
 
 
+@pytest.mark.parametrize("fp32", [False, True])
+def test_residual_stream_dtype_follows_autocast_unless_residual_fp32(fp32):
+    args = tiny_args(RESIDUAL_FP32=int(fp32))
+    torch.manual_seed(0)
+    model = tg.GPT(args)
+    randomize_controls(model)
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, inp, out: seen.append((inp[0].dtype, inp[1].dtype, out.dtype)))
+    ids = ids_batch(args, seq=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, ids)
+    want = torch.float32 if fp32 else torch.bfloat16
+    assert len(seen) == args.num_layers and all(d == want for dtypes in seen for d in dtypes), seen
+    loss.backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+    # the bf16 stream computes the same loss as the fp32 one, to bf16 precision
+    with torch.no_grad():
+        exact = tg.GPT(args).double()
+        exact.load_state_dict(model.state_dict())
+        want_loss = exact(ids, ids).item()
+    assert loss.item() == pytest.approx(want_loss, rel=2e-2)
+
+
+def test_residual_fp32_changes_nothing_without_autocast():
+    torch.manual_seed(0)
+    a, b = tg.GPT(tiny_args()), tg.GPT(tiny_args(RESIDUAL_FP32=1))
+    randomize_controls(a)
+    b.load_state_dict(a.state_dict())
+    ids = ids_batch(tiny_args(), seq=16)
+    assert torch.equal(a.hidden(ids), b.hidden(ids))
+
+
+@pytest.mark.parametrize("which", ["loss", "all"])
+def test_fused_kernels_compute_the_models_loss_and_gradients(which):
+    """FUSED_KERNELS=loss|all routes the lm_head loss (and RMSNorm) through kernels/ (here Triton's interpreter):
+    same training loss, gradients and per-token eval losses as the torch path."""
+    args = tiny_args()
+    torch.manual_seed(0)
+    model = tg.GPT(args)
+    randomize_controls(model)
+    ids, targets = ids_batch(args, seq=16), ids_batch(args, seq=16, seed=1)
+    results = {}
+    for path in ("none", which):
+        assert tg.use_fused_kernels(path) == path
+        model.zero_grad()
+        loss = model(ids, targets)
+        loss.backward()
+        with torch.no_grad():
+            per_token = model.token_losses(model.hidden(ids), targets, "none")
+        results[path] = [loss, per_token] + [p.grad.clone() for p in model.parameters()]
+    tg.use_fused_kernels("none")
+    assert tg.LM_HEAD_LOSS is tg.torch_lm_head_loss and tg.RMS_NORM is tg.torch_rms_norm
+    for a, b in zip(results["none"], results[which]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_kernels_knob_values():
+    assert tiny_args(FUSED_KERNELS="1").fused_kernels == "all"
+    assert tiny_args(FUSED_KERNELS="0").fused_kernels == "none"
+    assert tiny_args(FUSED_KERNELS="loss").fused_kernels == "loss"
+    assert tg.Hyperparameters().fused_kernels == "none"
+
+
 def test_num_layers_alone_resolves_to_a_valid_config():
     a = tg.resolve(tg.Hyperparameters.from_env({"NUM_LAYERS": "2"}), 1)
     assert (a.num_layers, a.xsa_last_n, a.ve_layers) == (2, 2, "0,1")
@@ -900,6 +964,7 @@ def test_warm_up_leaves_no_trace(tiny_shards):
     ({"EVAL_STRIDE": "128"}, ["EVAL_STRIDE=128", "EVAL_SEQ_LEN=64"]),
     ({"XSA_LAST_N": "3"}, ["XSA_LAST_N=3", "NUM_LAYERS=2"]),
     ({"ROPE_DIMS": "7"}, ["ROPE_DIMS=7", "even"]),
+    ({"FUSED_KERNELS": "yes"}, ["FUSED_KERNELS='yes'", "none, loss or all"]),
     ({"ROPE_DIMS": "32"}, ["ROPE_DIMS=32", "head dim 16"]),
     ({"EMA_DECAY": "1"}, ["EMA_DECAY=1.0", "[0, 1)"]),
     ({"COMPRESSOR": "gzip"}, ["COMPRESSOR='gzip'", "zstd"]),
