@@ -558,3 +558,16 @@ def test_compile_fullgraph_linear_ce():
     assert sum("pgolf.linear_softcap_ce" in name for name in called) == 1
     with torch.no_grad():
         assert rel_err(torch.compile(g, fullgraph=True, backend=backend)(h, emb, targets), g(h, emb, targets)) < 1e-6
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("block_n, heights", [(64, {16, 32, 64, 128}), (512, {2, 4, 8, 16, 32, 64}), (32768, {1})])
+def test_rms_norm_autotune_candidates(block_n, heights):
+    """The CUDA autotuner's candidate tiles for a row width: 1-32 Ki elements, >= 4 elements a thread."""
+    from kernels import rmsnorm
+
+    kept = rmsnorm._prune_tiles(rmsnorm._tile_configs(), {}, BLOCK_N=block_n)
+    assert {c.kwargs["BLOCK_M"] for c in kept} == heights
+    for c in kept:
+        tile = c.kwargs["BLOCK_M"] * block_n
+        assert 1024 <= tile <= 32768 and c.num_warps * 32 * 4 <= tile

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU measurements of docs/PERF.md, in stages that each fit one 10-minute call on a lent machine that
+# cannot download. Run `prepare` here first: it builds what the machine needs into .carry/ (git-ignored),
+# which then travels with the working tree (the device tool's `carry: [".carry"]`).
+#
+#   bash bench/gpu_session.sh prepare      # here: english_mix shards + FineWeb-docs val shard, zstandard wheel
+#   bash bench/gpu_session.sh kernels      # GPU: kernel tests (larger sweep), then bench_kernels.py --sweep
+#   bash bench/gpu_session.sh train        # GPU: bench_train.py, default config vs RESIDUAL_FP32=1 vs FUSED_KERNELS=loss
+#   bash bench/gpu_session.sh losses       # GPU: 200-step loss curves, RESIDUAL_FP32=1 vs 0, 3 seeds, 1/4 batch
+#
+# Outputs go to stdout and, where $OUT is set (the device tool's result folder), to files there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp}
+export DATA_PATH=.carry/data TOKENIZER_PATH=.carry/data/tokenizer.model
+
+case "${1:-}" in
+  prepare)
+    python data/build_shards.py --input ../shared/data/english_mix/english_mix.jsonl.zst --output-dir .carry/data \
+      --tokenizer ../shared/data/tokenizers/fineweb_1024_bpe.model --val-docs 1 --shard-tokens 5000000 --overwrite
+    # validation = the 200 real FineWeb documents (replaces the 1-document val split made above)
+    python - <<'EOF'
+import json, numpy as np, sentencepiece as spm
+sp = spm.SentencePieceProcessor(model_file=".carry/data/tokenizer.model")
+docs = [json.loads(line)["text"] for line in open("../shared/data/fineweb_docs/fineweb_200docs.jsonl")]
+ids = [t for d in sp.encode(docs) for t in [1] + d]
+header = np.zeros(256, dtype="<i4"); header[:3] = (20240520, 1, len(ids))
+open(".carry/data/fineweb_val_000000.bin", "wb").write(header.tobytes() + np.asarray(ids, dtype="<u2").tobytes())
+print(f"val shard: {len(ids)} tokens of FineWeb")
+EOF
+    mkdir -p .carry/wheels && cp ../shared/wheels/zstandard-*cp312*.whl .carry/wheels/
+    du -sh .carry
+    ;;
+  kernels)
+    python -m pytest -q tests/test_kernels.py 2>&1 | tail -3
+    python bench/bench_kernels.py --sweep | tee "$OUT/bench_kernels.txt"
+    ;;
+  train)
+    python -m pip install --no-deps -q .carry/wheels/*.whl
+    for knobs in "" "RESIDUAL_FP32=1" "FUSED_KERNELS=loss"; do
+      echo "== ${knobs:-default}"
+      env $knobs python bench/bench_train.py --steps 8 --warmup 3 $([ -z "$knobs" ] && echo --profile) \
+        | tee "$OUT/bench_train_${knobs:-default}.txt"
+    done
+    ;;
+  losses)
+    TRAIN_BATCH_TOKENS=196608 WARMDOWN_ITERS=100 python bench/compare_losses.py --a RESIDUAL_FP32=1 --b "" \
+      --steps 200 --seeds 3 --json "$OUT/losses_residual.json" | tee "$OUT/losses_residual.txt"
+    ;;
+  *)
+    sed -n 2,11p "$0"; exit 2
+    ;;
+esac
