@@ -127,19 +127,19 @@ def bench_ce():
         expected = kernels.softcap_cross_entropy_reference(logits, targets, SOFTCAP)
         got = kernels.softcap_cross_entropy(logits, targets, SOFTCAP)
         assert abs(got.item() - expected.item()) < 1e-4 * abs(expected.item()), "cross-entropy mismatch"
-        stats = {}
-        for name, fn in implementations(kernels.softcap_cross_entropy, kernels.softcap_cross_entropy_reference):
-            step = ce_step(fn, logits, targets)
-            mem = peak_mib(step)
-            stats[name] = (median_ms(step), mem)
-        ref_ms, ref_mem = stats["compiled ref"]
-        for name, (ms, mem) in stats.items():
-            rows.append({
-                "op": f"softcap CE {n}x{vocab} bf16", "impl": name, "fwd+bwd ms": f"{ms:.3f}",
-                "peak MiB": f"{mem:.0f}", "speedup vs compiled": f"{ref_ms / ms:.2f}x",
-                "memory vs compiled": f"{mem / ref_mem:.2f}x",
-            })
+        impls = implementations(kernels.softcap_cross_entropy, kernels.softcap_cross_entropy_reference)
+        rows += time_and_memory_rows(f"softcap CE {n}x{vocab} bf16",
+                                     [(name, ce_step(fn, logits, targets)) for name, fn in impls])
     return rows
+
+
+def time_and_memory_rows(op: str, steps) -> list[dict]:
+    """One row per (name, step): median ms and peak MiB, each against the "compiled ref" step."""
+    stats = {name: (median_ms(step), peak_mib(step)) for name, step in steps}
+    ref_ms, ref_mem = stats["compiled ref"]
+    return [{"op": op, "impl": name, "fwd+bwd ms": f"{ms:.3f}", "peak MiB": f"{mem:.0f}",
+             "speedup vs compiled": f"{ref_ms / ms:.2f}x", "memory vs compiled": f"{mem / ref_mem:.2f}x"}
+            for name, (ms, mem) in stats.items()]
 
 
 def linear_ce_inputs(n, vocab):
@@ -155,20 +155,10 @@ def bench_linear_ce():
         expected = unfused_linear_ce(h, weight, targets, SOFTCAP)
         got = kernels.linear_softcap_cross_entropy(h, weight, targets, SOFTCAP)
         assert abs(got.item() - expected.item()) < 1e-3 * abs(expected.item()), "lm_head + CE mismatch"
-        stats = {}
         impls = [("chunked triton", kernels.linear_softcap_cross_entropy), ("matmul + triton CE", matmul_then_triton_ce),
                  ("eager ref", unfused_linear_ce), ("compiled ref", torch.compile(unfused_linear_ce, dynamic=False))]
-        for name, fn in impls:
-            step = linear_ce_step(fn, h, weight, targets)
-            mem = peak_mib(step)
-            stats[name] = (median_ms(step), mem)
-        ref_ms, ref_mem = stats["compiled ref"]
-        for name, (ms, mem) in stats.items():
-            rows.append({
-                "op": f"lm_head+CE {n}x{MODEL_DIM}x{vocab}", "impl": name, "fwd+bwd ms": f"{ms:.3f}",
-                "peak MiB": f"{mem:.0f}", "speedup vs compiled": f"{ref_ms / ms:.2f}x",
-                "memory vs compiled": f"{mem / ref_mem:.2f}x",
-            })
+        rows += time_and_memory_rows(f"lm_head+CE {n}x{MODEL_DIM}x{vocab}",
+                                     [(name, linear_ce_step(fn, h, weight, targets)) for name, fn in impls])
     return rows
 
 

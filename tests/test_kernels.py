@@ -479,16 +479,38 @@ def test_opcheck(case):
     torch.library.opcheck(op.default, args)
 
 
+# On CPU the aot_eager backend: it traces with fake tensors through AOTAutograd, then runs the real ops (the
+# interpreted kernels); inductor's C++ codegen would only add a minute of compile.
+COMPILE_BACKEND = "inductor" if HAS_CUDA else "aot_eager"
+
+
+def compiled_calls_match_eager(f, inputs, targets, **compile_kwargs) -> list[str]:
+    """Runs f(*inputs, targets) eagerly and under torch.compile(fullgraph=True), forward and backward; asserts
+    the same loss and gradients and returns the functions the (last) compiled graph calls."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend(COMPILE_BACKEND)(gm, example_inputs)
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend=backend, **compile_kwargs)):
+        args = [a.clone().requires_grad_() for a in inputs]
+        loss = fn(*args, targets)
+        loss.backward()
+        results.append([loss] + [a.grad for a in args])
+    for a, b in zip(*results):
+        assert rel_err(b, a) < 1e-5
+    return [str(node.target) for node in graphs[-1].graph.nodes if node.op == "call_function"]
+
+
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_compile_fullgraph(dynamic):
     """Both ops inside torch.compile(fullgraph=True): one graph holding the custom ops, fakes and
-    backward traced (also with symbolic shapes), same numbers as eager.
-
-    On CPU the aot_eager backend is used (traces with fake tensors through AOTAutograd, then runs the
-    real op, i.e. the interpreted kernels); inductor's C++ codegen would only add a minute of compile.
-    """
-    from torch._dynamo.backends.registry import lookup_backend
-
+    backward traced (also with symbolic shapes), same numbers as eager."""
     torch.manual_seed(11)
     x = torch.randn(2, 9, 64, device=DEVICE)
     emb = torch.randn(1024, 64, device=DEVICE) * 0.5
@@ -500,25 +522,9 @@ def test_compile_fullgraph(dynamic):
         logits = rms_norm(h) @ emb.t()
         return softcap_cross_entropy(logits, targets, 30.0)
 
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return lookup_backend("inductor" if HAS_CUDA else "aot_eager")(gm, example_inputs)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic, backend=backend)
-    results = []
-    for fn in (f, compiled):
-        args = [a.clone().requires_grad_() for a in (x, emb, scale)]
-        loss = fn(*args, targets)
-        loss.backward()
-        results.append([loss] + [a.grad for a in args])
-    for a, b in zip(*results):
-        assert rel_err(b, a) < 1e-5
     # fullgraph=True already forbids graph breaks. With dynamic=True dynamo first traces the float eps
     # default as a symbolic float, then restarts with it specialised: the last graph is the one used.
-    called = [str(node.target) for node in graphs[-1].graph.nodes if node.op == "call_function"]
+    called = compiled_calls_match_eager(f, (x, emb, scale), targets, dynamic=dynamic)
     assert sum("pgolf.rms_norm_fwd" in name for name in called) == 2
     assert sum("pgolf.softcap_ce_fwd" in name for name in called) == 1
 
@@ -526,8 +532,6 @@ def test_compile_fullgraph(dynamic):
 def test_compile_fullgraph_linear_ce():
     """The chunked lm_head + CE inside torch.compile(fullgraph=True): the training call is one custom op in
     the graph, the no-grad (evaluation) call traces its chunks; both give eager's numbers."""
-    from torch._dynamo.backends.registry import lookup_backend
-
     torch.manual_seed(13)
     h = torch.randn(2, 9, 64, device=DEVICE)
     emb = torch.randn(1024, 64, device=DEVICE) * 0.5
@@ -539,25 +543,11 @@ def test_compile_fullgraph_linear_ce():
     def g(h, emb, targets):
         return linear_softcap_cross_entropy(h, emb, targets, 30.0, "none", chunk_rows=7)
 
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return lookup_backend("inductor" if HAS_CUDA else "aot_eager")(gm, example_inputs)
-
-    torch._dynamo.reset()
-    results = []
-    for fn in (f, torch.compile(f, fullgraph=True, backend=backend)):
-        args = [a.clone().requires_grad_() for a in (h, emb)]
-        loss = fn(*args, targets)
-        loss.backward()
-        results.append([loss] + [a.grad for a in args])
-    for a, b in zip(*results):
-        assert rel_err(b, a) < 1e-5
-    called = [str(node.target) for node in graphs[-1].graph.nodes if node.op == "call_function"]
+    called = compiled_calls_match_eager(f, (h, emb), targets)
     assert sum("pgolf.linear_softcap_ce" in name for name in called) == 1
     with torch.no_grad():
-        assert rel_err(torch.compile(g, fullgraph=True, backend=backend)(h, emb, targets), g(h, emb, targets)) < 1e-6
+        compiled = torch.compile(g, fullgraph=True, backend=COMPILE_BACKEND)
+        assert rel_err(compiled(h, emb, targets), g(h, emb, targets)) < 1e-6
 
 
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton not installed")
