@@ -44,6 +44,7 @@ def train_curve(overrides: dict[str, str], seed: int, steps: int, device: torch.
     env = dict(tg.os.environ, **overrides, SEED=str(seed), MAX_WALLCLOCK_SECONDS="0", ITERATIONS=str(steps))
     args = tg.resolve(tg.Hyperparameters.from_env(env), 1)
     tg.prepare_runtime(args, device)
+    torch._dynamo.reset()  # each run compiles its own model: keep earlier runs' graphs out of the recompile limit
     torch.manual_seed(args.seed)
     model, train_model, optimizers, loader = tg.build_training(args, device, 0, 1, 0)
     losses = []
