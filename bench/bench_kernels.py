@@ -80,11 +80,6 @@ def peak_mib(step) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def tuned_tile(autotuner) -> str:
-    c = autotuner.best_config
-    return f"BLOCK_M={c.kwargs['BLOCK_M']} warps={c.num_warps}" if c else "not tuned"
-
-
 def implementations(triton_fn, reference_fn):
     return [
         ("triton", triton_fn),
@@ -114,8 +109,6 @@ def bench_rms_norm():
             })
         for row in rows[-3:]:
             row["speedup vs compiled"] = f"{times['compiled ref'] / float(row['fwd+bwd ms']):.2f}x"
-        rows[-3]["impl"] += f" (autotuned fwd {tuned_tile(rmsnorm._rms_norm_fwd_tuned)}, " \
-                            f"bwd {tuned_tile(rmsnorm._rms_norm_bwd_tuned)})"
     return rows
 
 
@@ -166,7 +159,6 @@ def sweep():
     """Triton fwd+bwd time over tile sizes, to pick TILE_ELEMS / MAX_BLOCK_V for this GPU."""
     rows = []
     defaults = (rmsnorm.TILE_ELEMS, cross_entropy.TILE_ELEMS, cross_entropy.MAX_BLOCK_V)
-    rmsnorm.AUTOTUNE = False  # the fixed-tile path, to see what the autotuner chooses among
     for shape in RMS_SHAPES:
         x = torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_()
         dy = torch.randn_like(x)
@@ -187,16 +179,15 @@ def sweep():
                 rows.append({"op": f"softcap CE {n}x{vocab}", "config": f"TILE_ELEMS={tile} MAX_BLOCK_V={block_v}",
                              "fwd+bwd ms": f"{ms:.3f}", "GB/s": f"{3 * logits.numel() * 2 / ms / 1e6:.0f}"})
     rmsnorm.TILE_ELEMS, cross_entropy.TILE_ELEMS, cross_entropy.MAX_BLOCK_V = defaults
-    rmsnorm.AUTOTUNE = True
-    chunk_default = cross_entropy.CHUNK_LOGITS
+    chunk_default = cross_entropy.CHUNK_ROWS
     for n, vocab in CE_SHAPES:
         h, weight, targets = linear_ce_inputs(n, vocab)
-        for log2 in range(20, 26):
-            cross_entropy.CHUNK_LOGITS = 1 << log2
+        for chunk in (2048, 4096, 8192, 16384, 32768, 98304):
+            cross_entropy.CHUNK_ROWS = chunk
             step = linear_ce_step(kernels.linear_softcap_cross_entropy, h, weight, targets)
-            rows.append({"op": f"lm_head+CE {n}x{MODEL_DIM}x{vocab}", "config": f"CHUNK_LOGITS=2^{log2}",
+            rows.append({"op": f"lm_head+CE {n}x{MODEL_DIM}x{vocab}", "config": f"CHUNK_ROWS={chunk}",
                          "fwd+bwd ms": f"{median_ms(step):.3f}", "peak MiB": f"{peak_mib(step):.0f}"})
-    cross_entropy.CHUNK_LOGITS = chunk_default
+    cross_entropy.CHUNK_ROWS = chunk_default
     return rows
 
 
@@ -218,13 +209,13 @@ def main():
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {__import__('triton').__version__}")
     print(f"cross-entropy: Triton TILE_ELEMS={cross_entropy.TILE_ELEMS} MAX_BLOCK_V={cross_entropy.MAX_BLOCK_V}; "
-          f"rms_norm: autotuned (weighted backward: TILE_ELEMS={rmsnorm.TILE_ELEMS})\n")
+          f"rms_norm: TILE_ELEMS={rmsnorm.TILE_ELEMS}\n")
     rms_rows, ce_rows, linear_rows = bench_rms_norm(), bench_ce(), bench_linear_ce()
     print("## RMSNorm fwd+bwd (nominal bytes 5 x x.nbytes)\n")
     print(markdown(rms_rows))
     print("\n## Soft-capped cross-entropy fwd+bwd (softcap 30, mean)\n")
     print(markdown(ce_rows))
-    print(f"\n## lm_head matmul + soft-capped CE fwd+bwd (d={MODEL_DIM}, CHUNK_LOGITS={cross_entropy.CHUNK_LOGITS})\n")
+    print(f"\n## lm_head matmul + soft-capped CE fwd+bwd (d={MODEL_DIM}, CHUNK_ROWS={cross_entropy.CHUNK_ROWS})\n")
     print(markdown(linear_rows))
     if args.sweep:
         print("\n## Triton tile and chunk sweep (fwd+bwd; CE GB/s counts 3 x logits.nbytes)\n")

@@ -20,7 +20,7 @@ g per row (an expanded, stride-0 tensor for mean/sum) and one kernel serves all 
 A target outside [0, V) reads nothing out of bounds and gives a NaN loss for its row.
 
 linear_softcap_cross_entropy fuses the lm_head matmul in: rows of hidden states go through in chunks;
-each chunk's logits (16 MiB, L2-sized) are made by a matmul, turned into loss and gradient in place by
+each chunk's logits are made by a matmul, turned into loss and gradient in place by
 the forward kernel (WRITE_GRAD: one read and one write of them), and consumed by the two matmuls of the
 gradients, so no (N, V) tensor exists. The gradient is computed in the forward pass; the backward only
 scales it by the incoming (scalar) gradient.
@@ -264,10 +264,11 @@ def softcap_cross_entropy(logits: Tensor, targets: Tensor, softcap: float, reduc
 # --------------------------------------------------------------------------------------------------
 # lm_head matmul fused in: logits = h @ weight.T, one chunk of rows at a time
 
-# Logits per chunk: 2^23 bf16 values = 16 MiB, so a chunk's logits stay in an H100's 50 MB L2 between
-# the matmul that writes them, the kernel that turns them into gradients in place and the two matmuls
-# that read those back.
-CHUNK_LOGITS = 1 << 23
+# Rows per chunk. Fewer, larger chunks pay: with 2^23 logits a chunk (16 MiB, L2-sized) the H100 ran 12
+# chunks at vocab 1024 and 96 at 8192 with small matmuls and the launches of a Python loop, 5x slower than
+# the compiled unfused reference (docs/PERF.md). 8192 rows = 16 MiB of bf16 logits at vocab 1024, 128 MiB
+# at 8192 (a twelfth of the full logits of a 98,304-token micro-batch).
+CHUNK_ROWS = 8192
 
 
 def _ce_loss_and_grad_(logits: Tensor, targets: Tensor, softcap: float, grad_scale: float) -> Tensor:
@@ -332,7 +333,7 @@ _linear_softcap_ce.register_autograd(_linear_backward, setup_context=_linear_set
 def linear_softcap_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, softcap: float,
                                  reduction: str = "mean", chunk_rows: int | None = None) -> Tensor:
     """softcap_cross_entropy(h @ weight.T, targets, softcap, reduction) without materialising the logits:
-    rows go through in chunks of `chunk_rows` (default: CHUNK_LOGITS / V). The matmuls run in h's dtype
+    rows go through in chunks of `chunk_rows` (default CHUNK_ROWS). The matmuls run in h's dtype
     (weight is cast to it), the loss is fp32 and weight's gradient comes back in weight's dtype.
 
     With a gradient to compute and reduction "mean" or "sum", the gradient is made in the forward pass
@@ -341,8 +342,7 @@ def linear_softcap_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, sof
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    vocab = weight.shape[0]
-    rows = chunk_rows or max(1, CHUNK_LOGITS // vocab)
+    rows = chunk_rows or CHUNK_ROWS
     needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     h2, t = h.reshape(-1, h.shape[-1]).contiguous(), targets.reshape(-1).contiguous()
     if needs_grad and reduction != "none":

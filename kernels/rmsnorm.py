@@ -12,8 +12,7 @@ rstd is recomputed in the backward instead of being saved: the backward reads th
 anyway, so the recompute costs no memory traffic and spares an extra output and saved tensor.
 
 Each program normalises a tile of BLOCK_M rows × BLOCK_N (next power of two ≥ N) columns, so narrow
-rows (per-head q/k norm, N = 64) still give every program a few KiB to move. On CUDA the forward and
-the weightless backward choose BLOCK_M and the warp count by autotuning once per row width. With a weight, the
+rows (per-head q/k norm, N = 64) still give every program a few KiB to move. With a weight, the
 backward runs a persistent grid: each program keeps a running fp32 dw tile over the row blocks it
 visits and writes one partial row, and torch sums those few partials.
 """
@@ -36,9 +35,6 @@ except ImportError:
 TILE_ELEMS = 4096
 # Wider rows than this take the torch path: one row would no longer fit a program's registers.
 MAX_TRITON_WIDTH = 32768
-# On CUDA the forward and the weightless backward pick their tile by autotuning (per row width); the
-# weighted backward and the interpreter use the fixed TILE_ELEMS tile.
-AUTOTUNE = True
 
 
 def rms_norm_reference(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
@@ -101,46 +97,24 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_bwd_kernel(
-        DY, X, DX, M, N, stride_dy, stride_x, stride_dx, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):
-        # one row block per program and no loop: a loop here ran the backward ~4x under bandwidth on an H100
-        unused_w = tl.arange(0, BLOCK_N)
-        _rms_norm_bwd_block(DY, X, DX, unused_w, tl.program_id(0), M, N, stride_dy, stride_x, stride_dx, eps,
-                            False, BLOCK_M, BLOCK_N)
-
-    @triton.jit
-    def _rms_norm_bwd_weight_kernel(
         DY, X, W, DX, DW_PARTIAL, M, N, stride_dy, stride_x, stride_dx, eps,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        # persistent grid: each program walks several row blocks, keeping a running dw tile
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-        dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for block in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
-            dw_acc += _rms_norm_bwd_block(DY, X, DX, w, block, M, N, stride_dy, stride_x, stride_dx, eps,
-                                          True, BLOCK_M, BLOCK_N)
-        tl.store(DW_PARTIAL + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
-
-    def _tile_configs():
-        """Row-block heights and warp counts for the autotuner (CUDA only: the interpreter cannot autotune).
-        The tile (BLOCK_M x BLOCK_N) is kept between 1 Ki and 32 Ki elements."""
-        return [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (1, 2, 4, 8, 16, 32, 64, 128)
-                for w in (2, 4, 8, 16)]
-
-    def _prune_tiles(configs, named_args, **kwargs):
-        block_n = kwargs.get("BLOCK_N") or named_args["BLOCK_N"]
-        kept = [c for c in configs if 1024 <= c.kwargs["BLOCK_M"] * block_n <= 32768
-                and c.num_warps * 32 * 4 <= c.kwargs["BLOCK_M"] * block_n]  # >= 4 elements a thread
-        return kept or configs[:1]
-
-    # Tuned per row width: each config is benchmarked once per width on first use.
-    _rms_norm_fwd_tuned = triton.autotune(_tile_configs(), key=["N"],
-                                          prune_configs_by={"early_config_prune": _prune_tiles})(_rms_norm_fwd_kernel)
-    _rms_norm_bwd_tuned = triton.autotune(_tile_configs(), key=["N"],
-                                          prune_configs_by={"early_config_prune": _prune_tiles})(_rms_norm_bwd_kernel)
+        if HAS_WEIGHT:
+            # persistent grid: each program walks several row blocks, keeping a running dw tile
+            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+            dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for block in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+                dw_acc += _rms_norm_bwd_block(DY, X, DX, w, block, M, N, stride_dy, stride_x, stride_dx, eps,
+                                              HAS_WEIGHT, BLOCK_M, BLOCK_N)
+            tl.store(DW_PARTIAL + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+        else:
+            # one row block per program and no loop: a loop here ran the backward ~4x under bandwidth on an H100
+            _rms_norm_bwd_block(DY, X, DX, cols, pid, M, N, stride_dy, stride_x, stride_dx, eps,  # w unused
+                                HAS_WEIGHT, BLOCK_M, BLOCK_N)
 
 
 def _launch_config(n_cols: int):
@@ -148,10 +122,6 @@ def _launch_config(n_cols: int):
     block_m = max(1, TILE_ELEMS // block_n)
     num_warps = min(16, max(4, block_m * block_n // 1024))
     return block_m, block_n, num_warps
-
-
-def _row_blocks(m: int):
-    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
 
 
 @lru_cache(maxsize=None)
@@ -182,12 +152,10 @@ def _rms_norm_fwd(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     block_m, block_n, num_warps = _launch_config(n)
     w = weight.contiguous() if weight is not None else None
-    args = (x2, w, y, x2.shape[0], n, x2.stride(0), y.stride(0), eps)
-    if x.is_cuda and AUTOTUNE:
-        _rms_norm_fwd_tuned[_row_blocks(x2.shape[0])](*args, HAS_WEIGHT=weight is not None, BLOCK_N=block_n)
-    else:
-        _rms_norm_fwd_kernel[(triton.cdiv(x2.shape[0], block_m),)](
-            *args, HAS_WEIGHT=weight is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    _rms_norm_fwd_kernel[(triton.cdiv(x2.shape[0], block_m),)](
+        x2, w, y, x2.shape[0], n, x2.stride(0), y.stride(0), eps,
+        HAS_WEIGHT=weight is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
     return y.view(x.shape)
 
 
@@ -207,17 +175,17 @@ def _rms_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], eps: float) -
     dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     m = x2.shape[0]
     block_m, block_n, num_warps = _launch_config(n)
-    args = (dy2, x2, dx, m, n, dy2.stride(0), x2.stride(0), dx.stride(0), eps)
-    if weight is not None:
-        grid = min(triton.cdiv(m, block_m), _persistent_programs(x.device))
-        dw_partial = torch.empty((grid, n), dtype=torch.float32, device=x.device)
-        _rms_norm_bwd_weight_kernel[(grid,)](
-            dy2, x2, weight.contiguous(), dx, dw_partial, *args[3:], BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=num_warps)
-    elif x.is_cuda and AUTOTUNE:
-        _rms_norm_bwd_tuned[_row_blocks(m)](*args, BLOCK_N=block_n)
+    n_blocks = triton.cdiv(m, block_m)
+    if weight is None:
+        grid, w, dw_partial = n_blocks, None, None
     else:
-        _rms_norm_bwd_kernel[(triton.cdiv(m, block_m),)](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        grid = min(n_blocks, _persistent_programs(x.device))
+        w = weight.contiguous()
+        dw_partial = torch.empty((grid, n), dtype=torch.float32, device=x.device)
+    _rms_norm_bwd_kernel[(grid,)](
+        dy2, x2, w, dx, dw_partial, m, n, dy2.stride(0), x2.stride(0), dx.stride(0), eps,
+        HAS_WEIGHT=weight is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
     dw = x.new_empty(0) if weight is None else dw_partial.sum(0).to(weight.dtype)
     return dx.view(x.shape), dw
 
