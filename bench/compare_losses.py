@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -41,7 +42,7 @@ def parse_overrides(text: str) -> dict[str, str]:
 
 
 def train_curve(overrides: dict[str, str], seed: int, steps: int, device: torch.device, autocast) -> list[float]:
-    env = dict(tg.os.environ, **overrides, SEED=str(seed), MAX_WALLCLOCK_SECONDS="0", ITERATIONS=str(steps))
+    env = dict(os.environ, **overrides, SEED=str(seed), MAX_WALLCLOCK_SECONDS="0", ITERATIONS=str(steps))
     args = tg.resolve(tg.Hyperparameters.from_env(env), 1)
     tg.prepare_runtime(args, device)
     torch._dynamo.reset()  # each run compiles its own model: keep earlier runs' graphs out of the recompile limit

@@ -20,13 +20,13 @@ case "${1:-}" in
       --tokenizer ../shared/data/tokenizers/fineweb_1024_bpe.model --val-docs 1 --shard-tokens 5000000 --overwrite
     # validation = the 200 real FineWeb documents (replaces the 1-document val split made above)
     python - <<'EOF'
-import json, numpy as np, sentencepiece as spm
+import json, sys, sentencepiece as spm
+sys.path.insert(0, "data")
+from build_shards import write_shard
 sp = spm.SentencePieceProcessor(model_file=".carry/data/tokenizer.model")
 docs = [json.loads(line)["text"] for line in open("../shared/data/fineweb_docs/fineweb_200docs.jsonl")]
-ids = [t for d in sp.encode(docs) for t in [1] + d]
-header = np.zeros(256, dtype="<i4"); header[:3] = (20240520, 1, len(ids))
-open(".carry/data/fineweb_val_000000.bin", "wb").write(header.tobytes() + np.asarray(ids, dtype="<u2").tobytes())
-print(f"val shard: {len(ids)} tokens of FineWeb")
+n = write_shard(".carry/data/fineweb_val_000000.bin", [t for d in sp.encode(docs) for t in [1] + d])
+print(f"val shard: {n} tokens of FineWeb")
 EOF
     mkdir -p .carry/wheels && cp ../shared/wheels/zstandard-*cp312*.whl .carry/wheels/
     du -sh .carry

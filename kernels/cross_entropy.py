@@ -187,21 +187,27 @@ def _logits_rows(logits: Tensor) -> Tensor:
     return logits if logits.stride(-1) == 1 else logits.contiguous()
 
 
-@torch.library.custom_op("pgolf::softcap_ce_fwd", mutates_args=())
-def _softcap_ce_fwd(logits: Tensor, targets: Tensor, softcap: float) -> tuple[Tensor, Tensor]:
-    """Per-row losses (N,) and softmax stats (N, 2) = (max c, log sum exp(c - max)), fp32, for logits (N, V)."""
-    if not _use_triton(logits):
-        return _ce_fwd_reference(logits, targets, softcap)
-    z = _logits_rows(logits)
+def _launch_ce_fwd(z: Tensor, targets: Tensor, softcap: float, grad_scale: float | None) -> tuple[Tensor, Tensor]:
+    """Per-row losses and stats of row-contiguous logits z (N, V); with a grad_scale the kernel also overwrites
+    z with grad_scale * dloss/dz."""
     n, v = z.shape
     loss = torch.empty(n, dtype=torch.float32, device=z.device)
     stats = torch.empty((n, 2), dtype=torch.float32, device=z.device)
     block_m, block_v, num_warps = _launch_config(v)
     _ce_fwd_kernel[(triton.cdiv(n, block_m),)](
-        z, targets.contiguous(), loss, stats, z, n, v, z.stride(0), z.stride(0), softcap, 0.0,
-        HAS_CAP=softcap > 0, WRITE_GRAD=False, BLOCK_M=block_m, BLOCK_V=block_v, num_warps=num_warps,
+        z, targets, loss, stats, z, n, v, z.stride(0), z.stride(0), softcap, grad_scale or 0.0,
+        HAS_CAP=softcap > 0, WRITE_GRAD=grad_scale is not None, BLOCK_M=block_m, BLOCK_V=block_v,
+        num_warps=num_warps,
     )
     return loss, stats
+
+
+@torch.library.custom_op("pgolf::softcap_ce_fwd", mutates_args=())
+def _softcap_ce_fwd(logits: Tensor, targets: Tensor, softcap: float) -> tuple[Tensor, Tensor]:
+    """Per-row losses (N,) and softmax stats (N, 2) = (max c, log sum exp(c - max)), fp32, for logits (N, V)."""
+    if not _use_triton(logits):
+        return _ce_fwd_reference(logits, targets, softcap)
+    return _launch_ce_fwd(_logits_rows(logits), targets.contiguous(), softcap, grad_scale=None)
 
 
 @_softcap_ce_fwd.register_fake
@@ -264,10 +270,9 @@ def softcap_cross_entropy(logits: Tensor, targets: Tensor, softcap: float, reduc
 # --------------------------------------------------------------------------------------------------
 # lm_head matmul fused in: logits = h @ weight.T, one chunk of rows at a time
 
-# Rows per chunk. Fewer, larger chunks pay: with 2^23 logits a chunk (16 MiB, L2-sized) the H100 ran 12
-# chunks at vocab 1024 and 96 at 8192 with small matmuls and the launches of a Python loop, 5x slower than
-# the compiled unfused reference (docs/PERF.md). 8192 rows = 16 MiB of bf16 logits at vocab 1024, 128 MiB
-# at 8192 (a twelfth of the full logits of a 98,304-token micro-batch).
+# Rows per chunk: 8192 rows = 16 MiB of bf16 logits at vocab 1024, 128 MiB at 8192 (a twelfth of the logits
+# of a 98,304-token micro-batch). Chunks of a fixed 2^23 logits instead made 96 chunks at vocab 8192, and
+# that loop of small matmuls and launches ran 4x slower on the H100 (docs/PERF.md).
 CHUNK_ROWS = 8192
 
 
@@ -278,15 +283,7 @@ def _ce_loss_and_grad_(logits: Tensor, targets: Tensor, softcap: float, grad_sca
         loss, stats = _ce_fwd_reference(logits, targets, softcap)
         logits.copy_(_ce_bwd_reference(torch.full_like(loss, grad_scale), logits, targets, stats, softcap))
         return loss
-    n, v = logits.shape
-    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
-    stats = torch.empty((n, 2), dtype=torch.float32, device=logits.device)
-    block_m, block_v, num_warps = _launch_config(v)
-    _ce_fwd_kernel[(triton.cdiv(n, block_m),)](
-        logits, targets, loss, stats, logits, n, v, logits.stride(0), logits.stride(0), softcap, grad_scale,
-        HAS_CAP=softcap > 0, WRITE_GRAD=True, BLOCK_M=block_m, BLOCK_V=block_v, num_warps=num_warps,
-    )
-    return loss
+    return _launch_ce_fwd(logits, targets, softcap, grad_scale)[0]
 
 
 @torch.library.custom_op("pgolf::linear_softcap_ce", mutates_args=())
