@@ -47,7 +47,7 @@ def kernel_family(name: str) -> str:
     return "other"
 
 
-def profile_step(step_fn, verbose: bool, steps: int = 1) -> None:
+def profile_step(step_fn, verbose: bool, steps: int = 1, table_path: str | None = None) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -70,6 +70,11 @@ def profile_step(step_fn, verbose: bool, steps: int = 1) -> None:
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]:
         print(f"| {e.key[:90]} | {e.count // steps} | {e.self_device_time_total / 1000 / steps:.2f} | "
               f"{100 * e.self_device_time_total / total:.1f}% |")
+    if table_path:  # every kernel, full names, as tab-separated family, calls/step, ms/step, name
+        rows = sorted(events, key=lambda e: -e.self_device_time_total)
+        Path(table_path).write_text("".join(
+            f"{kernel_family(e.key)}\t{e.count / steps:g}\t{e.self_device_time_total / 1000 / steps:.3f}\t{e.key}\n"
+            for e in rows))
 
 
 def main() -> None:
@@ -77,6 +82,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="timed steps")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
     ap.add_argument("--profile", action="store_true", help="trace one more step and print a kernel table")
+    ap.add_argument("--profile-table", help="with --profile: write every kernel's time to this file (TSV)")
     ap.add_argument("--qat", action="store_true", help="time the step with late QAT on")
     ap.add_argument("--losses", help="write every step's training loss to this file (one per line)")
     opts = ap.parse_args()
@@ -132,7 +138,7 @@ def main() -> None:
     if opts.losses and rank == 0:
         Path(opts.losses).write_text("".join(f"{loss.item():.6f}\n" for loss in losses))
     if opts.profile:  # every rank steps (collectives), rank 0 reports
-        profile_step(step, verbose=rank == 0)
+        profile_step(step, verbose=rank == 0, table_path=opts.profile_table if rank == 0 else None)
     if dist.is_initialized():
         dist.destroy_process_group()
 

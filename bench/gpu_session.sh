@@ -5,8 +5,8 @@
 #
 #   bash bench/gpu_session.sh prepare      # here: english_mix shards + FineWeb-docs val shard, zstandard wheel
 #   bash bench/gpu_session.sh kernels      # GPU: kernel tests (larger sweep), then bench_kernels.py --sweep
-#   bash bench/gpu_session.sh train        # GPU: bench_train.py, default config vs RESIDUAL_FP32=1 vs FUSED_KERNELS=loss
-#   bash bench/gpu_session.sh losses       # GPU: 200-step loss curves, RESIDUAL_FP32=1 vs 0, 3 seeds, 1/4 batch
+#   bash bench/gpu_session.sh train        # GPU: bench_train.py, default config (profiled) vs FUSED_KERNELS=none
+#   bash bench/gpu_session.sh losses       # GPU: 120-step loss curves, FUSED_KERNELS=none vs mlp, 3 seeds, 1/4 batch
 #
 # Outputs go to stdout and, where $OUT is set (the device tool's result folder), to files there.
 set -euo pipefail
@@ -37,15 +37,16 @@ EOF
     ;;
   train)
     python -m pip install --no-deps -q .carry/wheels/*.whl
-    for knobs in "" "RESIDUAL_FP32=1" "FUSED_KERNELS=loss"; do
+    for knobs in "" "FUSED_KERNELS=none"; do
       echo "== ${knobs:-default}"
-      env $knobs python bench/bench_train.py --steps 8 --warmup 3 $([ -z "$knobs" ] && echo --profile) \
+      env $knobs python bench/bench_train.py --steps 8 --warmup 3 \
+        $([ -z "$knobs" ] && echo --profile --profile-table "$OUT/kernels_default.tsv") \
         | tee "$OUT/bench_train_${knobs:-default}.txt"
     done
     ;;
   losses)
-    TRAIN_BATCH_TOKENS=196608 WARMDOWN_ITERS=100 python bench/compare_losses.py --a RESIDUAL_FP32=1 --b "" \
-      --steps 200 --seeds 3 --json "$OUT/losses_residual.json" | tee "$OUT/losses_residual.txt"
+    TRAIN_BATCH_TOKENS=196608 WARMDOWN_ITERS=60 python bench/compare_losses.py --a FUSED_KERNELS=none \
+      --b FUSED_KERNELS=mlp --steps 120 --seeds 3 --json "$OUT/losses_mlp.json" | tee "$OUT/losses_mlp.txt"
     ;;
   *)
     sed -n 2,11p "$0"; exit 2

@@ -33,6 +33,8 @@ if not HAS_CUDA:
 import kernels  # noqa: E402
 from kernels import (  # noqa: E402
     linear_softcap_cross_entropy,
+    relu2_mlp,
+    relu2_mlp_reference,
     rms_norm,
     rms_norm_reference,
     softcap_cross_entropy,
@@ -373,6 +375,67 @@ def test_linear_ce_empty_and_bad_reduction():
 # References, fallback, torch.library / torch.compile integration
 
 
+# --------------------------------------------------------------------------------------------------
+# MLP with relu^2 in the matmul epilogues
+
+# (rows, model dim, hidden): ragged rows and a hidden width that no tile divides, and the model's own shape on CUDA.
+MLP_SHAPES = [(1, 32, 96), (7, 64, 100), (65, 96, 256), (130, 64, 192)] + (
+    [(4099, 512, 1536), (98304, 512, 1536)] if HAS_CUDA else [])
+
+
+def check_relu2_mlp(x, w1, w2):
+    """Output and the gradients of x, w1, w2 against float64 autograd of relu(x @ w1.T)^2 @ w2.T."""
+    dtype = x.dtype
+    x, w1, w2 = (a.detach().requires_grad_() for a in (x, w1, w2))
+    out = relu2_mlp(x, w1, w2)
+    assert out.dtype == dtype and out.shape == (*x.shape[:-1], w2.shape[0])
+    g = torch.randn_like(out)
+    out.backward(g)
+    x64, w164, w264 = (a.detach().double().requires_grad_() for a in (x, w1, w2))
+    out64 = relu2_mlp_reference(x64, w164, w264)
+    out64.backward(g.double())
+    # bf16: the stored activation and gradient of the hidden layer are rounded once more than the output
+    tol = {torch.float32: TOL[torch.float32], torch.bfloat16: 2 * TOL[torch.bfloat16]}[dtype]
+    for what, got, want in [("out", out, out64), ("dx", x.grad, x64.grad), ("dw1", w1.grad, w164.grad),
+                            ("dw2", w2.grad, w264.grad)]:
+        assert got.dtype == dtype and torch.isfinite(got).all(), what
+        assert rel_err(got, want) <= tol, f"{what}: relative error {rel_err(got, want):.3g}"
+
+
+def mlp_inputs(rows, dim, hidden, dtype, lead=()):
+    x = torch.randn(*lead, rows, dim, device=DEVICE)
+    w1 = torch.randn(hidden, dim, device=DEVICE) / dim ** 0.5
+    w2 = torch.randn(dim, hidden, device=DEVICE) / hidden ** 0.5
+    return x.to(dtype), w1.to(dtype), w2.to(dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows,dim,hidden", MLP_SHAPES)
+def test_relu2_mlp_sweep(rows, dim, hidden, dtype):
+    torch.manual_seed(rows + hidden)
+    check_relu2_mlp(*mlp_inputs(rows, dim, hidden, dtype))
+
+
+@needs_triton
+def test_relu2_mlp_batched_input_and_dead_units():
+    """(B, T, d) input; a hidden unit that never fires gets exactly zero gradient in its rows of w1 and w2."""
+    torch.manual_seed(14)
+    x, w1, w2 = mlp_inputs(5, 32, 96, torch.float32, lead=(3,))
+    x = x.abs() + 0.01
+    w1[7] = -1.0  # positive inputs, negative weights: unit 7's pre-activation is negative for every token
+    check_relu2_mlp(x, w1, w2)
+    x, w1, w2 = (a.detach().requires_grad_() for a in (x, w1, w2))
+    relu2_mlp(x, w1, w2).sum().backward()
+    assert torch.all(w1.grad[7] == 0) and torch.all(w2.grad[:, 7] == 0)
+
+
+def test_relu2_mlp_rejects_mixed_dtypes():
+    x, w1, w2 = mlp_inputs(3, 32, 64, torch.float32)
+    with pytest.raises(TypeError, match="one dtype"):
+        relu2_mlp(x, w1.to(torch.bfloat16), w2)
+
+
 @pytest.mark.parametrize("softcap", [30.0, 0.0], ids=["cap30", "nocap"])
 def test_module_references_match_f64(softcap):
     """The plain-torch references (the benchmark baselines) against the float64 formulas."""
@@ -402,6 +465,7 @@ def test_torch_fallback_matches(monkeypatch, dtype):
             check_ce(logits, targets, softcap, reduction)
     big = (torch.randn(4, 1024, device=DEVICE).sign() * 1e4).to(dtype)
     check_ce(big, torch.randint(0, 1024, (4,), device=DEVICE), 30.0, "none")
+    check_relu2_mlp(*mlp_inputs(33, 64, 100, dtype))
 
 
 @needs_triton
@@ -451,7 +515,7 @@ print("ok")
 
 
 OPCHECK_CASES = ["rms_fwd", "rms_fwd_w", "rms_bwd", "rms_bwd_w", "ce_fwd", "ce_fwd_nocap", "ce_bwd", "linear_ce",
-                 "linear_ce_mean"]
+                 "linear_ce_mean", "mlp", "mlp_bwd"]
 
 
 @pytest.mark.parametrize("case", OPCHECK_CASES)
@@ -464,6 +528,8 @@ def test_opcheck(case):
     t = torch.randint(0, 1000, (7,), device=DEVICE)
     _, stats = torch.ops.pgolf.softcap_ce_fwd(z, t, 30.0)
     lm_head = (torch.randn(1000, 96, device=DEVICE) * 0.3).requires_grad_()
+    w1, w2 = (torch.randn(160, 96, device=DEVICE) * 0.1).requires_grad_(), (torch.randn(96, 160, device=DEVICE) * 0.1)
+    act = torch.relu(x @ w1.detach().t()).square()
     xg, wg, zg = (a.clone().requires_grad_() for a in (x, w, z))
     op, args = {
         "rms_fwd": (torch.ops.pgolf.rms_norm_fwd, (xg, None, 1e-6)),
@@ -475,6 +541,8 @@ def test_opcheck(case):
         "ce_bwd": (torch.ops.pgolf.softcap_ce_bwd, (torch.rand(7, device=DEVICE), z, t, stats, 30.0)),
         "linear_ce": (torch.ops.pgolf.linear_softcap_ce, (xg, lm_head, t, 30.0, False, 3)),
         "linear_ce_mean": (torch.ops.pgolf.linear_softcap_ce, (xg, lm_head, t, 0.0, True, 7)),
+        "mlp": (torch.ops.pgolf.relu2_mlp, (xg, w1, w2.requires_grad_())),
+        "mlp_bwd": (torch.ops.pgolf.relu2_mlp_bwd, (torch.randn_like(x), x, w1.detach(), w2.detach(), act)),
     }[case]
     torch.library.opcheck(op.default, args)
 
@@ -548,3 +616,15 @@ def test_compile_fullgraph_linear_ce():
     with torch.no_grad():
         compiled = torch.compile(g, fullgraph=True, backend=COMPILE_BACKEND)
         assert rel_err(compiled(h, emb, targets), g(h, emb, targets)) < 1e-6
+
+
+def test_compile_fullgraph_relu2_mlp():
+    """The fused MLP inside torch.compile(fullgraph=True): one custom op in the graph, eager's numbers."""
+    torch.manual_seed(15)
+    x, w1, w2 = mlp_inputs(9, 64, 192, torch.float32, lead=(2,))
+
+    def f(x, w1, w2, targets):
+        return (relu2_mlp(rms_norm(x), w1, w2) * targets).sum()
+
+    called = compiled_calls_match_eager(f, (x, w1, w2), torch.randn(2, 9, 64, device=DEVICE))
+    assert sum("pgolf.relu2_mlp" in name for name in called) == 1
