@@ -10,6 +10,10 @@ elementwise kernel: relu^2 reads h and writes a, its backward reads h and g @ W2
 (tokens, hidden)-sized tensors, the largest activations of the model; here only a and g_h are ever stored.
 relu(h) is recovered in the backward as sqrt(a) from the saved a, so h is not kept at all; with a in bf16 that
 is relu(h) to within bf16 rounding, the same precision as the bf16 h the unfused backward reads.
+
+Measured on an H100 (docs/PERF.md): this plain-pointer GEMM reaches ~356 TFLOP/s on the model's 98304 x 512 -> 1536
+shape, where cuBLAS does ~620, yet the step is 14 ms faster (637 -> 623 ms) and 2.8 GiB smaller than with the
+unfused MLP. A faster GEMM here (TMA loads, persistent tiles) is worth up to ~25 ms/step more.
 """
 
 import torch
