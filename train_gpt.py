@@ -8,6 +8,7 @@ evaluation -> artifact (quantise, serialise, compress, load back) -> training lo
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -302,26 +303,52 @@ class TokenStream:
 class TrainLoader:
     """Each step reads the next TRAIN_BATCH_TOKENS + 1 tokens of the stream (the +1 is the last target, shared
     with the next step) and hands this rank its contiguous share as GRAD_ACCUM_STEPS micro-batches. Which token
-    trains which step is therefore the same for every world size and accumulation split."""
+    trains which step is therefore the same for every world size and accumulation split.
+
+    A worker thread reads the step after this one (shard loads included) into pinned host memory while the GPU
+    runs this one: done inline, the host work left the GPU idle for 5.6 ms of every step on an H100."""
 
     def __init__(self, stream: TokenStream, batch_tokens: int, seq_len: int, rank: int, world_size: int,
                  accum_steps: int, device: torch.device):
         self.stream, self.batch_tokens, self.seq_len = stream, batch_tokens, seq_len
         self.rank, self.world_size, self.accum_steps, self.device = rank, world_size, accum_steps, device
+        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="train_loader")
+        # two pinned buffers in turn: one is read by the last copy to the GPU while the worker fills the other
+        self.pinned: list[Tensor | None] = [None, None]
+        self.copied: list[torch.cuda.Event | None] = [None, None]
+        self.turn, self.pending = 0, None
         self.reset()
 
     def reset(self) -> None:
+        if self.pending is not None:
+            self.pending.result()  # the worker must not be reading the stream while it rewinds
         self.stream.reset()
         self.carry = self.stream.take(1)
+        self.pending = self.worker.submit(self._read_next)
 
-    def next_batch(self) -> list[tuple[Tensor, Tensor]]:
+    def _read_next(self) -> tuple[Tensor, int]:
+        """This rank's tokens of the next step (int64, pinned on CUDA) and the pinned buffer that holds them."""
         window = np.concatenate([self.carry, self.stream.take(self.batch_tokens)])
         self.carry = window[-1:]
         per_rank = self.batch_tokens // self.world_size
-        start = self.rank * per_rank
-        local = torch.from_numpy(window[start:start + per_rank + 1].astype(np.int64))
+        local = window[self.rank * per_rank:(self.rank + 1) * per_rank + 1]
+        if self.device.type != "cuda":
+            return torch.from_numpy(local.astype(np.int64)), -1
+        self.turn ^= 1
+        if self.pinned[self.turn] is None:
+            self.pinned[self.turn] = torch.empty(len(local), dtype=torch.int64, pin_memory=True)
+        elif self.copied[self.turn] is not None:
+            self.copied[self.turn].synchronize()
+        self.pinned[self.turn].numpy()[:] = local
+        return self.pinned[self.turn], self.turn
+
+    def next_batch(self) -> list[tuple[Tensor, Tensor]]:
+        local, turn = self.pending.result()
         if self.device.type == "cuda":
-            local = local.pin_memory().to(self.device, non_blocking=True)
+            local = local.to(self.device, non_blocking=True)
+            self.copied[turn] = torch.cuda.Event()
+            self.copied[turn].record()
+        self.pending = self.worker.submit(self._read_next)
         x, y = local[:-1].view(self.accum_steps, -1, self.seq_len), local[1:].view(self.accum_steps, -1, self.seq_len)
         return [(x[i], y[i]) for i in range(self.accum_steps)]
 

@@ -70,11 +70,35 @@ def profile_step(step_fn, verbose: bool, steps: int = 1, table_path: str | None 
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]:
         print(f"| {e.key[:90]} | {e.count // steps} | {e.self_device_time_total / 1000 / steps:.2f} | "
               f"{100 * e.self_device_time_total / total:.1f}% |")
+    print_idle_gaps([e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA], steps)
     if table_path:  # every kernel, full names, as tab-separated family, calls/step, ms/step, name
         rows = sorted(events, key=lambda e: -e.self_device_time_total)
         Path(table_path).write_text("".join(
             f"{kernel_family(e.key)}\t{e.count / steps:g}\t{e.self_device_time_total / 1000 / steps:.3f}\t{e.key}\n"
             for e in rows))
+
+
+def print_idle_gaps(kernels, steps: int, top: int = 10) -> None:
+    """GPU idle time of the traced step(s): the span from the first kernel's start to the last one's end minus
+    the time some kernel was running, and the largest gaps with the kernels on either side (host-bound phases
+    show up as many gaps around small kernels)."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in kernels)
+    if not spans:
+        return
+    busy, gaps, end, prev = 0.0, [], spans[0][0], spans[0][2]
+    for start, stop, name in spans:
+        if start > end:
+            gaps.append((start - end, prev, name))
+        busy += max(0.0, stop - max(start, end))
+        if stop > end:
+            end, prev = stop, name
+    span = end - spans[0][0]
+    print(f"\nGPU busy {busy / 1000 / steps:.1f} of {span / 1000 / steps:.1f} ms/step; idle {(span - busy) / 1000 / steps:.1f} "
+          f"ms/step in {len(gaps) / steps:.0f} gaps (over 5 us: {sum(g > 5 for g, _, _ in gaps) / steps:.0f}, "
+          f"{sum(g for g, _, _ in gaps if g > 5) / 1000 / steps:.1f} ms)")
+    print("| gap us | after | before |\n|---:|---|---|")
+    for gap, before, after in sorted(gaps, reverse=True)[:top]:
+        print(f"| {gap:.0f} | {before[:60]} | {after[:60]} |")
 
 
 def main() -> None:

@@ -11,16 +11,19 @@ elementwise kernel: relu^2 reads h and writes a, its backward reads h and g @ W2
 relu(h) is recovered in the backward as sqrt(a) from the saved a, so h is not kept at all; with a in bf16 that
 is relu(h) to within bf16 rounding, the same precision as the bf16 h the unfused backward reads.
 
-Measured on an H100 (docs/PERF.md): this plain-pointer GEMM reaches ~356 TFLOP/s on the model's 98304 x 512 -> 1536
-shape, where cuBLAS does ~620, yet the step is 14 ms faster (637 -> 623 ms) and 2.8 GiB smaller than with the
-unfused MLP. A faster GEMM here (TMA loads, persistent tiles) is worth up to ~25 ms/step more.
+The GEMM is persistent (one program per SM walks over output tiles, so the loads of the next tile overlap the
+epilogue of the last) and moves tiles with TMA descriptors; it needs sm90+ and rows aligned to 16 bytes, and shapes
+it cannot take run the same math in torch. On an H100 at the model's 98304 x 512 -> 1536 shape (docs/PERF.md) the
+forward runs at ~580 TFLOP/s (cuBLAS without the epilogue: ~650) and the backward, which also reads a, at ~425.
 """
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _INTERPRET_AT_IMPORT, triton_available
+from . import triton_available
 
 try:
     import triton
@@ -35,96 +38,108 @@ def relu2_mlp_reference(x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
 
 
 if triton is not None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    @triton.jit
+    def _relu2_epilogue(acc, c_desc, aux_desc, om, on, BACKWARD: tl.constexpr):
+        if BACKWARD:
+            out = 2.0 * tl.sqrt(aux_desc.load([om, on]).to(tl.float32)) * acc
+        else:
+            out = tl.maximum(acc, 0.0)
+            out = out * out
+        c_desc.store([om, on], out.to(c_desc.dtype))
 
     @triton.jit
     def _matmul_relu2_kernel(
-        A, B, C, AUX, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-        BACKWARD: tl.constexpr, FP32_DOT: tl.constexpr,
+        a_desc, b_desc, c_desc, aux_desc, M, N, K, programs,
+        B_KMAJOR: tl.constexpr, BACKWARD: tl.constexpr, FP32_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
-        """C = relu(A @ B)^2 (forward) or C = 2 sqrt(AUX) * (A @ B) (backward; AUX is the forward's C)."""
-        # Grouped order: GROUP_M row blocks in a row take turns on each column block of B while it sits in L2.
-        pid = tl.program_id(0)
+        """C = relu(A @ B)^2 (forward) or C = 2 sqrt(AUX) * (A @ B) (backward; AUX is the forward's C). B is
+        stored (N, K) when B_KMAJOR (a weight used as W.T), else (K, N). Persistent: this program computes
+        output tiles program_id, program_id + programs, ..."""
         grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         per_group = GROUP_M * grid_n
-        first_m = (pid // per_group) * GROUP_M
-        group_rows = tl.minimum(grid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_rows
-        pid_n = (pid % per_group) // group_rows
-
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        a_ptrs = A + rm[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
-        b_ptrs = B + rk[:, None] * stride_bk + rn[None, :] * stride_bn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] + k < K), other=0.0)
-            b = tl.load(b_ptrs, mask=(rk[:, None] + k < K) & (rn[None, :] < N), other=0.0)
-            if FP32_DOT:  # fp32 inputs (and the interpreter, whose bf16 dot is broken): exact products, not TF32
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
-
-        mask = (rm[:, None] < M) & (rn[None, :] < N)
-        c_offsets = rm[:, None].to(tl.int64) * stride_cm + rn[None, :] * stride_cn
-        if BACKWARD:
-            relu_h = tl.sqrt(tl.load(AUX + c_offsets, mask=mask, other=0.0).to(tl.float32))
-            out = 2.0 * relu_h * acc
-        else:
-            relu_h = tl.maximum(acc, 0.0)
-            out = relu_h * relu_h
-        tl.store(C + c_offsets, out.to(C.dtype.element_ty), mask=mask)
-
-    if _INTERPRET_AT_IMPORT:  # one small tile: the interpreter runs every program in numpy
-        _CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})]
-    else:  # Hopper-sized tiles; autotuned once per (M, N, K, dtype)
-        _CONFIGS = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 4, 4), (128, 128, 8, 4),
-                                 (64, 256, 4, 4), (256, 128, 8, 3)]
-        ]
-    _matmul_relu2 = triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "FP32_DOT"])(_matmul_relu2_kernel)
+        for tile in tl.range(tl.program_id(0), grid_m * grid_n, programs, flatten=True):
+            # Grouped order: GROUP_M row blocks take turns on each column block of B while it sits in L2.
+            first_m = (tile // per_group) * GROUP_M
+            group_rows = tl.minimum(grid_m - first_m, GROUP_M)
+            om = (first_m + (tile % per_group) % group_rows) * BLOCK_M
+            on = ((tile % per_group) // group_rows) * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):  # out-of-range rows and columns of a tile load as zeros
+                a = a_desc.load([om, k])
+                b = b_desc.load([on, k]).T if B_KMAJOR else b_desc.load([k, on])
+                if FP32_DOT:  # fp32 inputs (and the interpreter, whose bf16 dot is broken): exact products, not TF32
+                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, b, acc)
+            # the epilogue in two column halves: half the registers and store buffer at a time
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            _relu2_epilogue(acc0, c_desc, aux_desc, om, on, BACKWARD)
+            _relu2_epilogue(acc1, c_desc, aux_desc, om, on + BLOCK_N // 2, BACKWARD)
 
 
-def _use_triton(x: Tensor) -> bool:
-    return triton_available(x.device) and x.numel() > 0 and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+# Tiles, measured on an H100 (docs/PERF.md); fp32 (tests) needs smaller ones to fit shared memory, and the
+# interpreter (CI) runs every program in numpy, so small tiles keep it quick.
+_TILES = {
+    "gpu": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "gpu_fp32": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
+    "interpreter": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2),
+}
 
 
-def _launch(a: Tensor, b: Tensor, aux: Tensor | None) -> Tensor:
-    """relu(a @ b)^2, or 2 sqrt(aux) * (a @ b) with aux; a (M, K), b (K, N) of any strides; out (M, N) in a's dtype."""
+@functools.lru_cache
+def _has_tma(device: torch.device) -> bool:
+    return device.type == "cpu" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_ready(t: Tensor) -> bool:
+    """TMA moves 2-D tiles of row-contiguous tensors whose base and row stride are multiples of 16 bytes."""
+    return t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def _use_triton(x: Tensor, w1: Tensor, w2: Tensor) -> bool:
+    """Whether the fused GEMMs take x (M, d), w1 (hidden, d), w2 (d, hidden); their outputs (M, hidden) are new
+    tensors whose rows are aligned where w2's are."""
+    return (triton_available(x.device) and x.numel() > 0 and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and _has_tma(x.device) and all(_tma_ready(t) for t in (x, w1, w2)))
+
+
+def _launch(a: Tensor, b: Tensor, aux: Tensor | None, b_kmajor: bool) -> Tensor:
+    """relu(a @ B)^2, or 2 sqrt(aux) * (a @ B) with aux, where B = b.T if b_kmajor else b; out in a's dtype."""
     m, k = a.shape
-    n = b.shape[1]
+    n = b.shape[0] if b_kmajor else b.shape[1]
     out = torch.empty((m, n), dtype=a.dtype, device=a.device)
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-    _matmul_relu2[grid](
-        a, b, out, aux if aux is not None else out, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        out.stride(0), out.stride(1), BACKWARD=aux is not None, FP32_DOT=a.dtype == torch.float32 or not a.is_cuda,
+    tiles = _TILES["interpreter" if not a.is_cuda else "gpu_fp32" if a.dtype == torch.float32 else "gpu"]
+    bm, bn, bk = tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_K"]
+    descriptor = TensorDescriptor.from_tensor
+    tile_count = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    programs = min(tile_count, torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 8)
+    _matmul_relu2_kernel[(programs,)](
+        descriptor(a, [bm, bk]), descriptor(b, [bn, bk] if b_kmajor else [bk, bn]), descriptor(out, [bm, bn // 2]),
+        descriptor(aux if aux is not None else out, [bm, bn // 2]), m, n, k, programs,
+        B_KMAJOR=b_kmajor, BACKWARD=aux is not None, FP32_DOT=a.dtype == torch.float32 or not a.is_cuda, **tiles,
     )
     return out
 
 
-def _relu2_of_matmul(x: Tensor, w1: Tensor) -> Tensor:
-    if _use_triton(x):
-        return _launch(x, w1.t(), None)
+def _relu2_of_matmul(x: Tensor, w1: Tensor, fused: bool) -> Tensor:
+    if fused:
+        return _launch(x, w1, None, b_kmajor=True)
     return torch.relu(x @ w1.t()).float().square().to(x.dtype)
 
 
-def _relu2_grad_of_matmul(g: Tensor, w2: Tensor, a: Tensor) -> Tensor:
-    if _use_triton(g):
-        return _launch(g, w2, a)
+def _relu2_grad_of_matmul(g: Tensor, w2: Tensor, a: Tensor, fused: bool) -> Tensor:
+    if fused:
+        return _launch(g, w2, a, b_kmajor=False)
     return (2 * a.float().sqrt() * (g @ w2).float()).to(g.dtype)
 
 
 @torch.library.custom_op("pgolf::relu2_mlp", mutates_args=())
 def _relu2_mlp(x: Tensor, w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
     """(relu(x @ w1.T)^2 @ w2.T, and the activation a = relu(x @ w1.T)^2 that the backward needs); x (M, d)."""
-    a = _relu2_of_matmul(x, w1)
+    a = _relu2_of_matmul(x, w1, _use_triton(x, w1, w2))
     return a @ w2.t(), a
 
 
@@ -136,7 +151,7 @@ def _(x, w1, w2):
 @torch.library.custom_op("pgolf::relu2_mlp_bwd", mutates_args=())
 def _relu2_mlp_bwd(g: Tensor, x: Tensor, w1: Tensor, w2: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dw1, dw2) for the incoming gradient g (M, d_out) of relu2_mlp's first output."""
-    g_h = _relu2_grad_of_matmul(g, w2, a)
+    g_h = _relu2_grad_of_matmul(g, w2, a, _use_triton(g, w1, w2))
     return g_h @ w1, g_h.t() @ x, g.t() @ a
 
 
@@ -165,5 +180,5 @@ def relu2_mlp(x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
     (..., d_out). Gradients flow to x, w1 and w2."""
     if not (x.dtype == w1.dtype == w2.dtype):
         raise TypeError(f"relu2_mlp needs one dtype, got x {x.dtype}, w1 {w1.dtype}, w2 {w2.dtype}")
-    out, _ = torch.ops.pgolf.relu2_mlp(x.reshape(-1, x.shape[-1]).contiguous(), w1, w2)
+    out, _ = torch.ops.pgolf.relu2_mlp(x.reshape(-1, x.shape[-1]).contiguous(), w1.contiguous(), w2.contiguous())
     return out.view(*x.shape[:-1], w2.shape[0])

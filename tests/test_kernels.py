@@ -41,6 +41,7 @@ from kernels import (  # noqa: E402
     softcap_cross_entropy_reference,
 )
 from kernels import cross_entropy  # noqa: E402
+from kernels import mlp as mlp_kernels  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 TRITON_ACTIVE = kernels.triton_available(DEVICE)
@@ -378,8 +379,9 @@ def test_linear_ce_empty_and_bad_reduction():
 # --------------------------------------------------------------------------------------------------
 # MLP with relu^2 in the matmul epilogues
 
-# (rows, model dim, hidden): ragged rows and a hidden width that no tile divides, and the model's own shape on CUDA.
-MLP_SHAPES = [(1, 32, 96), (7, 64, 100), (65, 96, 256), (130, 64, 192)] + (
+# (rows, model dim, hidden): ragged rows and a hidden width that no tile divides (but rows stay 16-byte aligned, as
+# TMA needs), and the model's own shape on CUDA.
+MLP_SHAPES = [(1, 32, 96), (7, 64, 104), (65, 96, 256), (130, 64, 192)] + (
     [(4099, 512, 1536), (98304, 512, 1536)] if HAS_CUDA else [])
 
 
@@ -414,7 +416,18 @@ def mlp_inputs(rows, dim, hidden, dtype, lead=()):
 @pytest.mark.parametrize("rows,dim,hidden", MLP_SHAPES)
 def test_relu2_mlp_sweep(rows, dim, hidden, dtype):
     torch.manual_seed(rows + hidden)
-    check_relu2_mlp(*mlp_inputs(rows, dim, hidden, dtype))
+    x, w1, w2 = mlp_inputs(rows, dim, hidden, dtype)
+    assert mlp_kernels._use_triton(x, w1, w2) == (not HAS_CUDA or torch.cuda.get_device_capability()[0] >= 9)
+    check_relu2_mlp(x, w1, w2)
+
+
+@needs_triton
+def test_relu2_mlp_unaligned_rows_take_the_torch_path():
+    """bf16 rows of 100 elements (200 bytes) are no TMA tiles: same results through the torch path."""
+    torch.manual_seed(16)
+    x, w1, w2 = mlp_inputs(7, 64, 100, torch.bfloat16)
+    assert not mlp_kernels._use_triton(x, w1, w2) and mlp_kernels._use_triton(x, w1[:96], w2[:, :96].contiguous())
+    check_relu2_mlp(x, w1, w2)
 
 
 @needs_triton

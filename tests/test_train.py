@@ -279,6 +279,19 @@ def test_loader_global_batch_same_for_any_world_size(tmp_path):
         np.testing.assert_array_equal(xs, ref(0, 0))
 
 
+def test_loader_reports_a_bad_later_shard_when_its_step_comes(tmp_path):
+    """The worker thread reads ahead; a shard that fails only when loaded (an id the model cannot embed) raises the
+    loader's DataError from next_batch, at the step that needs it, not from the thread."""
+    files = [tmp_path / "fineweb_train_000000.bin", tmp_path / "fineweb_train_000001.bin"]
+    write_shard(files[0], np.arange(0, 300))
+    write_shard(files[1], np.full(300, 2000))
+    loader = tg.TrainLoader(tg.TokenStream(files, 1024), 128, 16, 0, 1, 1, CPU)
+    loader.next_batch()  # tokens 0..128
+    loader.next_batch()  # tokens 128..256; the worker now reads the step that crosses into the second shard
+    with pytest.raises(tg.DataError, match="fineweb_train_000001.bin: token id 2000 is >= VOCAB_SIZE=1024"):
+        loader.next_batch()
+
+
 # =============================================================================
 # 3. The wallclock cap stops training on the same step on every rank, and the run still finishes.
 
