@@ -109,7 +109,7 @@ class Hyperparameters:
     eval_only: str = ""  # path of an artifact to score without training
     # systems
     compile: bool = True  # torch.compile on CUDA (CPU always runs eager)
-    fused_kernels: str = "mlp"  # Triton kernels on CUDA: none | all | a comma list of mlp, loss, norm
+    fused_kernels: str = "mlp,qkv"  # Triton kernels on CUDA: none | all | a comma list of mlp, qkv, loss, norm
     attention: str = "auto"  # auto | fa3 | cudnn | flash | efficient | math
     residual_fp32: bool = False  # residual stream in fp32 under autocast (default: bf16, as the record's script)
 
@@ -428,20 +428,36 @@ def torch_relu2_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
     return F.linear(torch.relu(F.linear(x, w_fc)).square(), w_proj)
 
 
+def torch_qkv_heads(qkv: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, value_embed: Tensor | None, heads: int,
+                    kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The attention's inputs from the qkv matmul's output (B, T, (heads + 2 kv_heads) D): q and k normalised per
+    head and rotated, q scaled by its per-head gain, v plus the value embedding; (B, T, heads, D) each."""
+    B, T, _ = qkv.shape
+    D = qkv.size(-1) // (heads + 2 * kv_heads)
+    q, k, v = qkv.split([heads * D, kv_heads * D, kv_heads * D], dim=-1)
+    if value_embed is not None:
+        v = v + value_embed
+    q = apply_rotary(rms_norm(q.view(B, T, heads, D)), cos, sin) * q_gain.to(qkv.dtype)[None, None, :, None]
+    k = apply_rotary(rms_norm(k.view(B, T, kv_heads, D)), cos, sin)
+    return q, k, v.reshape(B, T, kv_heads, D)
+
+
 NORM_EPS = 1e-6
 RMS_NORM = torch_rms_norm
 LM_HEAD_LOSS = torch_lm_head_loss
 RELU2_MLP = torch_relu2_mlp
-# What FUSED_KERNELS can route through kernels/ (Triton): the MLP with relu^2 in its matmul epilogues, the chunked
-# lm_head + softcapped cross-entropy, RMSNorm.
-FUSED_KINDS = ("mlp", "loss", "norm")
+QKV_HEADS = torch_qkv_heads
+# What FUSED_KERNELS can route through kernels/ (Triton): the MLP with relu^2 in its matmul epilogues, the
+# attention's inputs (q/k norm + rotary + gain, v + value embedding) in one pass, the chunked lm_head + softcapped
+# cross-entropy, RMSNorm.
+FUSED_KINDS = ("mlp", "qkv", "loss", "norm")
 
 
 def use_fused_kernels(which: str) -> str:
     """Route the parts named in `which` (comma list of FUSED_KINDS, or "none") through kernels/; the rest take the
     torch path. Returns which is active."""
-    global RMS_NORM, LM_HEAD_LOSS, RELU2_MLP
-    RMS_NORM, LM_HEAD_LOSS, RELU2_MLP = torch_rms_norm, torch_lm_head_loss, torch_relu2_mlp
+    global RMS_NORM, LM_HEAD_LOSS, RELU2_MLP, QKV_HEADS
+    RMS_NORM, LM_HEAD_LOSS, RELU2_MLP, QKV_HEADS = torch_rms_norm, torch_lm_head_loss, torch_relu2_mlp, torch_qkv_heads
     chosen = set(which.split(",")) - {"none"}
     if not chosen:
         return "none"
@@ -449,6 +465,8 @@ def use_fused_kernels(which: str) -> str:
 
     if "mlp" in chosen:
         RELU2_MLP = kernels.relu2_mlp
+    if "qkv" in chosen:
+        QKV_HEADS = lambda *a: kernels.qkv_heads(*a, eps=NORM_EPS)  # noqa: E731
     if "loss" in chosen:
         LM_HEAD_LOSS = kernels.linear_softcap_cross_entropy
     if "norm" in chosen:
@@ -546,15 +564,9 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         # one matmul for q, k and v (three separate weights, so Muon and int6 still see three matrices)
         w = torch.cat([self.c_q.weight_in_use(), self.c_k.weight_in_use(), self.c_v.weight_in_use()])
-        q, k, v = F.linear(x, w.to(x.dtype)).split([C, self.c_k.out_features, self.c_v.out_features], dim=-1)
-        q = q.view(B, T, self.num_heads, self.head_dim)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)
-        if value_embed is not None:
-            v = v + value_embed.to(v.dtype)
-        v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
-        cos, sin = rope
-        q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[None, None, :, None]
-        k = apply_rotary(rms_norm(k), cos, sin)
+        qkv = F.linear(x, w.to(x.dtype))
+        q, k, v = QKV_HEADS(qkv, *rope, self.q_gain, None if value_embed is None else value_embed.to(qkv.dtype),
+                            self.num_heads, self.num_kv_heads)
         y = ATTENTION(q, k, v)
         if self.xsa:
             y = exclude_self_value(y, v)

@@ -9,7 +9,8 @@ saves no rstd: it recomputes it). Soft-capped CE (fwd+bwd, bf16 logits): median 
 memory the step allocates beyond its inputs (torch.cuda.max_memory_allocated delta; the returned
 logits gradient counts). lm_head + soft-capped CE (fwd+bwd, bf16 hidden states h of width 512, fp32 tied
 weight as in the model): the same two numbers, the gradients of h and the weight counted. The relu^2 MLP
-(fwd+bwd, bf16, the model's 98304 x 512 -> 1536 -> 512): the same numbers.
+(fwd+bwd, bf16, the model's 98304 x 512 -> 1536 -> 512): the same numbers. The attention's inputs from the qkv
+matmul (q/k RMSNorm + rotary + gain, v + value embedding; fwd+bwd, bf16, the model's shape): GB/s and memory.
 
 Two times per row: "wall" = triton.testing.do_bench median (L2 flushed before each run), which includes the host
 work of autograd and the custom ops whenever that outlasts the kernels; "GPU" = the sum of the step's kernel
@@ -201,6 +202,39 @@ def bench_mlp():
     return time_and_memory_rows(f"relu2 MLP {n}x{dim}x{hidden} bf16", [(name, step(fn)) for name, fn in impls])
 
 
+QKV_SHAPE = (48, 2048, 8, 4, 64, 8)  # sequences x seq_len per micro-batch, heads, KV heads, head dim, rotary pairs
+
+
+def bench_qkv():
+    """The attention's inputs from qkv (q/k RMSNorm + rotary + gain, v + value embedding) fwd+bwd, bf16, with the
+    gradients of qkv, q_gain and the value embedding. GB/s counts reading qkv and the value embedding and
+    writing q, k, v (fwd), reading their gradients and q, k and writing the gradient of qkv (bwd)."""
+    n, t, heads, kv_heads, d, half = QKV_SHAPE
+    width = (heads + 2 * kv_heads) * d
+    qkv = torch.randn(n, t, width, device="cuda").to(torch.bfloat16).requires_grad_()
+    ve = torch.randn(n, t, kv_heads * d, device="cuda").to(torch.bfloat16).requires_grad_()
+    angles = torch.rand(t, half, device="cuda") * 6.3
+    cos, sin = angles.cos(), angles.sin()
+    gain = (torch.rand(heads, device="cuda") + 0.5).requires_grad_()
+    grads = [torch.randn(n, t, h, d, device="cuda").to(torch.bfloat16) for h in (heads, kv_heads, kv_heads)]
+    want = kernels.qkv_heads_reference(qkv, cos, sin, gain, ve, heads, kv_heads)
+    got = kernels.qkv_heads(qkv, cos, sin, gain, ve, heads, kv_heads)
+    assert all((a.float() - b.float()).norm() / b.float().norm() < 1e-2 for a, b in zip(got, want)), "qkv mismatch"
+    nbytes = n * t * 2 * (2 * width + kv_heads * d + 2 * width + (heads + kv_heads) * d)
+
+    def step(fn):
+        def run():
+            torch.autograd.grad(fn(qkv, cos, sin, gain, ve, heads, kv_heads), (qkv, gain, ve), grads)
+        return run
+
+    rows = time_and_memory_rows(f"qkv heads {n * t}x{width} bf16",
+                                [(name, step(fn)) for name, fn in implementations(kernels.qkv_heads,
+                                                                                  kernels.qkv_heads_reference)])
+    for row in rows:
+        row["GB/s (GPU)"] = f"{nbytes / float(row['fwd+bwd ms (GPU)']) / 1e6:.0f}"
+    return rows
+
+
 def sweep():
     """Triton fwd+bwd time over tile sizes, to pick TILE_ELEMS / MAX_BLOCK_V for this GPU."""
     rows = []
@@ -256,6 +290,9 @@ def main():
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {__import__('triton').__version__}")
     print(f"cross-entropy: Triton TILE_ELEMS={cross_entropy.TILE_ELEMS} MAX_BLOCK_V={cross_entropy.MAX_BLOCK_V}; "
           f"rms_norm: TILE_ELEMS={rmsnorm.TILE_ELEMS}\n")
+    qkv_rows = bench_qkv()
+    print("## Attention inputs from qkv fwd+bwd (q/k norm + rotary + gain, v + value embedding)\n")
+    print(markdown(qkv_rows) + "\n", flush=True)
     rms_rows, ce_rows, linear_rows, mlp_rows = bench_rms_norm(), bench_ce(), bench_linear_ce(), bench_mlp()
     print("## RMSNorm fwd+bwd (nominal bytes 5 x x.nbytes)\n")
     print(markdown(rms_rows))

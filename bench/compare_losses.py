@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -33,7 +34,8 @@ import train_gpt as tg  # noqa: E402
 
 def parse_overrides(text: str) -> dict[str, str]:
     out = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
+    # split at the commas that start another NAME=, so a value may hold commas (FUSED_KERNELS=mlp,qkv)
+    for item in filter(None, (s.strip() for s in re.split(r",(?=\s*[A-Za-z_][A-Za-z0-9_]*=)", text))):
         name, eq, value = item.partition("=")
         if not eq:
             raise SystemExit(f"compare_losses.py: {item!r} is not NAME=value")

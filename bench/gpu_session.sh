@@ -6,7 +6,7 @@
 #   bash bench/gpu_session.sh prepare      # here: english_mix shards + FineWeb-docs val shard, zstandard wheel
 #   bash bench/gpu_session.sh kernels      # GPU: kernel tests (larger sweep), then bench_kernels.py --sweep
 #   bash bench/gpu_session.sh train        # GPU: bench_train.py, default config (profiled) vs FUSED_KERNELS=none
-#   bash bench/gpu_session.sh losses       # GPU: 120-step loss curves, FUSED_KERNELS=none vs mlp, 3 seeds, 1/4 batch
+#   bash bench/gpu_session.sh losses       # GPU: 100-step loss curves, FUSED_KERNELS=mlp vs mlp,qkv, 3 seeds, 1/4 batch
 #
 # Outputs go to stdout and, where $OUT is set (the device tool's result folder), to files there.
 set -euo pipefail
@@ -45,8 +45,9 @@ EOF
     done
     ;;
   losses)
-    TRAIN_BATCH_TOKENS=196608 WARMDOWN_ITERS=60 python bench/compare_losses.py --a FUSED_KERNELS=none \
-      --b FUSED_KERNELS=mlp --steps 120 --seeds 3 --json "$OUT/losses_mlp.json" | tee "$OUT/losses_mlp.txt"
+    python -m pip install --no-deps -q .carry/wheels/*.whl
+    TRAIN_BATCH_TOKENS=196608 WARMDOWN_ITERS=50 python bench/compare_losses.py --a FUSED_KERNELS=mlp \
+      --b FUSED_KERNELS=mlp,qkv --steps 100 --seeds 3 --json "$OUT/losses_qkv.json" | tee "$OUT/losses_qkv.txt"
     ;;
   *)
     sed -n 2,11p "$0"; exit 2

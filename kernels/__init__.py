@@ -41,6 +41,7 @@ from .cross_entropy import (  # noqa: E402
     softcap_cross_entropy_reference,
 )
 from .mlp import relu2_mlp, relu2_mlp_reference  # noqa: E402
+from .qkv import qkv_heads, qkv_heads_reference  # noqa: E402
 from .rmsnorm import rms_norm, rms_norm_reference  # noqa: E402
 
 __all__ = [
@@ -50,6 +51,8 @@ __all__ = [
     "rms_norm_reference",
     "relu2_mlp",
     "relu2_mlp_reference",
+    "qkv_heads",
+    "qkv_heads_reference",
     "softcap_cross_entropy",
     "linear_softcap_cross_entropy",
     "softcap_cross_entropy_reference",

@@ -33,6 +33,8 @@ if not HAS_CUDA:
 import kernels  # noqa: E402
 from kernels import (  # noqa: E402
     linear_softcap_cross_entropy,
+    qkv_heads,
+    qkv_heads_reference,
     relu2_mlp,
     relu2_mlp_reference,
     rms_norm,
@@ -42,6 +44,7 @@ from kernels import (  # noqa: E402
 )
 from kernels import cross_entropy  # noqa: E402
 from kernels import mlp as mlp_kernels  # noqa: E402
+from kernels import qkv as qkv_kernels  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 TRITON_ACTIVE = kernels.triton_available(DEVICE)
@@ -449,6 +452,94 @@ def test_relu2_mlp_rejects_mixed_dtypes():
         relu2_mlp(x, w1.to(torch.bfloat16), w2)
 
 
+# (sequences, seq_len, heads, kv_heads, head dim, rope pairs, value embedding): partial, full and no rotary, a
+# ragged last token block, MHA and GQA, and the model's shape (8 heads, 4 KV heads, 64 dims, 16 rotary) on CUDA.
+QKV_SHAPES = [(2, 5, 8, 4, 64, 8, True), (3, 7, 4, 2, 16, 8, False), (1, 3, 2, 1, 32, 0, True),
+              (2, 33, 4, 4, 64, 32, False)] + ([(8, 2048, 8, 4, 64, 8, True)] if HAS_CUDA else [])
+
+
+def qkv_inputs(n, t, heads, kv_heads, d, half, ve, dtype):
+    qkv = torch.randn(n, t, (heads + 2 * kv_heads) * d, device=DEVICE) * 3
+    angles = torch.rand(t, half, device=DEVICE) * 6.3
+    gain = torch.rand(heads, device=DEVICE) + 0.5
+    value_embed = torch.randn(n, t, kv_heads * d, device=DEVICE).to(dtype) if ve else None
+    return qkv.to(dtype), angles.cos(), angles.sin(), gain, value_embed
+
+
+def qkv_heads_f64(qkv, cos, sin, gain, value_embed, heads, kv_heads, eps=1e-6):
+    """The op's math written out in float64, independently of kernels/: per-head RMSNorm, rotation of the pairs
+    (i, i + half), gain on q, value embedding added to v."""
+    n, t, width = qkv.shape
+    d = width // (heads + 2 * kv_heads)
+    q, k, v = qkv.double().split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    half = cos.shape[-1]
+
+    def norm_rope(x, nh):
+        x = x.reshape(n, t, nh, d)
+        x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        c, s = cos.double()[None, :, None, :], sin.double()[None, :, None, :]
+        a, b = x[..., :half], x[..., half:2 * half]
+        return torch.cat((a * c + b * s, b * c - a * s, x[..., 2 * half:]), dim=-1)
+
+    v = v if value_embed is None else v + value_embed.double()
+    return norm_rope(q, heads) * gain.double()[:, None], norm_rope(k, kv_heads), v.reshape(n, t, kv_heads, d)
+
+
+def check_qkv_heads(qkv, cos, sin, gain, value_embed, heads, kv_heads):
+    """q, k, v and the gradients of qkv, q_gain and value_embed against float64 autograd."""
+    dtype = qkv.dtype
+    leaves = [a.detach().requires_grad_() for a in (qkv, gain)] + (
+        [value_embed.detach().requires_grad_()] if value_embed is not None else [])
+    ve = leaves[2] if value_embed is not None else None
+    outs = qkv_heads(leaves[0], cos, sin, leaves[1], ve, heads, kv_heads)
+    grads = [torch.randn_like(o) for o in outs]
+    torch.autograd.backward(outs, grads)
+    leaves64 = [a.detach().double().requires_grad_() for a in leaves]
+    outs64 = qkv_heads_f64(leaves64[0], cos, sin, leaves64[1], leaves64[2] if ve is not None else None, heads, kv_heads)
+    torch.autograd.backward(outs64, [g.double() for g in grads])
+    tol = {torch.float32: TOL[torch.float32], torch.bfloat16: TOL[torch.bfloat16]}[dtype]
+    named = [("q", outs[0], outs64[0]), ("k", outs[1], outs64[1]), ("v", outs[2], outs64[2]),
+             ("dqkv", leaves[0].grad, leaves64[0].grad), ("dgain", leaves[1].grad, leaves64[1].grad)]
+    if ve is not None:
+        named.append(("dvalue_embed", leaves[2].grad, leaves64[2].grad))
+    for what, got, want in named:
+        assert got.shape == want.shape and torch.isfinite(got).all(), what
+        assert got.dtype == (torch.float32 if what == "dgain" else dtype), what
+        assert rel_err(got, want) <= tol, f"{what}: relative error {rel_err(got, want):.3g}"
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", QKV_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_qkv_heads_sweep(shape, dtype):
+    torch.manual_seed(sum(shape))
+    n, t, heads, kv_heads, d, half, ve = shape
+    args = qkv_inputs(*shape, dtype)
+    assert qkv_kernels._use_triton(args[0], heads, kv_heads)
+    check_qkv_heads(*args, heads, kv_heads)
+
+
+@needs_triton
+def test_qkv_heads_takes_model_shaped_tables_and_odd_head_counts():
+    """cos/sin as the model's rotary gives them, (1, T, 1, rope/2); 6 heads (not a power of two) take the torch
+    path with the same results."""
+    torch.manual_seed(17)
+    qkv, cos, sin, gain, ve = qkv_inputs(2, 9, 6, 2, 32, 4, True, torch.float32)
+    assert not qkv_kernels._use_triton(qkv, 6, 2)
+    check_qkv_heads(qkv, cos, sin, gain, ve, 6, 2)
+    qkv, cos, sin, gain, ve = qkv_inputs(2, 9, 4, 2, 32, 4, True, torch.float32)
+    flat = qkv_heads(qkv, cos, sin, gain, ve, 4, 2)
+    for a, b in zip(qkv_heads(qkv, cos[None, :, None], sin[None, :, None], gain, ve, 4, 2), flat):
+        assert torch.equal(a, b)
+
+
+def test_qkv_heads_reference_matches_f64():
+    torch.manual_seed(18)
+    qkv, cos, sin, gain, ve = qkv_inputs(2, 9, 4, 2, 32, 4, True, torch.float32)
+    for got, want in zip(qkv_heads_reference(qkv, cos, sin, gain, ve, 4, 2), qkv_heads_f64(qkv, cos, sin, gain, ve, 4, 2)):
+        assert rel_err(got, want) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("softcap", [30.0, 0.0], ids=["cap30", "nocap"])
 def test_module_references_match_f64(softcap):
     """The plain-torch references (the benchmark baselines) against the float64 formulas."""
@@ -479,6 +570,7 @@ def test_torch_fallback_matches(monkeypatch, dtype):
     big = (torch.randn(4, 1024, device=DEVICE).sign() * 1e4).to(dtype)
     check_ce(big, torch.randint(0, 1024, (4,), device=DEVICE), 30.0, "none")
     check_relu2_mlp(*mlp_inputs(33, 64, 100, dtype))
+    check_qkv_heads(*qkv_inputs(2, 9, 4, 2, 32, 4, True, dtype), 4, 2)
 
 
 @needs_triton
@@ -528,7 +620,7 @@ print("ok")
 
 
 OPCHECK_CASES = ["rms_fwd", "rms_fwd_w", "rms_bwd", "rms_bwd_w", "ce_fwd", "ce_fwd_nocap", "ce_bwd", "linear_ce",
-                 "linear_ce_mean", "mlp", "mlp_bwd"]
+                 "linear_ce_mean", "mlp", "mlp_bwd", "qkv", "qkv_ve", "qkv_bwd"]
 
 
 @pytest.mark.parametrize("case", OPCHECK_CASES)
@@ -544,6 +636,10 @@ def test_opcheck(case):
     w1, w2 = (torch.randn(160, 96, device=DEVICE) * 0.1).requires_grad_(), (torch.randn(96, 160, device=DEVICE) * 0.1)
     act = torch.relu(x @ w1.detach().t()).square()
     xg, wg, zg = (a.clone().requires_grad_() for a in (x, w, z))
+    qkv, cos, sin, gain, ve = qkv_inputs(2, 5, 4, 2, 16, 4, True, torch.float32)
+    qkv_grads = (torch.randn(2, 5, 4, 16, device=DEVICE), torch.randn(2, 5, 2, 16, device=DEVICE),
+                 torch.randn(2, 5, 2, 16, device=DEVICE))
+    qkv, gain, ve = (a.requires_grad_() for a in (qkv, gain, ve))
     op, args = {
         "rms_fwd": (torch.ops.pgolf.rms_norm_fwd, (xg, None, 1e-6)),
         "rms_fwd_w": (torch.ops.pgolf.rms_norm_fwd, (xg, wg, 1e-6)),
@@ -556,6 +652,9 @@ def test_opcheck(case):
         "linear_ce_mean": (torch.ops.pgolf.linear_softcap_ce, (xg, lm_head, t, 0.0, True, 7)),
         "mlp": (torch.ops.pgolf.relu2_mlp, (xg, w1, w2.requires_grad_())),
         "mlp_bwd": (torch.ops.pgolf.relu2_mlp_bwd, (torch.randn_like(x), x, w1.detach(), w2.detach(), act)),
+        "qkv": (torch.ops.pgolf.qkv_heads, (qkv, cos, sin, gain, None, 4, 2, 1e-6)),
+        "qkv_ve": (torch.ops.pgolf.qkv_heads, (qkv, cos, sin, gain, ve, 4, 2, 1e-6)),
+        "qkv_bwd": (torch.ops.pgolf.qkv_heads_bwd, (*qkv_grads, qkv.detach(), cos, sin, gain.detach(), 4, 2, 1e-6)),
     }[case]
     torch.library.opcheck(op.default, args)
 
@@ -641,3 +740,16 @@ def test_compile_fullgraph_relu2_mlp():
 
     called = compiled_calls_match_eager(f, (x, w1, w2), torch.randn(2, 9, 64, device=DEVICE))
     assert sum("pgolf.relu2_mlp" in name for name in called) == 1
+
+
+def test_compile_fullgraph_qkv_heads():
+    """The attention-input op inside torch.compile(fullgraph=True): one custom op in the graph, eager's numbers."""
+    torch.manual_seed(19)
+    qkv, cos, sin, gain, ve = qkv_inputs(2, 9, 4, 2, 16, 4, True, torch.float32)
+
+    def f(qkv, gain, ve, targets):
+        q, k, v = qkv_heads(qkv, cos, sin, gain, ve, 4, 2)
+        return (q * targets).sum() + (k * v).sum()
+
+    called = compiled_calls_match_eager(f, (qkv, gain, ve), torch.randn(2, 9, 4, 16, device=DEVICE))
+    assert sum("pgolf.qkv_heads" in name for name in called) == 1

@@ -747,12 +747,12 @@ def test_residual_fp32_changes_nothing_without_autocast():
     assert torch.equal(a.hidden(ids), b.hidden(ids))
 
 
-@pytest.mark.parametrize("which,qat", [("mlp", False), ("mlp", True), ("loss", False), ("norm", False),
-                                       ("mlp,loss,norm", False)])
+@pytest.mark.parametrize("which,qat", [("mlp", False), ("mlp", True), ("qkv", False), ("loss", False),
+                                       ("norm", False), ("mlp,qkv,loss,norm", False)])
 def test_fused_kernels_compute_the_models_loss_and_gradients(which, qat):
-    """FUSED_KERNELS routes the MLP, the lm_head loss and RMSNorm through kernels/ (here Triton's interpreter):
-    same training loss, gradients and per-token eval losses as the torch path, with late QAT's fake-quantised
-    weights too."""
+    """FUSED_KERNELS routes the MLP, the attention's inputs, the lm_head loss and RMSNorm through kernels/ (here
+    Triton's interpreter): same training loss, gradients and per-token eval losses as the torch path, with late
+    QAT's fake-quantised weights too."""
     args = tiny_args()
     torch.manual_seed(0)
     model = tg.GPT(args)
@@ -770,19 +770,19 @@ def test_fused_kernels_compute_the_models_loss_and_gradients(which, qat):
         results[path] = [loss, per_token] + [p.grad.clone() for p in model.parameters()]
     tg.use_fused_kernels("none")
     assert tg.LM_HEAD_LOSS is tg.torch_lm_head_loss and tg.RMS_NORM is tg.torch_rms_norm
-    assert tg.RELU2_MLP is tg.torch_relu2_mlp
+    assert tg.RELU2_MLP is tg.torch_relu2_mlp and tg.QKV_HEADS is tg.torch_qkv_heads
     for a, b in zip(results["none"], results[which]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
 def test_fused_kernels_knob_values():
-    assert tiny_args(FUSED_KERNELS="1").fused_kernels == "mlp,loss,norm"
-    assert tiny_args(FUSED_KERNELS="all").fused_kernels == "mlp,loss,norm"
+    assert tiny_args(FUSED_KERNELS="1").fused_kernels == "mlp,qkv,loss,norm"
+    assert tiny_args(FUSED_KERNELS="all").fused_kernels == "mlp,qkv,loss,norm"
     assert tiny_args(FUSED_KERNELS="0").fused_kernels == "none"
     assert tiny_args(FUSED_KERNELS="none").fused_kernels == "none"
     assert tiny_args(FUSED_KERNELS="loss").fused_kernels == "loss"
     assert tiny_args(FUSED_KERNELS=" norm,mlp ").fused_kernels == "mlp,norm"  # canonical order, spaces dropped
-    assert tg.Hyperparameters().fused_kernels == "mlp"  # measured faster with the same loss curve (docs/PERF.md)
+    assert tg.Hyperparameters().fused_kernels == "mlp,qkv"  # measured faster, same loss curve (docs/PERF.md)
 
 
 def test_num_layers_alone_resolves_to_a_valid_config():
@@ -999,8 +999,8 @@ def test_warm_up_leaves_no_trace(tiny_shards):
     ({"EVAL_STRIDE": "128"}, ["EVAL_STRIDE=128", "EVAL_SEQ_LEN=64"]),
     ({"XSA_LAST_N": "3"}, ["XSA_LAST_N=3", "NUM_LAYERS=2"]),
     ({"ROPE_DIMS": "7"}, ["ROPE_DIMS=7", "even"]),
-    ({"FUSED_KERNELS": "yes"}, ["FUSED_KERNELS='yes'", "none, all or a comma list of mlp, loss, norm"]),
-    ({"FUSED_KERNELS": "mlp,attn"}, ["FUSED_KERNELS='mlp,attn'", "mlp, loss, norm"]),
+    ({"FUSED_KERNELS": "yes"}, ["FUSED_KERNELS='yes'", "none, all or a comma list of mlp, qkv, loss, norm"]),
+    ({"FUSED_KERNELS": "mlp,attn"}, ["FUSED_KERNELS='mlp,attn'", "mlp, qkv, loss, norm"]),
     ({"ROPE_DIMS": "32"}, ["ROPE_DIMS=32", "head dim 16"]),
     ({"EMA_DECAY": "1"}, ["EMA_DECAY=1.0", "[0, 1)"]),
     ({"COMPRESSOR": "gzip"}, ["COMPRESSOR='gzip'", "zstd"]),
