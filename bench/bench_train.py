@@ -44,6 +44,8 @@ def kernel_family(name: str) -> str:
         return "nccl"
     if "triton" in n:
         return "triton (fused elementwise/norm/loss)"
+    if n.startswith("_") and n.endswith("_kernel"):  # kernels/ (its GEMM is counted with the matmuls above)
+        return "triton (kernels/)"
     return "other"
 
 

@@ -14,7 +14,7 @@ is relu(h) to within bf16 rounding, the same precision as the bf16 h the unfused
 The GEMM is persistent (one program per SM walks over output tiles, so the loads of the next tile overlap the
 epilogue of the last) and moves tiles with TMA descriptors; it needs sm90+ and rows aligned to 16 bytes, and shapes
 it cannot take run the same math in torch. On an H100 at the model's 98304 x 512 -> 1536 shape (docs/PERF.md) the
-forward runs at ~580 TFLOP/s (cuBLAS without the epilogue: ~650) and the backward, which also reads a, at ~425.
+forward runs at ~610 TFLOP/s (cuBLAS without the epilogue: ~650) and the backward, which also reads a, at ~400.
 """
 
 import functools

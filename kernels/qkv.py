@@ -11,7 +11,8 @@ Backward, with g the gradient of q' (gain 1 for k):
     dx   = rstd * (dx^ - x^ * mean(dx^ * x^))
 and dv' is copied to the v columns, so the whole gradient of qkv is written by one kernel. Unfused, inductor
 splits each of q and k into a norm + rotary pass and a norm-backward pass with a bf16 intermediate, and writes
-the gradient of qkv by concatenation (~52 ms of an H100 step at ~1.6-2 TB/s, docs/PERF.md).
+the gradient of qkv by concatenation: ~52 ms of an H100 step at ~1.6-2 TB/s, against 31.5 ms for these two
+kernels (~2.7 TB/s; docs/PERF.md).
 
 x^ and rstd are recomputed in the backward from the saved qkv (the kernel reads the row anyway).
 """
@@ -203,7 +204,7 @@ def _qkv_heads(qkv: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, value_embe
                kv_heads: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     if not _use_triton(qkv, heads, kv_heads):
         q, k, v = qkv_heads_reference(qkv, cos, sin, q_gain, value_embed, heads, kv_heads, eps)
-        return q.contiguous(), k.contiguous(), v.contiguous()
+        return q.contiguous(), k.contiguous(), v.clone(memory_format=torch.contiguous_format)  # v: not a view of qkv
     n, t, width = qkv.shape
     d = width // (heads + 2 * kv_heads)
     q = qkv.new_empty((n, t, heads, d))
