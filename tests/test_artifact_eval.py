@@ -824,6 +824,23 @@ def test_project_code_files(monkeypatch, tmp_path):
         assert Path(sys.modules["kernels"].__file__).resolve() in files
 
 
+@pytest.mark.parametrize("which,modules", [("none", []), ("mlp,qkv", ["mlp.py", "qkv.py"]),
+                                            ("loss,norm", ["cross_entropy.py", "rmsnorm.py"])])
+def test_code_files_are_the_kernels_the_run_routes_through(which, modules):
+    """In a fresh interpreter, FUSED_KERNELS imports exactly the op modules it names, at the time it is applied
+    (before the code bytes are summed), not at the first forward: their files, and only theirs, count."""
+    code = f"""
+import train_gpt as tg
+tg.use_fused_kernels({which!r})
+print("\\n".join(f.name for f in tg.project_code_files()))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    want = ["train_gpt.py"] + (["__init__.py", *modules] if modules else [])
+    assert out.stdout.split() == want
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 7. the whole pipeline in subprocesses
 
