@@ -187,7 +187,8 @@ def _is_pow2(n: int) -> bool:
 
 def _use_triton(qkv: Tensor, heads: int, kv_heads: int) -> bool:
     d = qkv.shape[-1] // (heads + 2 * kv_heads)
-    return (triton_available(qkv.device) and qkv.numel() > 0 and all(_is_pow2(n) for n in (heads, kv_heads, d))
+    return (triton_available(qkv.device) and 0 < qkv.numel() < 2**31  # the kernels' offsets are int32
+            and all(_is_pow2(n) for n in (heads, kv_heads, d))
             and qkv.dtype in (torch.bfloat16, torch.float16, torch.float32))
 
 
