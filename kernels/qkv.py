@@ -33,11 +33,20 @@ except ImportError:
 BLOCK_TOKENS = 16  # tokens per program: 16 x 1024 columns of the model's qkv = 32 KiB of bf16 in each direction
 
 
+def _head_dim(qkv: Tensor, heads: int, kv_heads: int) -> int:
+    return qkv.shape[-1] // (heads + 2 * kv_heads)
+
+
+def _head_shapes(qkv: Tensor, heads: int, kv_heads: int) -> list[tuple[int, ...]]:
+    """The shapes of q, k and v: qkv's leading dims, then (heads, D), (kv_heads, D), (kv_heads, D)."""
+    d = _head_dim(qkv, heads, kv_heads)
+    return [(*qkv.shape[:-1], h, d) for h in (heads, kv_heads, kv_heads)]
+
+
 def _split_heads(qkv: Tensor, heads: int, kv_heads: int):
-    d = qkv.shape[-1] // (heads + 2 * kv_heads)
-    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
-    lead = qkv.shape[:-1]
-    return q.reshape(*lead, heads, d), k.reshape(*lead, kv_heads, d), v.reshape(*lead, kv_heads, d)
+    d = _head_dim(qkv, heads, kv_heads)
+    parts = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    return tuple(part.reshape(shape) for part, shape in zip(parts, _head_shapes(qkv, heads, kv_heads)))
 
 
 def _norm_rope_reference(x: Tensor, cos: Tensor, sin: Tensor, eps: float) -> Tensor:
@@ -186,7 +195,7 @@ def _is_pow2(n: int) -> bool:
 
 
 def _use_triton(qkv: Tensor, heads: int, kv_heads: int) -> bool:
-    d = qkv.shape[-1] // (heads + 2 * kv_heads)
+    d = _head_dim(qkv, heads, kv_heads)
     return (triton_available(qkv.device) and 0 < qkv.numel() < 2**31  # the kernels' offsets are int32
             and all(_is_pow2(n) for n in (heads, kv_heads, d))
             and qkv.dtype in (torch.bfloat16, torch.float16, torch.float32))
@@ -195,7 +204,7 @@ def _use_triton(qkv: Tensor, heads: int, kv_heads: int) -> bool:
 def _launch_args(qkv: Tensor, cos: Tensor, heads: int, kv_heads: int):
     n_tok, seq_len = qkv.shape[0] * qkv.shape[1], qkv.shape[1]
     grid = (triton.cdiv(n_tok, BLOCK_TOKENS),)
-    consts = dict(H=heads, HKV=kv_heads, D=qkv.shape[-1] // (heads + 2 * kv_heads), HALF=cos.shape[-1],
+    consts = dict(H=heads, HKV=kv_heads, D=_head_dim(qkv, heads, kv_heads), HALF=cos.shape[-1],
                   BLOCK_T=BLOCK_TOKENS, num_warps=8)
     return grid, n_tok, seq_len, consts
 
@@ -206,10 +215,7 @@ def _qkv_heads(qkv: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, value_embe
     if not _use_triton(qkv, heads, kv_heads):
         q, k, v = qkv_heads_reference(qkv, cos, sin, q_gain, value_embed, heads, kv_heads, eps)
         return q.contiguous(), k.contiguous(), v.clone(memory_format=torch.contiguous_format)  # v: not a view of qkv
-    n, t, width = qkv.shape
-    d = width // (heads + 2 * kv_heads)
-    q = qkv.new_empty((n, t, heads, d))
-    k, v = qkv.new_empty((n, t, kv_heads, d)), qkv.new_empty((n, t, kv_heads, d))
+    q, k, v = (qkv.new_empty(shape) for shape in _head_shapes(qkv, heads, kv_heads))
     grid, n_tok, seq_len, consts = _launch_args(qkv, cos, heads, kv_heads)
     _qkv_heads_fwd_kernel[grid](qkv, value_embed if value_embed is not None else qkv, cos, sin, q_gain, q, k, v,
                                 n_tok, seq_len, qkv.stride(1), eps, HAS_VE=value_embed is not None, **consts)
@@ -218,9 +224,7 @@ def _qkv_heads(qkv: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, value_embe
 
 @_qkv_heads.register_fake
 def _(qkv, cos, sin, q_gain, value_embed, heads, kv_heads, eps):
-    n, t, width = qkv.shape
-    d = width // (heads + 2 * kv_heads)
-    return qkv.new_empty((n, t, heads, d)), qkv.new_empty((n, t, kv_heads, d)), qkv.new_empty((n, t, kv_heads, d))
+    return tuple(qkv.new_empty(shape) for shape in _head_shapes(qkv, heads, kv_heads))
 
 
 @torch.library.custom_op("pgolf::qkv_heads_bwd", mutates_args=())
@@ -250,10 +254,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dq, dk, dv):
     qkv, cos, sin, q_gain = ctx.saved_tensors
-    n, t, width = qkv.shape
-    d = width // (ctx.heads + 2 * ctx.kv_heads)
-    dq, dk, dv = (qkv.new_zeros((n, t, h, d)) if g is None else g.contiguous()
-                  for g, h in ((dq, ctx.heads), (dk, ctx.kv_heads), (dv, ctx.kv_heads)))
+    dq, dk, dv = (qkv.new_zeros(shape) if g is None else g.contiguous()
+                  for g, shape in zip((dq, dk, dv), _head_shapes(qkv, ctx.heads, ctx.kv_heads)))
     dqkv, dgain = torch.ops.pgolf.qkv_heads_bwd(dq, dk, dv, qkv, cos, sin, q_gain, ctx.heads, ctx.kv_heads, ctx.eps)
     return dqkv, None, None, dgain, (dv.reshape(*dv.shape[:2], -1) if ctx.has_ve else None), None, None, None
 

@@ -497,7 +497,7 @@ def check_qkv_heads(qkv, cos, sin, gain, value_embed, heads, kv_heads):
     leaves64 = [a.detach().double().requires_grad_() for a in leaves]
     outs64 = qkv_heads_f64(leaves64[0], cos, sin, leaves64[1], leaves64[2] if ve is not None else None, heads, kv_heads)
     torch.autograd.backward(outs64, [g.double() for g in grads])
-    tol = {torch.float32: TOL[torch.float32], torch.bfloat16: TOL[torch.bfloat16]}[dtype]
+    tol = TOL[dtype]
     named = [("q", outs[0], outs64[0]), ("k", outs[1], outs64[1]), ("v", outs[2], outs64[2]),
              ("dqkv", leaves[0].grad, leaves64[0].grad), ("dgain", leaves[1].grad, leaves64[1].grad)]
     if ve is not None:
