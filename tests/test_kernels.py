@@ -533,6 +533,12 @@ def test_qkv_heads_takes_model_shaped_tables_and_odd_head_counts():
         assert torch.equal(a, b)
 
 
+def test_qkv_heads_rejects_a_value_embedding_of_another_dtype():
+    qkv, cos, sin, gain, ve = qkv_inputs(1, 3, 4, 2, 16, 4, True, torch.bfloat16)
+    with pytest.raises(TypeError, match="value_embed in qkv's dtype torch.bfloat16, got torch.float32"):
+        qkv_heads(qkv, cos, sin, gain, ve.float(), 4, 2)
+
+
 def test_qkv_heads_reference_matches_f64():
     torch.manual_seed(18)
     qkv, cos, sin, gain, ve = qkv_inputs(2, 9, 4, 2, 32, 4, True, torch.float32)
