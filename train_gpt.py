@@ -821,22 +821,23 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 by_shape.setdefault(tuple(p.shape), []).append(p)
             for shape, params in by_shape.items():
-                grads = []
-                for p in params:
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    grads.append(p.grad.add(buf, alpha=group["momentum"]))
+                # foreach ops: one launch per list instead of one per matrix keeps the host ahead of the GPU
+                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+                grads = [p.grad for p in params]
+                torch._foreach_mul_(bufs, group["momentum"])
+                torch._foreach_add_(bufs, grads)
+                nesterov = list(torch._foreach_add(grads, bufs, alpha=group["momentum"]))
                 per_rank = -(-len(params) // world)
-                stacked = torch.stack(grads + [torch.zeros_like(grads[0])] * (per_rank * world - len(grads)))
+                stacked = torch.stack(nesterov + [torch.zeros_like(grads[0])] * (per_rank * world - len(params)))
                 mine = newton_schulz5(stacked[rank * per_rank:(rank + 1) * per_rank], group["backend_steps"])
                 if world > 1:
                     gathered = torch.empty((per_rank * world, *shape), dtype=mine.dtype, device=mine.device)
                     dist.all_gather_into_tensor(gathered, mine.contiguous())
                     mine = gathered
                 scale = max(1.0, shape[0] / shape[1]) ** 0.5
-                for p, update in zip(params, mine):
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+                torch._foreach_add_(params, list(mine[:len(params)].to(params[0].dtype).unbind()),
+                                    alpha=-group["lr"] * scale)
 
 
 def build_optimizers(model: GPT, args: Hyperparameters) -> list[torch.optim.Optimizer]:
