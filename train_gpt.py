@@ -1318,6 +1318,46 @@ def train_step(model, loader: TrainLoader, optimizers, args: Hyperparameters, sc
     return total / len(batches)
 
 
+class TrainClock:
+    """Training time (evaluation pauses excluded) at marks queued behind a step's work, read once that work is done.
+    On CUDA the host queues steps ahead of the GPU, so its own clock says when it queued a step, not when the step
+    ended: a mark is an event and its time comes from the GPU. On the CPU every step has run when the host moves
+    on, and a mark is the host's clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.earlier_ms = 0.0  # training time of the stretches before the current one
+        self.resume()
+
+    def resume(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        self.t0 = time.perf_counter()
+
+    def pause(self) -> float:
+        """Waits for all queued work; returns the training time so far."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.earlier_ms += 1000 * (time.perf_counter() - self.t0)
+        return self.earlier_ms
+
+    def mark(self) -> "torch.cuda.Event | float":
+        if not self.cuda:
+            return self.earlier_ms + 1000 * (time.perf_counter() - self.t0)
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def at(self, mark: "torch.cuda.Event | float") -> float:
+        """Training time at a mark of the current stretch; waits for the work queued before it."""
+        if not self.cuda:
+            return mark
+        mark.synchronize()
+        return self.earlier_ms + self.start.elapsed_time(mark)
+
+
 def make_autocast(device: torch.device):
     """bf16 autocast on CUDA; CPU runs the same graph in fp32 (bf16 matmuls are slow or missing on most CPUs)."""
     if device.type != "cuda":
@@ -1416,29 +1456,57 @@ def main() -> None:
     warm_up(model, train_model, loader, optimizers, args, autocast)
     averages = WeightAverages(model, args)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     max_ms = 1000 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else float("inf")
-    # synced_ms: the ranks' mean training time after the last step. The LR schedule, late QAT, SWA and the cap
-    # all read it, so every rank takes the same decisions on the same step.
-    train_ms, synced_ms, step, qat_on, capped = 0.0, 0.0, 0, False, False
-    sync()
-    t0 = time.perf_counter()
+    # The host reads a step's loss only after it has queued the next step: waiting for each step before queueing
+    # the next would leave the GPU idle while the host launches it (at the 8-GPU per-GPU batch on one H100:
+    # 76.5 -> 74.0 ms a step, docs/PERF.md).
+    # Each step's flags carry the ranks' training time through the step before it, so the LR schedule, late QAT,
+    # SWA and the cap decide on a time all ranks share, extrapolated from the last one read (two steps old).
+    step, qat_on, capped = 0, False, False
+    known = (0, 0.0)  # (steps, the ranks' mean training ms through them), as last read
+    pending = None  # (step, its flags in host memory, a clock mark behind their copy), not read yet
+    # Two pinned buffers, each reused every other step: .tolist() on the device tensor would wait for every
+    # kernel queued so far, the next step's included.
+    flag_buffers = [torch.zeros(3, pin_memory=device.type == "cuda") for _ in range(2)]
+
+    def expected_ms(steps: int) -> float:
+        done, ms = known
+        return ms * steps / done if done else 0.0
+
+    def read(pending: tuple[int, Tensor, object]) -> float:
+        """Wait for the step, check its loss, log it; returns this rank's training time through it and keeps
+        what its flags say about the ranks' time before it."""
+        nonlocal known
+        s, flags, mark = pending
+        now = clock.at(mark)
+        mean_loss, nonfinite, before_ms = (v / world for v in flags.tolist())
+        known = (s - 1, before_ms)
+        if nonfinite:
+            raise FloatingPointError(f"step {s}: training loss is {mean_loss} (NaN or inf); lower the learning "
+                                     f"rates (MATRIX_LR, TIED_EMBED_LR, SCALAR_LR) or check the data")
+        if s <= 10 or s % args.train_log_every == 0:
+            eta_ms = min((args.iterations - s) * now / s, max(max_ms - now, 0))
+            log(f"step:{s}/{args.iterations} train_loss:{mean_loss:.4f} train_time:{now:.0f}ms "
+                f"step_avg:{now / s:.2f}ms eta:{eta_ms / 1000:.0f}s")
+        return now
+
+    clock = TrainClock(device)
     while True:
         last = step == args.iterations or capped
         if last or (args.val_loss_every and step % args.val_loss_every == 0):
-            sync()
-            train_ms += 1000 * (time.perf_counter() - t0)
+            if pending:
+                read(pending)
+                pending = None
+            train_ms = clock.pause()
+            if capped:
+                log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
             loss, bpb = score_plain(model)
             log(f"step:{step}/{args.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} train_time:{train_ms:.0f}ms "
                 f"step_avg:{train_ms / max(step, 1):.2f}ms")
-            sync()
-            t0 = time.perf_counter()
+            clock.resume()
         if last:
             break
-        scale = lr_scale(step, synced_ms, args)
+        scale = lr_scale(step, expected_ms(step), args)
         if not qat_on and args.late_qat_threshold > 0 and scale < args.late_qat_threshold:
             qat_on = True
             model.set_qat(True)
@@ -1447,23 +1515,15 @@ def main() -> None:
         step += 1
         if averages.update(step, scale):
             log(f"swa:start step:{step} lr_scale:{scale:.4f}")
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-        # one small all-reduce a step: the loss, a non-finite flag and the elapsed time, summed over ranks
+        before_ms = read(pending) if pending else clock.earlier_ms
+        # one small all-reduce a step: the loss, a non-finite flag and the time before this step, summed over ranks
+        # (torch.full, not torch.tensor: a host-to-device copy would wait for the GPU to finish the queued step)
         flags = torch.stack([loss.float(), (~torch.isfinite(loss)).float(),
-                             torch.tensor(elapsed, dtype=torch.float32, device=device)])
+                             torch.full((), before_ms, dtype=torch.float32, device=device)])
         if world > 1:
             dist.all_reduce(flags)
-        mean_loss, nonfinite, synced_ms = (v / world for v in flags.tolist())
-        if nonfinite:
-            raise FloatingPointError(f"step {step}: training loss is {mean_loss} (NaN or inf); lower the learning "
-                                     f"rates (MATRIX_LR, TIED_EMBED_LR, SCALAR_LR) or check the data")
-        if step <= 10 or step % args.train_log_every == 0:
-            eta_ms = min((args.iterations - step) * elapsed / step, max(max_ms - elapsed, 0))
-            log(f"step:{step}/{args.iterations} train_loss:{mean_loss:.4f} train_time:{elapsed:.0f}ms "
-                f"step_avg:{elapsed / step:.2f}ms eta:{eta_ms / 1000:.0f}s")
-        if synced_ms >= max_ms and step < args.iterations:
-            capped = True
-            log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{args.iterations}")
+        pending = (step, flag_buffers[step % 2].copy_(flags, non_blocking=True), clock.mark())
+        capped = expected_ms(step) >= max_ms and step < args.iterations
 
     del train_model  # the DDP wrapper holds the process group: free it before finish() destroys the group
     gc.collect()

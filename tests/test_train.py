@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -367,6 +368,23 @@ def test_ddp_wrapper_is_freed_before_the_process_group_is_destroyed(capped_run):
     assert records[0] and records[1], capped_run["out"][-3000:]
     alive = [records[k]["ddp_alive_at_finish"] for k in (0, 1)]
     assert alive == [0, 0], f"DDP wrappers alive when finish() destroys the process group, per rank: {alive}"
+
+
+def test_train_clock_counts_training_stretches_only():
+    """The loop's clock (CPU path: the host's clock at each mark) adds up training stretches and leaves out the
+    pauses between them (evaluation); marks are read after the fact, as the loop reads a step one step late."""
+    clock = tg.TrainClock(torch.device("cpu"))
+    time.sleep(0.05)
+    first = clock.mark()
+    time.sleep(0.1)  # the host moves on before it reads the mark: the mark keeps its own time
+    assert 50 <= clock.at(first) < 140
+    paused = clock.pause()
+    assert paused >= clock.at(first) + 100
+    time.sleep(0.3)  # evaluation
+    clock.resume()
+    time.sleep(0.05)
+    second = clock.at(clock.mark())
+    assert paused + 50 <= second < paused + 290, "the pause must not count as training time"
 
 
 # =============================================================================
