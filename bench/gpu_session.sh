@@ -7,6 +7,7 @@
 #   bash bench/gpu_session.sh kernels      # GPU: kernel tests (larger sweep), then bench_kernels.py --sweep
 #   bash bench/gpu_session.sh train        # GPU: bench_train.py, default config (profiled) vs FUSED_KERNELS=none
 #   bash bench/gpu_session.sh losses       # GPU: 100-step loss curves, FUSED_KERNELS=mlp vs mlp,qkv, 3 seeds, 1/4 batch
+#   bash bench/gpu_session.sh scaling      # 2 GPUs (nvidia-h200-x2): per-GPU step on 1 GPU vs 2 under torchrun
 #
 # Outputs go to stdout and, where $OUT is set (the device tool's result folder), to files there.
 set -euo pipefail
@@ -49,7 +50,22 @@ EOF
     TRAIN_BATCH_TOKENS=196608 WARMDOWN_ITERS=50 python bench/compare_losses.py --a FUSED_KERNELS=mlp \
       --b FUSED_KERNELS=mlp,qkv --steps 100 --seeds 3 --json "$OUT/losses_qkv.json" | tee "$OUT/losses_qkv.txt"
     ;;
+  scaling)
+    # per-GPU throughput on one GPU and on two of the same host: at the 8-GPU run's micro-batch (98,304 tokens a
+    # GPU, grad-accum 1) and at the default global batch (grad-accum 8 on one GPU, 4 on two)
+    python -m pip install --no-deps -q .carry/wheels/*.whl
+    for per_gpu in 98304 default; do
+      one=(); two=()
+      [ "$per_gpu" = default ] || { one=(TRAIN_BATCH_TOKENS=98304 GRAD_ACCUM_STEPS=1); two=(TRAIN_BATCH_TOKENS=196608 GRAD_ACCUM_STEPS=1); }
+      steps=$([ "$per_gpu" = default ] && echo "--steps 8 --warmup 3" || echo "--steps 30 --warmup 5")
+      echo "== $per_gpu, 1 GPU"
+      env ${one[@]+"${one[@]}"} CUDA_VISIBLE_DEVICES=0 python bench/bench_train.py $steps | tee "$OUT/scaling_${per_gpu}_1gpu.txt"
+      echo "== $per_gpu, 2 GPUs"
+      env ${two[@]+"${two[@]}"} torchrun --standalone --nproc_per_node=2 bench/bench_train.py $steps \
+        | tee "$OUT/scaling_${per_gpu}_2gpu.txt"
+    done
+    ;;
   *)
-    sed -n 2,11p "$0"; exit 2
+    sed -n 2,12p "$0"; exit 2
     ;;
 esac
