@@ -1407,55 +1407,10 @@ def warm_up(model: GPT, train_model, loader: TrainLoader, optimizers, args: Hype
     loader.reset()
 
 
-def main() -> None:
-    rank, world, local_rank, device = setup_distributed()
-    args = Hyperparameters.from_env()
-    if args.eval_only:  # score the artifact's own network at its own sequence length
-        config = load_artifact(args.eval_only)[1]
-        args = dataclasses.replace(args, **{k.lower(): v for k, v in config.items()})
-    args = resolve(args, world)
-    if world > 1:  # the default RUN_ID is a fresh uuid in every process: all ranks take rank 0's
-        run_id = [args.run_id]
-        dist.broadcast_object_list(run_id, src=0)
-        args.run_id = run_id[0]
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    log = Logger(Path("logs") / f"{args.run_id}.txt" if rank == 0 else None)
-    runtime = prepare_runtime(args, device)
-    compile_on = args.compile and device.type == "cuda"
-    log_header(log, args)
-    log(f"world_size:{world} grad_accum_steps:{args.grad_accum_steps} {runtime}")
-    autocast = make_autocast(device)
-
-    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
-    luts = byte_luts(sp, args.vocab_size)
-    val_tokens = load_validation_tokens(args.data_path, args.vocab_size)
-    code_bytes = sum(f.stat().st_size for f in project_code_files())
-
-    def score(model: GPT, seq_len: int, stride: int, batch_seqs: int) -> tuple[float, float, int, int, float]:
-        t0 = time.perf_counter()
-        model.eval()
-        with autocast():
-            fwd = make_window_forward(model, stride, compile_on)
-            loss, bpb, n_tok, n_bytes = evaluate(model, fwd, val_tokens, luts, seq_len, stride, batch_seqs,
-                                                 rank, world, device)
-        model.train()
-        return loss, bpb, n_tok, n_bytes, 1000 * (time.perf_counter() - t0)
-
-    plain_batch = max(1, args.val_batch_tokens // (world * args.train_seq_len))
-
-    def score_plain(model: GPT) -> tuple[float, float]:
-        return score(model, args.train_seq_len, args.train_seq_len, plain_batch)[:2]
-    if args.eval_only:
-        model = model_from_artifact(args.eval_only, args, device)
-        finish(log, args, model, score, plain_batch, Path(args.eval_only).stat().st_size, code_bytes)
-        return
-
-    model, train_model, optimizers, loader = build_training(args, device, rank, world, local_rank)
-    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
-    warm_up(model, train_model, loader, optimizers, args, autocast)
-    averages = WeightAverages(model, args)
-
+def train(model: GPT, train_model, loader: TrainLoader, optimizers, averages: WeightAverages,
+          args: Hyperparameters, autocast, log, score_plain, world: int, device: torch.device) -> None:
+    """The timed loop: ITERATIONS steps or until the wallclock cap, with late QAT, EMA/SWA and a plain validation
+    every VAL_LOSS_EVERY steps and at the end (not counted as training time)."""
     max_ms = 1000 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else float("inf")
     # The host reads a step's loss only after it has queued the next step: waiting for each step before queueing
     # the next would leave the GPU idle while the host launches it (at the 8-GPU per-GPU batch on one H100:
@@ -1524,6 +1479,58 @@ def main() -> None:
             dist.all_reduce(flags)
         pending = (step, flag_buffers[step % 2].copy_(flags, non_blocking=True), clock.mark())
         capped = expected_ms(step) >= max_ms and step < args.iterations
+
+
+def main() -> None:
+    rank, world, local_rank, device = setup_distributed()
+    args = Hyperparameters.from_env()
+    if args.eval_only:  # score the artifact's own network at its own sequence length
+        config = load_artifact(args.eval_only)[1]
+        args = dataclasses.replace(args, **{k.lower(): v for k, v in config.items()})
+    args = resolve(args, world)
+    if world > 1:  # the default RUN_ID is a fresh uuid in every process: all ranks take rank 0's
+        run_id = [args.run_id]
+        dist.broadcast_object_list(run_id, src=0)
+        args.run_id = run_id[0]
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    log = Logger(Path("logs") / f"{args.run_id}.txt" if rank == 0 else None)
+    runtime = prepare_runtime(args, device)
+    compile_on = args.compile and device.type == "cuda"
+    log_header(log, args)
+    log(f"world_size:{world} grad_accum_steps:{args.grad_accum_steps} {runtime}")
+    autocast = make_autocast(device)
+
+    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
+    luts = byte_luts(sp, args.vocab_size)
+    val_tokens = load_validation_tokens(args.data_path, args.vocab_size)
+    code_bytes = sum(f.stat().st_size for f in project_code_files())
+
+    def score(model: GPT, seq_len: int, stride: int, batch_seqs: int) -> tuple[float, float, int, int, float]:
+        t0 = time.perf_counter()
+        model.eval()
+        with autocast():
+            fwd = make_window_forward(model, stride, compile_on)
+            loss, bpb, n_tok, n_bytes = evaluate(model, fwd, val_tokens, luts, seq_len, stride, batch_seqs,
+                                                 rank, world, device)
+        model.train()
+        return loss, bpb, n_tok, n_bytes, 1000 * (time.perf_counter() - t0)
+
+    plain_batch = max(1, args.val_batch_tokens // (world * args.train_seq_len))
+
+    def score_plain(model: GPT) -> tuple[float, float]:
+        return score(model, args.train_seq_len, args.train_seq_len, plain_batch)[:2]
+    if args.eval_only:
+        model = model_from_artifact(args.eval_only, args, device)
+        finish(log, args, model, score, plain_batch, Path(args.eval_only).stat().st_size, code_bytes)
+        return
+
+    model, train_model, optimizers, loader = build_training(args, device, rank, world, local_rank)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    warm_up(model, train_model, loader, optimizers, args, autocast)
+    averages = WeightAverages(model, args)
+
+    train(model, train_model, loader, optimizers, averages, args, autocast, log, score_plain, world, device)
 
     del train_model  # the DDP wrapper holds the process group: free it before finish() destroys the group
     gc.collect()
