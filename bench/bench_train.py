@@ -105,7 +105,9 @@ def print_idle_gaps(kernels, steps: int, top: int = 10) -> None:
 
 def time_steps(step_fn, steps: int, sync_every_step: bool) -> tuple[list[float], list[float]]:
     """GPU ms between consecutive step ends, and the host's ms to queue each step. Queued back to back (as the
-    training loop runs), the GPU time is the step's cost as long as the host stays ahead (host < GPU)."""
+    training loop runs) the GPU time is the step's cost while the host keeps ahead, and the host's time includes
+    waiting once it is as far ahead as the CUDA queue and the loader's two buffers allow. With sync_every_step the
+    host's time is its own work per step, which has to stay below the GPU's for the queued timing to hold."""
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
     host = []
     torch.cuda.synchronize()
