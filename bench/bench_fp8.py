@@ -9,7 +9,8 @@ Prints markdown tables; docs/PERF.md holds the H100's.
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
+
+from bench_kernels import median_ms
 
 TOKENS = 98_304
 E4M3 = torch.float8_e4m3fn
@@ -19,7 +20,7 @@ SHAPES = [(512, 1024, "qkv fwd"), (512, 512, "attn proj fwd / dgrad"), (1536, 51
 
 
 def us(fn) -> float:
-    return 1000 * do_bench(fn, warmup=25, rep=200)
+    return 1000 * median_ms(fn)
 
 
 def matmul_table() -> str:
