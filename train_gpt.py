@@ -1416,10 +1416,14 @@ def train(model: GPT, train_model, loader: TrainLoader, optimizers, averages: We
     # the next would leave the GPU idle while the host launches it (at the 8-GPU per-GPU batch on one H100:
     # 76.5 -> 74.0 ms a step, docs/PERF.md).
     # Each step's flags carry the ranks' training time through the step before it, so the LR schedule, late QAT,
-    # SWA and the cap decide on a time all ranks share, extrapolated from the last one read (two steps old).
+    # SWA and the cap decide on a time all ranks share, extrapolated from the last one read (two steps old). The
+    # first step is the exception: the loop waits for it once, so that step 2 is scheduled on a measured time as in
+    # a loop that waits for every step (else steps 2 and 3 would run at step 1's scale, 1.0 when the cap is shorter
+    # than the warmdown).
     step, qat_on, capped = 0, False, False
     known = (0, 0.0)  # (steps, the ranks' mean training ms through them), as last read
-    pending = None  # (step, its flags in host memory, a clock mark behind their copy), not read yet
+    own = (0, 0.0)  # (steps, this rank's training ms through them), the latest this rank has waited for
+    pending = None  # (step, its flags in host memory, a clock mark behind their copy, steps their time covers)
     # Two pinned buffers, each reused every other step: .tolist() on the device tensor would wait for every
     # kernel queued so far, the next step's included.
     flag_buffers = [torch.zeros(3, pin_memory=device.type == "cuda") for _ in range(2)]
@@ -1428,14 +1432,14 @@ def train(model: GPT, train_model, loader: TrainLoader, optimizers, averages: We
         done, ms = known
         return ms * steps / done if done else 0.0
 
-    def read(pending: tuple[int, Tensor, object]) -> float:
-        """Wait for the step, check its loss, log it; returns this rank's training time through it and keeps
-        what its flags say about the ranks' time before it."""
-        nonlocal known
-        s, flags, mark = pending
+    def read(pending: tuple[int, Tensor, object, int]) -> None:
+        """Wait for the step, check its loss, log it; keeps this rank's time through it and what its flags say
+        about the ranks' time."""
+        nonlocal known, own
+        s, flags, mark, covered = pending
         now = clock.at(mark)
-        mean_loss, nonfinite, before_ms = (v / world for v in flags.tolist())
-        known = (s - 1, before_ms)
+        mean_loss, nonfinite, shared_ms = (v / world for v in flags.tolist())
+        known, own = (covered, shared_ms), (s, now)
         if nonfinite:
             raise FloatingPointError(f"step {s}: training loss is {mean_loss} (NaN or inf); lower the learning "
                                      f"rates (MATRIX_LR, TIED_EMBED_LR, SCALAR_LR) or check the data")
@@ -1443,7 +1447,6 @@ def train(model: GPT, train_model, loader: TrainLoader, optimizers, averages: We
             eta_ms = min((args.iterations - s) * now / s, max(max_ms - now, 0))
             log(f"step:{s}/{args.iterations} train_loss:{mean_loss:.4f} train_time:{now:.0f}ms "
                 f"step_avg:{now / s:.2f}ms eta:{eta_ms / 1000:.0f}s")
-        return now
 
     clock = TrainClock(device)
     while True:
@@ -1453,6 +1456,7 @@ def train(model: GPT, train_model, loader: TrainLoader, optimizers, averages: We
                 read(pending)
                 pending = None
             train_ms = clock.pause()
+            own = (step, train_ms)
             if capped:
                 log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
             loss, bpb = score_plain(model)
@@ -1470,14 +1474,21 @@ def train(model: GPT, train_model, loader: TrainLoader, optimizers, averages: We
         step += 1
         if averages.update(step, scale):
             log(f"swa:start step:{step} lr_scale:{scale:.4f}")
-        before_ms = read(pending) if pending else clock.earlier_ms
-        # one small all-reduce a step: the loss, a non-finite flag and the time before this step, summed over ranks
-        # (torch.full, not torch.tensor: a host-to-device copy would wait for the GPU to finish the queued step)
+        if pending:
+            read(pending)
+        elif not known[0]:  # the first step: no step time is known yet, so wait for this one
+            own = (step, clock.at(clock.mark()))
+        covered, ms = own
+        # one small all-reduce a step: the loss, a non-finite flag and the time through `covered` steps, summed over
+        # ranks (torch.full, not torch.tensor: a host-to-device copy would wait for the GPU to finish the queued step)
         flags = torch.stack([loss.float(), (~torch.isfinite(loss)).float(),
-                             torch.full((), before_ms, dtype=torch.float32, device=device)])
+                             torch.full((), ms, dtype=torch.float32, device=device)])
         if world > 1:
             dist.all_reduce(flags)
-        pending = (step, flag_buffers[step % 2].copy_(flags, non_blocking=True), clock.mark())
+        pending = (step, flag_buffers[step % 2].copy_(flags, non_blocking=True), clock.mark(), covered)
+        if covered == step:
+            read(pending)
+            pending = None
         capped = expected_ms(step) >= max_ms and step < args.iterations
 
 

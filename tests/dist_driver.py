@@ -76,7 +76,8 @@ def train(out: Path) -> None:
 
 
 def run_main(out: Path, until_build: bool) -> None:
-    """train_gpt.main() as torchrun would run it, with its RUN_ID, LR scales and teardown order recorded."""
+    """train_gpt.main() as torchrun would run it, with its RUN_ID, LR scales (and the time each was computed from)
+    and teardown order recorded."""
     rank = int(os.environ.get("RANK", 0))
     record: dict = dict(run_id=None, scales=[], ddp_alive_at_finish=None, finished=False)
     real_build, real_lr_scale, real_finish = tg.build_training, tg.lr_scale, tg.finish
@@ -95,7 +96,7 @@ def run_main(out: Path, until_build: bool) -> None:
 
     def recording_lr_scale(step, elapsed_ms, args):
         scale = real_lr_scale(step, elapsed_ms, args)
-        record["scales"].append([step, scale])
+        record["scales"].append([step, scale, elapsed_ms])
         return scale
 
     def finish_then_exit(*args, **kwargs):

@@ -341,7 +341,7 @@ def test_wallclock_cap_stops_both_ranks_and_run_finishes(capped_run):
     assert lines[-2].startswith("val_bpb: ") and lines[-1].startswith("artifact_bytes: ")
     assert (work / "logs" / "capped.ptz").is_file()
     for k in (0, 1):  # every rank ran exactly the logged steps
-        assert [s for s, _ in r["records"][k]["scales"]] == list(range(step)), f"rank {k}"
+        assert [s for s, *_ in r["records"][k]["scales"]] == list(range(step)), f"rank {k}"
 
 
 def test_ranks_use_identical_lr_scales_under_the_cap(capped_run):
@@ -353,11 +353,27 @@ def test_ranks_use_identical_lr_scales_under_the_cap(capped_run):
     records = capped_run["records"]
     assert records[0] and records[1], capped_run["out"][-3000:]
     scales = [records[k]["scales"] for k in (0, 1)]
-    assert scales[0] and [s for s, _ in scales[0]] == [s for s, _ in scales[1]], "both ranks ran the same steps"
-    assert any(x < 1 for _, x in scales[0]), "the warmdown was reached (else the check below means nothing)"
-    differ = [(s, a, b) for (s, a), (_, b) in zip(*scales) if a != b]
+    assert scales[0] and [s for s, *_ in scales[0]] == [s for s, *_ in scales[1]], "both ranks ran the same steps"
+    assert any(x < 1 for _, x, _ in scales[0]), "the warmdown was reached (else the check below means nothing)"
+    differ = [(s, a, b) for (s, a, _), (_, b, _) in zip(*scales) if a != b]
     assert not differ, (f"{len(differ)} of {len(scales[0])} steps used different LR scales on rank 0 and rank 1, "
                         f"e.g. step {differ[0][0]}: {differ[0][1]!r} vs {differ[0][2]!r}")
+
+
+def test_schedule_knows_a_measured_step_time_from_the_second_step(capped_run):
+    """The loop reads each step's time late (two steps behind), but waits for the first step once: a loop that
+    waits for every step schedules step 2 on the measured time of step 1, and so must this one. Without that wait
+    steps 2 and 3 were scheduled at elapsed time 0, i.e. at LR scale 1.0 when the cap is shorter than the warmdown
+    (seen in a 30 s capped run on two H200s: train loss 8.34 at step 2 against 6.76 on the iteration schedule)."""
+    records = capped_run["records"]
+    assert records[0] and records[1], capped_run["out"][-3000:]
+    for k in (0, 1):
+        elapsed = [ms for _, _, ms in records[k]["scales"]]
+        assert len(elapsed) >= 3 and elapsed[0] == 0.0, f"rank {k}: {elapsed[:5]}"
+        unmeasured = [s for s, ms in enumerate(elapsed) if s >= 1 and not ms > 0]
+        assert not unmeasured, f"rank {k}: steps scheduled on no measured time: {unmeasured[:5]} ({elapsed[:5]})"
+    assert [ms for *_, ms in records[0]["scales"]] == [ms for *_, ms in records[1]["scales"]], \
+        "the ranks scheduled on different times"
 
 
 def test_ddp_wrapper_is_freed_before_the_process_group_is_destroyed(capped_run):
