@@ -8,6 +8,8 @@
 #   bash bench/gpu_session.sh train        # GPU: bench_train.py, default config (profiled) vs FUSED_KERNELS=none
 #   bash bench/gpu_session.sh losses       # GPU: 100-step loss curves, FUSED_KERNELS=mlp vs mlp,qkv, 3 seeds, 1/4 batch
 #   bash bench/gpu_session.sh scaling      # 2 GPUs (nvidia-h200-x2): per-GPU step on 1 GPU vs 2 under torchrun
+#   bash bench/gpu_session.sh distributed  # 2 GPUs: train_gpt.py end to end under torchrun (NCCL), its artifact
+#                                          # scored again on 1 GPU, and a wallclock-capped run
 #
 # Outputs go to stdout and, where $OUT is set (the device tool's result folder), to files there.
 set -euo pipefail
@@ -65,7 +67,18 @@ EOF
         | tee "$OUT/scaling_${per_gpu}_2gpu.txt"
     done
     ;;
+  distributed)
+    # the whole script under NCCL: 100 steps, artifact, round trip, sliding eval (a 100-step model does not fit
+    # 16 MB, so exit 1 with artifact_over_limit is the expected end); then the same artifact scored on one GPU
+    # (the sliding windows split across ranks must give the same bpb); then a run stopped by the wallclock cap
+    python -m pip install --no-deps -q .carry/wheels/*.whl
+    export VAL_LOSS_EVERY=50 TRAIN_LOG_EVERY=10
+    ITERATIONS=100 RUN_ID=x2_100 torchrun --standalone --nproc_per_node=2 train_gpt.py && echo "rc=0" || echo "rc=$?"
+    EVAL_ONLY=logs/x2_100.ptz RUN_ID=x2_100_eval1 CUDA_VISIBLE_DEVICES=0 python train_gpt.py && echo "rc=0" || echo "rc=$?"
+    MAX_WALLCLOCK_SECONDS=30 RUN_ID=x2_cap30 torchrun --standalone --nproc_per_node=2 train_gpt.py && echo "rc=0" || echo "rc=$?"
+    cp logs/x2_*.txt "$OUT/"
+    ;;
   *)
-    sed -n 2,12p "$0"; exit 2
+    sed -n 2,14p "$0"; exit 2
     ;;
 esac
