@@ -87,6 +87,8 @@ def main() -> None:
             curves[name].append(train_curve(overrides, 1337 + i, opts.steps, device, autocast))
             last = curves[name][-1]
             print(f"seed:{1337 + i} config:{name} first_loss:{last[0]:.4f} last_loss:{last[-1]:.4f}", flush=True)
+            if opts.json:  # after every run, so a run cut short by a time limit keeps the curves it finished
+                Path(opts.json).write_text(json.dumps({"configs": configs, "curves": curves}))
 
     print(f"\ndevice:{device.type} autocast_bf16:{int(device.type == 'cuda' or opts.cpu_bf16)} "
           f"A:{configs['A'] or '{}'} B:{configs['B'] or '{}'} seeds:{opts.seeds}")
@@ -100,8 +102,6 @@ def main() -> None:
         worst = max(worst, diff / bound if bound > 0 else (math.inf if diff else 0.0))
         print(f"| {lo + 1}–{hi} | {ma:.4f} ± {sa:.4f} | {mb:.4f} ± {sb:.4f} | {mb - ma:+.4f} | {bound:.4f} |")
     print(f"worst |B − A| / (2 × max std): {worst:.2f}  within_noise:{int(worst <= 1)}")
-    if opts.json:
-        Path(opts.json).write_text(json.dumps({"configs": configs, "curves": curves}))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 #   bash bench/gpu_session.sh prepare      # here: english_mix shards + FineWeb-docs val shard, zstandard wheel
 #   bash bench/gpu_session.sh kernels      # GPU: kernel tests (larger sweep), then bench_kernels.py --sweep
 #   bash bench/gpu_session.sh train        # GPU: bench_train.py, default config (profiled) vs FUSED_KERNELS=none
-#   bash bench/gpu_session.sh losses       # GPU: 100-step loss curves, FUSED_KERNELS=mlp vs mlp,qkv, 3 seeds, 1/4 batch
+#   bash bench/gpu_session.sh losses       # GPU: 200-step loss curves, all kernels off vs the default, 3 seeds, 1/4 batch
 #   bash bench/gpu_session.sh scaling      # 2 GPUs (nvidia-h200-x2): per-GPU step on 1 GPU vs 2 under torchrun
 #   bash bench/gpu_session.sh distributed  # 2 GPUs: train_gpt.py end to end under torchrun (NCCL), its artifact
 #                                          # scored again on 1 GPU, and a wallclock-capped run
@@ -49,8 +49,9 @@ EOF
     ;;
   losses)
     python -m pip install --no-deps -q .carry/wheels/*.whl
-    TRAIN_BATCH_TOKENS=196608 WARMDOWN_ITERS=50 python bench/compare_losses.py --a FUSED_KERNELS=mlp \
-      --b FUSED_KERNELS=mlp,qkv --steps 100 --seeds 3 --json "$OUT/losses_qkv.json" | tee "$OUT/losses_qkv.txt"
+    # the whole default (every speed change of docs/PERF.md) against the path without our kernels
+    TRAIN_BATCH_TOKENS=196608 WARMDOWN_ITERS=100 python bench/compare_losses.py --a FUSED_KERNELS=none --b "" \
+      --steps 200 --seeds 3 --json "$OUT/losses_default.json" | tee "$OUT/losses_default.txt"
     ;;
   scaling)
     # per-GPU throughput on one GPU and on two of the same host: at the 8-GPU run's micro-batch (98,304 tokens a
