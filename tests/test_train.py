@@ -364,7 +364,7 @@ def test_schedule_knows_a_measured_step_time_from_the_second_step(capped_run):
     """The loop reads each step's time late (two steps behind), but waits for the first step once: a loop that
     waits for every step schedules step 2 on the measured time of step 1, and so must this one. Without that wait
     steps 2 and 3 were scheduled at elapsed time 0, i.e. at LR scale 1.0 when the cap is shorter than the warmdown
-    (seen in a 30 s capped run on two H200s: train loss 8.34 at step 2 against 6.76 on the iteration schedule)."""
+    (seen in a 30 s capped run on two H200s: late QAT, which follows the scale, switched on at step 3, not 1)."""
     records = capped_run["records"]
     assert records[0] and records[1], capped_run["out"][-3000:]
     for k in (0, 1):
