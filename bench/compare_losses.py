@@ -7,7 +7,8 @@
 For every seed, each configuration trains `--steps` steps from the same initial weights (seeded) on the same
 batches, with train_gpt.py's own model, optimisers, loader and step. The LR schedule runs by step count (no
 wallclock), and the first steps see no QAT or weight averaging, so they take no part. Knobs common to both come
-from the environment; `--a` / `--b` add comma-separated NAME=value overrides.
+from the environment; `--a` / `--b` add comma-separated NAME=value overrides. To compare two versions of the code
+rather than two knobs, save one version's curves with `--json` and pass them to the other as `--a-curves FILE`.
 
 It prints, per window of steps, each configuration's mean loss over seeds ± the seeds' standard deviation and the
 difference of the means. A speed change that keeps the math should show differences inside the noise: this
@@ -72,6 +73,9 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=20, help="steps per row of the table")
     ap.add_argument("--cpu-bf16", action="store_true", help="on a CPU, run under bf16 autocast as CUDA does")
     ap.add_argument("--json", help="write every curve to this file")
+    ap.add_argument("--a-curves", metavar="FILE[:NAME]",
+                    help="take A's curves from an earlier run's --json file (its configuration NAME, default B) "
+                         "instead of training A: same seeds and steps, e.g. the code before a change")
     opts = ap.parse_args()
     if opts.seeds < 2:
         ap.error("--seeds must be at least 2: the noise is the spread over seeds")
@@ -82,8 +86,21 @@ def main() -> None:
         autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     configs = {"A": parse_overrides(opts.a), "B": parse_overrides(opts.b)}
     curves = {name: [] for name in configs}
+    if opts.a_curves:
+        path, _, name = opts.a_curves.partition(":")
+        saved = json.loads(Path(path).read_text())
+        name = name or "B"
+        if name not in saved["curves"]:
+            ap.error(f"--a-curves: {path} holds configurations {sorted(saved['curves'])}, not {name!r}")
+        curves["A"] = saved["curves"][name][:opts.seeds]
+        configs["A"] = {"curves_from": f"{path}:{name}", **saved["configs"][name]}
+        if len(curves["A"]) < opts.seeds or any(len(c) < opts.steps for c in curves["A"]):
+            ap.error(f"--a-curves: {path}:{name} has fewer than {opts.seeds} seeds of {opts.steps} steps")
+        curves["A"] = [c[:opts.steps] for c in curves["A"]]
     for i in range(opts.seeds):
         for name, overrides in configs.items():
+            if len(curves[name]) > i:  # loaded with --a-curves
+                continue
             curves[name].append(train_curve(overrides, 1337 + i, opts.steps, device, autocast))
             last = curves[name][-1]
             print(f"seed:{1337 + i} config:{name} first_loss:{last[0]:.4f} last_loss:{last[-1]:.4f}", flush=True)

@@ -474,14 +474,15 @@ def test_attention_matches_float64_reference(xsa, with_ve, qat):
     x = torch.randn(2, 24, args.model_dim)
     ve = torch.randn(2, 24, 32) if with_ve else None
     rope = tg.Rotary(args.rope_dims, args.rope_base, args.train_seq_len)(24, CPU)
-    out = attn(x, rope, ve)
-    ref = ref_attention(attn, x, ve, args.rope_dims, args.rope_base)
+    out_scale = torch.rand(args.model_dim) + 0.5  # the block's attn_scale, applied through the projection
+    out = attn(x, rope, ve, out_scale)
+    ref = out_scale.double() * ref_attention(attn, x, ve, args.rope_dims, args.rope_base)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
     if qat:  # the int6 grid must really be in use: the full-precision reference is visibly different
         for lin in (attn.c_q, attn.c_k, attn.c_v, attn.proj):
             lin.qat = False
-        assert not torch.allclose(out.double(), ref_attention(attn, x, ve, args.rope_dims, args.rope_base),
-                                  atol=1e-3)
+        assert not torch.allclose(out.double(), out_scale.double() * ref_attention(attn, x, ve, args.rope_dims,
+                                                                                  args.rope_base), atol=1e-3)
 
 
 def test_xsa_output_is_orthogonal_to_own_value_per_kv_group():
@@ -627,15 +628,41 @@ def test_ln_scale_factors_and_where_they_apply():
     seen = {}
     block.register_forward_pre_hook(lambda m, a: seen.update(x=a[0], x0=a[1]))
     block.attn.register_forward_pre_hook(lambda m, a: seen.update(attn_in=a[0]))
-    block.attn.register_forward_hook(lambda m, a, o: seen.update(attn_out=o))
+    block.attn.register_forward_hook(lambda m, a, o: seen.update(attn_out=o))  # attn_scale already applied
     block.mlp.register_forward_pre_hook(lambda m, a: seen.update(mlp_in=a[0]))
     with torch.no_grad():
         on.hidden(ids_batch(tiny_args(), seq=16))
     mix = block.resid_mix.detach()
     mixed = mix[0] * seen["x"] + mix[1] * seen["x0"]
     torch.testing.assert_close(seen["attn_in"], ref_rms_norm(mixed) * 0.5, rtol=1e-5, atol=1e-6)
-    after_attn = mixed + block.attn_scale.detach() * seen["attn_out"]
+    after_attn = mixed + seen["attn_out"]
     torch.testing.assert_close(seen["mlp_in"], ref_rms_norm(after_attn) * 0.5, rtol=1e-5, atol=1e-6)
+
+
+def test_output_scales_act_through_the_projection_weights():
+    """attn_scale and mlp_scale multiply the block's attention and MLP outputs per channel; the model folds them
+    into the output projections' weights (CastedLinear.scaled_weight). Checked in float64 against the scale applied
+    to the output: the values, and the gradients of the scale (a sum over every token), of the weights and of x."""
+    args = tiny_args(NUM_LAYERS=2, XSA_LAST_N=1)
+    block = tg.Block(args, layer=1).double()  # the XSA layer
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 16, args.model_dim, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    scale = torch.randn(args.model_dim, generator=g, dtype=torch.float64)
+    rope = tuple(t.double() for t in tg.Rotary(args.rope_dims, args.rope_base, args.train_seq_len)(16, x.device))
+    ones = torch.ones_like(scale)
+    parts = {"attn": (block.attn, lambda m, s, xx: m(xx, rope, None, s)),
+             "mlp": (block.mlp, lambda m, s, xx: m(xx, s))}
+    for name, (module, run) in parts.items():
+        grads = []
+        for folded in (True, False):
+            module.zero_grad()
+            s, xx = scale.clone().requires_grad_(True), x.clone().requires_grad_(True)
+            out = run(module, s, xx) if folded else s * run(module, ones, xx)
+            (out * grad_out).sum().backward()
+            grads.append((out.detach(), s.grad, xx.grad, module.proj.weight.grad.clone()))
+        for what, a, b in zip(("output", "scale grad", "x grad", "proj weight grad"), *grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name} {what}: {m}")
 
 
 def test_smear_gate_formula():
@@ -696,8 +723,8 @@ def test_value_embeddings_reach_only_ve_layers():
         model.ve.layer_scales.copy_(torch.tensor([0.3, -0.7]))  # slot 0 -> layer 0, slot 1 -> layer 2
     ids = ids_batch(args, seq=16)
     seen: dict = {}
-    for i, b in enumerate(model.blocks):  # attention's first argument is its input, its last the value embedding
-        b.attn.register_forward_pre_hook(lambda m, a, i=i: seen.update({("x", i): a[0], ("ve", i): a[-1]}))
+    for i, b in enumerate(model.blocks):  # attention's arguments: input, rope, value embedding, output scale
+        b.attn.register_forward_pre_hook(lambda m, a, i=i: seen.update({("x", i): a[0], ("ve", i): a[2]}))
     values = []
     real = tg.ATTENTION
     tg.ATTENTION = lambda q, k, v: (values.append(v.detach()), real(q, k, v))[1]
