@@ -64,6 +64,24 @@ def window_stats(curves: list[list[float]], lo: int, hi: int) -> tuple[float, fl
     return statistics.fmean(means), statistics.stdev(means) if len(means) > 1 else float("nan")
 
 
+def saved_curves(spec: str, seeds: int, steps: int) -> tuple[dict, list[list[float]]]:
+    """One configuration of an earlier run's --json file, spec "FILE[:NAME]" (NAME defaults to B): its overrides
+    (with where they came from) and its curves cut to `seeds` x `steps`."""
+    path, _, name = spec.partition(":")
+    name = name or "B"
+    try:
+        saved = json.loads(Path(path).read_text())
+        held, held_configs = saved["curves"], saved["configs"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a file of compare_losses.py --json ({type(e).__name__}: {e})") from None
+    if name not in held:
+        raise ValueError(f"{path} holds configurations {sorted(held)}, not {name!r}")
+    kept = held[name][:seeds]
+    if len(kept) < seeds or any(len(c) < steps for c in kept):
+        raise ValueError(f"{path}:{name} has fewer than {seeds} seeds of {steps} steps")
+    return {"curves_from": f"{path}:{name}", **held_configs.get(name, {})}, [c[:steps] for c in kept]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--a", default="", help="overrides of configuration A (e.g. RESIDUAL_FP32=1)")
@@ -79,24 +97,20 @@ def main() -> None:
     opts = ap.parse_args()
     if opts.seeds < 2:
         ap.error("--seeds must be at least 2: the noise is the spread over seeds")
+    if opts.a_curves and opts.a:
+        ap.error("--a and --a-curves both describe configuration A: give one of them")
+    configs = {"A": parse_overrides(opts.a), "B": parse_overrides(opts.b)}
+    curves = {name: [] for name in configs}
+    if opts.a_curves:
+        try:
+            configs["A"], curves["A"] = saved_curves(opts.a_curves, opts.seeds, opts.steps)
+        except ValueError as e:
+            ap.error(f"--a-curves: {e}")
 
     _, _, _, device = tg.setup_distributed()
     autocast = tg.make_autocast(device)
     if device.type == "cpu" and opts.cpu_bf16:
         autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    configs = {"A": parse_overrides(opts.a), "B": parse_overrides(opts.b)}
-    curves = {name: [] for name in configs}
-    if opts.a_curves:
-        path, _, name = opts.a_curves.partition(":")
-        saved = json.loads(Path(path).read_text())
-        name = name or "B"
-        if name not in saved["curves"]:
-            ap.error(f"--a-curves: {path} holds configurations {sorted(saved['curves'])}, not {name!r}")
-        curves["A"] = saved["curves"][name][:opts.seeds]
-        configs["A"] = {"curves_from": f"{path}:{name}", **saved["configs"][name]}
-        if len(curves["A"]) < opts.seeds or any(len(c) < opts.steps for c in curves["A"]):
-            ap.error(f"--a-curves: {path}:{name} has fewer than {opts.seeds} seeds of {opts.steps} steps")
-        curves["A"] = [c[:opts.steps] for c in curves["A"]]
     for i in range(opts.seeds):
         for name, overrides in configs.items():
             if len(curves[name]) > i:  # loaded with --a-curves
