@@ -56,6 +56,7 @@ class Hyperparameters:
     max_wallclock_seconds: float = 600.0  # 0 = no cap
     warmup_steps: int = 20  # compile/warm-up steps, undone before the timed run
     warmdown_iters: int = 3500
+    warmdown_frac: float = 0.5  # ... but at most this fraction of the run
     train_batch_tokens: int = 786_432
     train_seq_len: int = 2048
     grad_accum_steps: int = 0  # 0 = 8 // WORLD_SIZE, so the global batch never depends on the world size
@@ -69,6 +70,7 @@ class Hyperparameters:
     mlp_mult: int = 3
     rope_base: float = 10000.0
     rope_dims: int = 16  # partial RoPE: rotate only the first ROPE_DIMS of each head's dims
+    rope_train_len: int = 1024  # RoPE's base is set for this length; longer sequences get the NTK-scaled base
     logit_softcap: float = 30.0  # 0 = off
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = 0.005
@@ -101,7 +103,22 @@ class Hyperparameters:
     swa_start_scale: float = 0.2  # SWA snapshots are taken once the LR scale drops below this
     averaging: str = "ema"  # which weights are quantised: ema | swa | none
     # artifact and evaluation
-    gptq_enabled: bool = True
+    artifact_limit: int = 16_000_000  # bytes of code + compressed model; QUANT_MODE=sdclip searches its step to fit
+    quant_mode: str = "sdclip"  # sdclip (step k*std/qmax per row, fitted to ARTIFACT_LIMIT) | card | lite
+    gptq_enabled: bool = True  # full-Hessian GPTQ error feedback on the mode's grid; 0 = round to nearest
+    sdclip_k_attn: float = 12.85  # SDClip: clip = k * std(row) for attention matrices (int6)
+    sdclip_k_mlp: float = 12.0  # ... MLP matrices (int6)
+    sdclip_k_embed: float = 20.0  # ... embeddings (int7/int8) and other large tables (int8)
+    embed_bits: int = 7  # the tied embedding: 7 (int7) or 8 (int8) bits
+    gptq_calibration: str = "self"  # self: text the trained model samples; train: training batches, inside the cap
+    gptq_calib_seqs: int = 64
+    gptq_calib_len: int = 0  # 0 = TRAIN_SEQ_LEN
+    gptq_calib_temp: float = 0.8
+    gptq_block: int = 128  # columns per GPTQ block
+    gptq_damp: float = 0.01  # added to the Hessian's diagonal, as a fraction of its mean
+    gptq_act_order: bool = False  # quantise columns in order of decreasing Hessian diagonal
+    lqer_rank: int = 0  # LQER: rank of the int4 correction of the quantisation error (0 = off)
+    lqer_top: int = 3  # LQER: how many tensors (largest output error) get it
     compressor: str = "zstd"  # zstd | brotli | lzma
     val_batch_tokens: int = 524_288
     eval_seq_len: int = 0  # 0 = TRAIN_SEQ_LEN
@@ -171,7 +188,7 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
                  "GRAD_CLIP_NORM", "BIGRAM_VOCAB_SIZE", "MUON_MOMENTUM_WARMUP_STEPS", "XSA_LAST_N", "ROPE_DIMS",
                  "MATRIX_LR", "TIED_EMBED_LR", "SCALAR_LR", "MUON_WEIGHT_DECAY", "ADAM_WEIGHT_DECAY"):
         need(getattr(a, name.lower()) >= 0, name, "must not be negative")
-    need(a.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE", "must be 0 (off) or at least 2: bucket 0 is kept for position 0")
+    need(a.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE", "must be 0 (off) or at least 2: the last bucket is kept for position 0")
     need(a.vocab_size <= 65536, "VOCAB_SIZE", "token ids are stored as uint16, so at most 65536")
     need(a.model_dim % a.num_heads == 0, "NUM_HEADS", f"must divide MODEL_DIM={a.model_dim}")
     need(a.num_heads % a.num_kv_heads == 0, "NUM_KV_HEADS", f"must divide NUM_HEADS={a.num_heads}")
@@ -192,6 +209,7 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
          f"must split into WORLD_SIZE({world_size}) x GRAD_ACCUM_STEPS({a.grad_accum_steps}) x TRAIN_SEQ_LEN"
          f"({a.train_seq_len}) = multiples of {micro}")
     need(0 < a.eval_stride <= a.eval_seq_len, "EVAL_STRIDE", f"must lie in [1, EVAL_SEQ_LEN={a.eval_seq_len}]")
+    need(0 < a.warmdown_frac <= 1, "WARMDOWN_FRAC", "must lie in (0, 1]")
     need(0 <= a.late_qat_threshold <= 1, "LATE_QAT_THRESHOLD", "must lie in [0, 1]")
     need(0 <= a.ema_decay < 1, "EMA_DECAY", "must lie in [0, 1)")
     need(0 <= a.swa_start_scale <= 1, "SWA_START_SCALE", "must lie in [0, 1]")
@@ -209,6 +227,18 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
     a.fused_kernels = ",".join(k for k in FUSED_KINDS if k in chosen) or "none"
     need(a.attention in ("auto", "fa3", "cudnn", "flash", "efficient", "math"), "ATTENTION",
          "must be auto, fa3, cudnn, flash, efficient or math")
+    a.gptq_calib_len = a.gptq_calib_len or a.train_seq_len
+    need(a.artifact_limit <= ARTIFACT_LIMIT, "ARTIFACT_LIMIT", f"the challenge caps code + model at {ARTIFACT_LIMIT}")
+    for name in ("ARTIFACT_LIMIT", "ROPE_TRAIN_LEN", "GPTQ_CALIB_SEQS", "GPTQ_CALIB_LEN", "GPTQ_BLOCK", "LQER_TOP"):
+        need(getattr(a, name.lower()) >= 1, name, "must be at least 1")
+    need(a.quant_mode in QUANT_MODES, "QUANT_MODE", f"must be one of {', '.join(QUANT_MODES)}")
+    for name in ("SDCLIP_K_ATTN", "SDCLIP_K_MLP", "SDCLIP_K_EMBED", "GPTQ_CALIB_TEMP"):
+        need(0 < getattr(a, name.lower()) < math.inf, name, "must be a positive finite number")
+    need(0 <= a.gptq_damp < math.inf, "GPTQ_DAMP", "must be a non-negative finite number")
+    need(a.embed_bits in (7, 8), "EMBED_BITS", "must be 7 or 8")
+    need(a.gptq_calibration in ("self", "train"), "GPTQ_CALIBRATION", "must be self or train")
+    need(a.lqer_rank >= 0, "LQER_RANK", "must not be negative")
+    need(a.lqer_rank == 0 or a.quant_mode == "sdclip", "LQER_RANK", "needs QUANT_MODE=sdclip (the budget pays for it)")
     need(not a.eval_only or Path(a.eval_only).is_file(), "EVAL_ONLY", "is not a file")
     return a
 
@@ -343,6 +373,13 @@ class TrainLoader:
         self.pinned[self.turn].numpy()[:] = local
         return self.pinned[self.turn], self.turn
 
+    def sequences(self, n_seqs: int, length: int) -> Tensor:
+        """This rank's share (every world-th of them) of the next n_seqs sequences of `length` tokens of the stream,
+        on the device: GPTQ calibration on training data."""
+        self.pending.result()  # the worker must not be reading the stream meanwhile
+        rows = torch.from_numpy(self.stream.take(n_seqs * length).astype(np.int64)).view(n_seqs, length)
+        return rows[self.rank::self.world_size].to(self.device)
+
     def next_batch(self) -> list[tuple[Tensor, Tensor]]:
         local, turn = self.pending.result()
         if self.device.type == "cuda":
@@ -416,11 +453,15 @@ def torch_rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),), eps=NORM_EPS)
 
 
+def softcapped_logits(h: Tensor, weight: Tensor, softcap: float) -> Tensor:
+    """softcap * tanh(h @ weight.T / softcap) in fp32 (plain logits when softcap is 0)."""
+    logits = F.linear(h, weight.to(h.dtype)).float()
+    return softcap * torch.tanh(logits / softcap) if softcap > 0 else logits
+
+
 def torch_lm_head_loss(h: Tensor, weight: Tensor, targets: Tensor, softcap: float, reduction: str) -> Tensor:
-    """Cross-entropy of softcap * tanh(h @ weight.T / softcap); "none" gives the losses shaped like targets."""
-    logits = F.linear(h.reshape(-1, h.size(-1)), weight.to(h.dtype)).float()
-    if softcap > 0:
-        logits = softcap * torch.tanh(logits / softcap)
+    """Cross-entropy of the softcapped logits; "none" gives the losses shaped like targets."""
+    logits = softcapped_logits(h.reshape(-1, h.size(-1)), weight, softcap)
     loss = F.cross_entropy(logits, targets.reshape(-1), reduction=reduction)
     return loss.view(targets.shape) if reduction == "none" else loss
 
@@ -476,25 +517,43 @@ def use_fused_kernels(which: str) -> str:
     return which
 
 
-def fake_quantize_int6(w: Tensor) -> Tensor:
-    """Round w to the int6 grid it will be stored on (per-row scale = row max / 31) in the forward pass, and let
-    the gradient through unchanged (straight-through estimator)."""
-    scale = w.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / INT6_MAX
-    q = torch.clamp(torch.round(w.detach() / scale), -INT6_MAX, INT6_MAX) * scale
-    return w + (q - w.detach())
+def fake_quantize(w: Tensor, grid: str, k: Tensor) -> Tensor:
+    """w rounded onto the int6 grid its export stores (forward pass), the gradient passed straight through (STE).
+    sdclip: step k * std(row) / 31, codes in [-31, 31]. card (the record's QAT): step max(row max / 31, 1/31),
+    codes in [-32, 31]. lite: step row max / 31, codes in [-31, 31]."""
+    wd = w.detach()
+    if grid == "sdclip":  # the step as the export stores it (fp16), so QAT's grid is the artifact's exactly
+        scale = (k * wd.std(dim=1, keepdim=True, correction=0) / INT6_MAX).to(torch.float16).float()
+    else:
+        scale = wd.abs().amax(dim=1, keepdim=True) / INT6_MAX
+        if grid == "card":
+            scale = scale.clamp_min(1 / INT6_MAX)
+    low = -INT6_MAX - 1 if grid == "card" else -INT6_MAX
+    q = torch.clamp(torch.round(wd / scale.clamp_min(1e-12)), low, INT6_MAX) * scale
+    return w + (q - wd)
 
 
 class CastedLinear(nn.Linear):
-    """fp32 master weights cast to the activation dtype at use. Block matrices (stored as int6) are fake-quantised
-    once late QAT switches `qat` on."""
+    """fp32 master weights cast to the activation dtype at use. Once late QAT switches `qat` on, a training forward
+    uses the weight fake-quantised onto its export grid (`qat_grid`, `qat_k`). While `hessian` is set (GPTQ
+    calibration), `observe` adds X^T X of the layer's inputs to it."""
 
     def __init__(self, in_features: int, out_features: int, *, int6: bool = False, zero_init: bool = False,
                  out_proj: bool = False):
         super().__init__(in_features, out_features, bias=False)
-        self.int6, self.zero_init, self.out_proj, self.qat = int6, zero_init, out_proj, False
+        self.int6, self.zero_init, self.out_proj = int6, zero_init, out_proj
+        self.qat, self.qat_grid = False, "sdclip"
+        # a tensor, not a float: setting it when QAT switches on must not recompile the training graph
+        self.register_buffer("qat_k", torch.tensor(1.0), persistent=False)
+        self.hessian: Tensor | None = None
 
     def weight_in_use(self) -> Tensor:
-        return fake_quantize_int6(self.weight) if self.qat else self.weight
+        return fake_quantize(self.weight, self.qat_grid, self.qat_k) if self.qat and self.training else self.weight
+
+    def observe(self, x: Tensor) -> None:
+        if self.hessian is not None:
+            x = x.reshape(-1, x.size(-1)).float()
+            self.hessian.addmm_(x.T, x)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight_in_use().to(x.dtype))
@@ -507,31 +566,34 @@ class CastedLinear(nn.Linear):
 
 
 class Rotary(nn.Module):
-    """Rotary embedding of the first `dims` dims of each head; past the trained length the base grows (NTK-aware)
-    so that the lowest frequency still spans the longer window."""
+    """Rotary embedding of the first `dims` dims of each head. The base is set for `train_len` positions; a longer
+    sequence of T positions gets the NTK-aware base * (T / train_len)^(dims / (dims - 2)), so that its lowest
+    frequency still spans the window. The record builds every block's rotary with train_len 1024 and trains and
+    evaluates at 2048, i.e. at base 10000 * 2^(8/7)."""
 
-    def __init__(self, dims: int, base: float, train_seq_len: int):
+    def __init__(self, dims: int, base: float, train_len: int, table_len: int):
         super().__init__()
-        self.dims, self.base, self.train_seq_len = dims, base, train_seq_len
+        self.dims, self.base, self.train_len = dims, base, train_len
         # The training length's table is a buffer that compiled graphs load. Computed inside the graph instead,
         # inductor re-derived pow/cos/sin for every element of the q/k backward: 34 ms/step on an H100.
-        cos, sin = self.table(train_seq_len, torch.device("cpu"))
+        cos, sin = self.table(table_len, torch.device("cpu"))
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
     def table(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """cos and sin, (1, seq_len, 1, dims/2) fp32."""
+        """cos and sin for a sequence of seq_len positions, (1, seq_len, 1, dims/2) fp32."""
         base = self.base
-        if seq_len > self.train_seq_len:
-            base *= (seq_len / self.train_seq_len) ** (self.dims / max(self.dims - 2, 1))
+        if seq_len > self.train_len:
+            base *= (seq_len / self.train_len) ** (self.dims / max(self.dims - 2, 1))
         inv_freq = 1.0 / base ** (torch.arange(0, self.dims, 2, dtype=torch.float32, device=device) / self.dims)
         freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
         return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        # (computed once per forward and shared by every layer)
-        if seq_len <= self.train_seq_len and self.cos.device == device:
-            return self.cos[:, :seq_len], self.sin[:, :seq_len]
+        # (computed once per forward and shared by every layer; the base depends on the whole length, so a
+        # shorter sequence gets its own table, not a slice of this one)
+        if seq_len == self.cos.size(1) and self.cos.device == device:
+            return self.cos, self.sin
         return self.table(seq_len, device)
 
 
@@ -555,6 +617,15 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
     return (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
 
 
+def attend_to_cache(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Attention of one new position q (B, 1, H, D) to every cached position k, v (B, t, Hkv, D), itself the last:
+    no mask is needed. fp32 softmax; used only for sampling, where one query per sequence is cheap."""
+    B, _, H, D = q.shape
+    qg = q.view(B, k.size(2), H // k.size(2), D).float()
+    p = torch.einsum("bhgd,bthd->bhgt", qg, k.float()).div(math.sqrt(D)).softmax(-1)
+    return torch.einsum("bhgt,bthd->bhgd", p, v.float()).reshape(B, 1, H, D).to(q.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, args: Hyperparameters, xsa: bool):
         super().__init__()
@@ -564,33 +635,42 @@ class CausalSelfAttention(nn.Module):
         self.c_q = CastedLinear(args.model_dim, args.model_dim, int6=True)
         self.c_k = CastedLinear(args.model_dim, kv_dim, int6=True)
         self.c_v = CastedLinear(args.model_dim, kv_dim, int6=True)
-        self.proj = CastedLinear(args.model_dim, args.model_dim, int6=True, out_proj=True)
+        self.proj = CastedLinear(args.model_dim, args.model_dim, int6=True, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((self.num_heads,), args.qk_gain_init))
         self.xsa = xsa
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], value_embed: Tensor | None, out_scale: Tensor) -> Tensor:
-        """out_scale * attention(x), the per-channel scale applied through the output projection's weight."""
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], value_embed: Tensor | None, out_scale: Tensor,
+                kv_append=None) -> Tensor:
+        """out_scale * attention(x), the per-channel scale applied through the output projection's weight. With
+        kv_append (sampling), x is one new position and attends to the keys and values cached before it."""
         B, T, C = x.shape
+        self.c_q.observe(x)  # (c_k and c_v read the same input: they share its Hessian)
         # one matmul for q, k and v (three separate weights, so Muon and int6 still see three matrices)
         w = torch.cat([self.c_q.weight_in_use(), self.c_k.weight_in_use(), self.c_v.weight_in_use()])
         qkv = F.linear(x, w.to(x.dtype))
         q, k, v = QKV_HEADS(qkv, *rope, self.q_gain, None if value_embed is None else value_embed.to(qkv.dtype),
                             self.num_heads, self.num_kv_heads)
-        y = ATTENTION(q, k, v)
+        y = ATTENTION(q, k, v) if kv_append is None else attend_to_cache(q, *kv_append(k, v))
         if self.xsa:
             y = exclude_self_value(y, v)
-        return F.linear(y.reshape(B, T, C), self.proj.scaled_weight(out_scale, y.dtype))
+        y = y.reshape(B, T, C)
+        self.proj.observe(y)
+        return F.linear(y, self.proj.scaled_weight(out_scale, y.dtype))
 
 
 class MLP(nn.Module):
     def __init__(self, dim: int, mult: int):
         super().__init__()
         self.fc = CastedLinear(dim, mult * dim, int6=True)
-        self.proj = CastedLinear(mult * dim, dim, int6=True, out_proj=True)
+        self.proj = CastedLinear(mult * dim, dim, int6=True, zero_init=True)
 
     def forward(self, x: Tensor, out_scale: Tensor) -> Tensor:
         """out_scale * mlp(x), the per-channel scale applied through the output projection's weight."""
-        return RELU2_MLP(x, self.fc.weight_in_use().to(x.dtype), self.proj.scaled_weight(out_scale, x.dtype))
+        w_fc = self.fc.weight_in_use().to(x.dtype)
+        self.fc.observe(x)
+        if self.proj.hessian is not None:  # calibration only: the fused kernel never materialises relu(x W^T)^2
+            self.proj.observe(torch.relu(F.linear(x, w_fc)).square())
+        return RELU2_MLP(x, w_fc, self.proj.scaled_weight(out_scale, x.dtype))
 
 
 class Block(nn.Module):
@@ -605,10 +685,11 @@ class Block(nn.Module):
         # LN scale: deeper blocks see their normalised input damped by 1/sqrt(layer + 1)
         self.ln_scale = 1.0 / math.sqrt(layer + 1) if args.ln_scale else 1.0
 
-    def forward(self, x: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor], value_embed: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor], value_embed: Tensor | None,
+                kv_append=None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn(rms_norm(x) * self.ln_scale, rope, value_embed, self.attn_scale)
+        x = x + self.attn(rms_norm(x) * self.ln_scale, rope, value_embed, self.attn_scale, kv_append)
         return x + self.mlp(rms_norm(x) * self.ln_scale, self.mlp_scale)
 
 
@@ -620,17 +701,17 @@ class SmearGate(nn.Module):
         self.gate = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        g = torch.sigmoid(self.gate).to(x.dtype)
+        g = torch.sigmoid(self.gate.to(x.dtype))
         prev = F.pad(x[:, :-1], (0, 0, 1, 0))
         return (1 - g) * x + g * prev
 
 
 def bigram_bucket(ids: Tensor, buckets: int) -> Tensor:
-    """Hash of (previous id, id) into [1, buckets); position 0, which has no previous token, gets bucket 0."""
-    prev = F.pad(ids[:, :-1], (1, 0))
-    h = torch.bitwise_xor(prev * 1_000_003, ids * 998_244_353) % (buckets - 1) + 1
-    h[:, 0] = 0
-    return h
+    """The record's hash of (previous id, id): (36313 id XOR 27191 previous) mod (buckets - 1), in int32
+    arithmetic; position 0, which has no previous token, gets the last bucket, buckets - 1."""
+    t = ids.to(torch.int32)
+    pairs = torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]) % (buckets - 1)
+    return torch.cat([torch.full_like(t[:, :1], buckets - 1), pairs], dim=1).long()
 
 
 class BigramHash(nn.Module):
@@ -638,30 +719,57 @@ class BigramHash(nn.Module):
         super().__init__()
         self.buckets = buckets
         self.embed = nn.Embedding(buckets, dim)
-        self.proj = CastedLinear(dim, model_dim, zero_init=True)
+        self.proj = CastedLinear(dim, model_dim, out_proj=True)
         self.scale = nn.Parameter(torch.tensor(0.05))
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.scale * self.proj(self.embed(bigram_bucket(ids, self.buckets)))
+        h = self.proj(self.embed(bigram_bucket(ids, self.buckets)))
+        return h * self.scale.to(h.dtype)
 
 
 class ValueEmbedding(nn.Module):
-    """One token table shared by the layers in VE_LAYERS, projected to the KV width and added to their values."""
+    """One token table shared by the layers in VE_LAYERS, projected to the KV width and scaled by a learned scalar;
+    each of those layers adds it to its values times its own learned scale."""
 
     def __init__(self, vocab_size: int, dim: int, kv_dim: int, num_layers: int):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
-        self.proj = CastedLinear(dim, kv_dim)
-        self.layer_scales = nn.Parameter(torch.full((num_layers,), 0.1))
+        self.proj = CastedLinear(dim, kv_dim, out_proj=True)
+        self.scale = nn.Parameter(torch.tensor(0.1))
+        self.layer_scales = nn.Parameter(torch.ones(num_layers))
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.proj(self.embed(ids))
+        h = self.proj(self.embed(ids))
+        return h * self.scale.to(h.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer at the positions sampled so far (autoregressive sampling for GPTQ
+    calibration). The rotary table is that of the whole sequence: the base depends on its length."""
+
+    def __init__(self, model: "GPT", batch: int, length: int, device: torch.device):
+        attn = model.blocks[0].attn
+        self.shape = (len(model.blocks), batch, length, attn.num_kv_heads, attn.head_dim)
+        self.k = self.v = None  # allocated at the first append, in the dtype the attention computes in
+        self.rope = model.rotary(length, device)
+        self.pos = 0
+
+    def layer(self, i: int):
+        def append(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+            """Store this position's k, v (B, 1, Hkv, D) of layer i; return all of them up to it."""
+            if self.k is None:
+                self.k, self.v = (torch.zeros(self.shape, device=k.device, dtype=k.dtype) for _ in range(2))
+            self.k[i, :, self.pos], self.v[i, :, self.pos] = k[:, 0], v[:, 0]
+            return self.k[i, :, :self.pos + 1], self.v[i, :, :self.pos + 1]
+
+        return append
 
 
 class GPT(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
         self.softcap, self.residual_fp32 = args.logit_softcap, args.residual_fp32
+        self.qat_config = (args.quant_mode, args.sdclip_k_attn, args.sdclip_k_mlp)
         self.tok_emb = nn.Embedding(args.vocab_size, args.model_dim)
         self.bigram = BigramHash(args.bigram_vocab_size, args.bigram_dim, args.model_dim) if args.bigram_vocab_size else None
         self.smear = SmearGate(args.model_dim) if args.smear_gate else None
@@ -669,7 +777,7 @@ class GPT(nn.Module):
         kv_dim = args.num_kv_heads * (args.model_dim // args.num_heads)
         self.ve = ValueEmbedding(args.vocab_size, args.ve_dim, kv_dim, len(ve_layers)) if ve_layers else None
         self.ve_slot = {layer: i for i, layer in enumerate(ve_layers)}
-        self.rotary = Rotary(args.rope_dims, args.rope_base, args.train_seq_len)
+        self.rotary = Rotary(args.rope_dims, args.rope_base, args.rope_train_len, args.train_seq_len)
         self.blocks = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
         # U-Net: the first half pushes its outputs, the second half pops them back in with learned weights
         self.num_encoder = args.num_layers // 2
@@ -678,10 +786,16 @@ class GPT(nn.Module):
         self._init_weights(args)
 
     def _init_weights(self, args: Hyperparameters) -> None:
+        """The record's: tied embedding N(0, TIED_EMBED_INIT_STD), BigramHash table zero, value-embedding table
+        N(0, 0.01); linear layers of at least 64 x 64 orthogonal, except the blocks' output projections (attn.proj,
+        mlp.proj), which start at zero, and the other projections (BigramHash's, the value embedding's), scaled by
+        1/sqrt(2 layers); smaller linear layers keep nn.Linear's default."""
         nn.init.normal_(self.tok_emb.weight, std=args.tied_embed_init_std)
+        if self.bigram is not None:
+            nn.init.zeros_(self.bigram.embed.weight)
+        if self.ve is not None:
+            nn.init.normal_(self.ve.embed.weight, std=0.01)
         for m in self.modules():
-            if isinstance(m, nn.Embedding) and m is not self.tok_emb:
-                nn.init.normal_(m.weight, std=0.02)
             if not isinstance(m, CastedLinear):
                 continue
             if m.zero_init:
@@ -690,16 +804,18 @@ class GPT(nn.Module):
                 nn.init.orthogonal_(m.weight)
                 if m.out_proj:
                     m.weight.data.mul_(1.0 / math.sqrt(2 * args.num_layers))
-            else:
-                nn.init.normal_(m.weight, std=m.in_features ** -0.5)
 
-    def set_qat(self, on: bool) -> None:
-        for m in self.modules():
-            if isinstance(m, CastedLinear) and m.int6:
-                m.qat = on
+    def set_qat(self, on: bool, multiplier: float = 1.0) -> None:
+        """Late QAT on or off. QUANT_MODE=sdclip fake-quantises the int6 matrices at SDClip k x multiplier (the
+        multiplier the byte budget predicts); card fake-quantises every linear layer, as the record does."""
+        grid, k_attn, k_mlp = self.qat_config
+        for name, m in self.named_modules():
+            if isinstance(m, CastedLinear):
+                m.qat, m.qat_grid = on and (m.int6 or grid == "card"), grid
+                m.qat_k.fill_(multiplier * (k_mlp if ".mlp." in name else k_attn))
 
-    def hidden(self, ids: Tensor) -> Tensor:
-        """Final normalised hidden states (B, T, D) for token ids (B, T)."""
+    def embed(self, ids: Tensor) -> Tensor:
+        """x0: the token embedding (+ BigramHash), normalised, smeared (B, T, D)."""
         x = self.tok_emb(ids)
         # Under autocast the residual stream (embeddings, block outputs, skips) runs in bf16 like the record's
         # script: it halves the bytes of the ~20 elementwise passes a block makes over it. Weights stay fp32.
@@ -708,19 +824,31 @@ class GPT(nn.Module):
         if self.bigram is not None:
             x = x + self.bigram(ids)
         x = rms_norm(x)
-        if self.smear is not None:
-            x = self.smear(x)
+        return self.smear(x) if self.smear is not None else x
+
+    def hidden(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Final normalised hidden states (B, T, D) for token ids (B, T). With a cache (sampling), ids holds the
+        sequences so far and only position cache.pos is computed, from the cached positions before it (B, 1, D)."""
+        if cache is None:
+            x, rope, own = self.embed(ids), self.rotary(ids.size(1), ids.device), ids
+        else:
+            # SmearGate reads the previous position, whose BigramHash reads the one before: embed the last three
+            p = cache.pos
+            x, own = self.embed(ids[:, max(p - 2, 0):p + 1])[:, -1:], ids[:, p:p + 1]
+            rope = tuple(t[:, p:p + 1] for t in cache.rope)
         x0 = x
-        ve = self.ve(ids) if self.ve is not None else None
-        rope = self.rotary(ids.size(1), ids.device)
+        ve = self.ve(own) if self.ve is not None else None
         skips = []
         for i, block in enumerate(self.blocks):
             if i >= self.num_encoder and skips:
                 x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
             slot = self.ve_slot.get(i)
-            x = block(x, x0, rope, None if slot is None else self.ve.layer_scales[slot] * ve)
+            x = block(x, x0, rope, None if slot is None else self.ve.layer_scales[slot].to(ve.dtype) * ve,
+                      None if cache is None else cache.layer(i))
             if i < self.num_encoder:
                 skips.append(x)
+        if cache is not None:
+            cache.pos += 1
         return rms_norm(x)
 
     def token_losses(self, h: Tensor, targets: Tensor, reduction: str) -> Tensor:
@@ -849,11 +977,12 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizers(model: GPT, args: Hyperparameters) -> list[torch.optim.Optimizer]:
-    """Muon: the block matrices. Adam: embedding tables (at the tied-embedding LR) and everything else."""
+    """Muon: every linear layer's matrix (the blocks', BigramHash's and the value embedding's projections, as the
+    record). Adam: embedding tables (at the tied-embedding LR) and everything else."""
     kinds = module_kinds(model)
     matrices, embeddings, controls = [], [], []
     for name, p in model.named_parameters():
-        {"int6": matrices, "embedding": embeddings}.get(kinds.get(name), controls).append(p)
+        {"int6": matrices, "matrix": matrices, "embedding": embeddings}.get(kinds.get(name), controls).append(p)
     adam = torch.optim.AdamW(
         [dict(params=embeddings, lr=args.tied_embed_lr, base_lr=args.tied_embed_lr),
          dict(params=controls, lr=args.scalar_lr, base_lr=args.scalar_lr)],
@@ -867,17 +996,24 @@ def build_optimizers(model: GPT, args: Hyperparameters) -> list[torch.optim.Opti
 
 
 def lr_scale(step: int, elapsed_ms: float, args: Hyperparameters) -> float:
-    """1 until the warmdown, then linear to 0 at the end. Under a wallclock cap the warmdown is the last
-    WARMDOWN_ITERS steps' worth of time, estimated from the average step time so far."""
+    """1 until the warmdown, then linear to 0 at the end. The warmdown is the last WARMDOWN_ITERS steps, but at most
+    WARMDOWN_FRAC of the run: at full length that is the record's 3,500 steps (under the 600 s cap, 3,500 steps'
+    worth of time, from the average step time so far); a short trial still trains at full LR first."""
     if args.warmdown_iters == 0:
         return 1.0
+    by_steps = max(args.iterations - step, 0) / max(min(args.warmdown_iters, args.warmdown_frac * args.iterations), 1e-9)
     if args.max_wallclock_seconds <= 0:
-        return min(1.0, max(args.iterations - step, 0) / args.warmdown_iters)
-    warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
+        return min(1.0, by_steps)
+    warmdown_ms = min(args.warmdown_iters * elapsed_ms / max(step, 1), args.warmdown_frac * 1000 * args.max_wallclock_seconds)
     remaining_ms = max(1000 * args.max_wallclock_seconds - elapsed_ms, 0.0)
-    by_time = remaining_ms / max(warmdown_ms, 1e-9)
-    by_steps = max(args.iterations - step, 0) / args.warmdown_iters
-    return min(1.0, by_time, by_steps)
+    return min(1.0, remaining_ms / max(warmdown_ms, 1e-9), by_steps)
+
+
+def ema_decay(run_steps: float, args: Hyperparameters) -> float:
+    """EMA_DECAY, but with a time constant 1 / (1 - decay) of at most a quarter of the run, so that a short trial
+    does not keep its initial weights (0.997 averages over ~333 steps; unchanged for a full run or QS-2's 240 steps
+    at 0.98)."""
+    return min(args.ema_decay, max(0.0, 1 - 4 / max(run_steps, 1)))
 
 
 def muon_momentum(step: int, args: Hyperparameters) -> float:
@@ -897,10 +1033,10 @@ class WeightAverages:
         self.swa_count = 0
 
     @torch.no_grad()
-    def update(self, step: int, scale: float) -> bool:
-        """Returns True when this step started SWA."""
+    def update(self, step: int, scale: float, run_steps: float) -> bool:
+        """Returns True when this step started SWA. run_steps: how many steps the run is expected to take."""
         if self.ema is not None:
-            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1 - self.args.ema_decay)
+            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1 - ema_decay(run_steps, self.args))
         if not (self.args.swa_enabled and scale < self.args.swa_start_scale and step % self.args.swa_every == 0):
             return False
         started = self.swa is None
@@ -993,16 +1129,26 @@ def make_window_forward(model: GPT, stride: int, compile_it: bool):
 
 
 # -----------------------------------------------------------------------------
-# Artifact: block matrices -> int6 per row (GPTQ-lite clip search), embeddings -> int8 per row, small tensors ->
-# fp16, control tensors -> fp32; a JSON-described byte layout (nothing executable), then a byte-level compressor.
+# Artifact. QUANT_MODE=sdclip (default): every large matrix and table is stored per row on a grid of step
+# k * std(row) / qmax (SDClip; int6 block matrices, the tied embedding in int7 or int8, other tables in int8), the
+# codes chosen by full-Hessian GPTQ where a Hessian exists, and one multiplier on every k is searched so that code +
+# compressed model land just under ARTIFACT_LIMIT. card: the record's GPTQ-lite, bit for bit. lite: GPTQ-lite
+# without the record's 1/31 floor. Small tensors -> fp16, control tensors -> fp32; a JSON-described byte layout
+# (nothing executable), then a byte-level compressor.
 
-INT6_MAX = 31
-INT8_MAX = 127
+INT4_MAX, INT6_MAX, INT7_MAX, INT8_MAX = 7, 31, 63, 127
 SMALL_TENSOR = 65_536
-GPTQ_CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+QUANT_MODES = ("sdclip", "card", "lite")
+CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # GPTQ-lite's per-matrix candidates (the record's)
+CARD_INT8_CLIP_QUANTILE = 0.9999984  # the record's clip of its int8 tensors
+# The budget search's multipliers on SDClip's k: from clipping at ~3 std (below that, finer steps clip so much
+# that the codes' entropy falls again) to a step of ~3 std (almost every code 0).
+MULTIPLIERS = (0.25, 8.0)
+BUDGET_SLACK = 20_000  # the search stops once the artifact lies within this many bytes under the limit
+BUDGET_TRIES = 6  # real compressions the search may spend
+BOS_ID = 1
 ARTIFACT_MAGIC = b"PGOLF1\n"
 ARTIFACT_LIMIT = 16_000_000
-
 
 class ArtifactError(RuntimeError):
     """An artifact file that cannot be decoded; the message says what is wrong."""
@@ -1051,73 +1197,336 @@ def module_kinds(model: nn.Module) -> dict[str, str]:
     return kinds
 
 
+# Calibration for GPTQ: text the trained model writes itself (legal after the training cap: it reads no training
+# or validation data), and the Hessians H = X^T X of every quantised matrix's inputs on it.
+
+
+@torch.no_grad()
+def sample_calibration(model: GPT, n_seqs: int, rows: range, length: int, temperature: float, seed: int,
+                       autocast) -> Tensor:
+    """Rows `rows` of n_seqs sequences of `length` tokens, each BOS and then what the model samples at
+    `temperature`, decoded with a KV cache: (len(rows), length) int64 on the model's device. Sampling is Gumbel-max
+    with noise drawn for all n_seqs rows from one generator seeded with `seed`, so a row's text does not depend on
+    how the rows are split over ranks."""
+    device = model.tok_emb.weight.device
+    tokens = torch.full((len(rows), length), BOS_ID, dtype=torch.long, device=device)
+    if not len(rows):
+        return tokens
+    generator = torch.Generator(device=device).manual_seed(seed)
+    mine = torch.as_tensor(list(rows), device=device)
+    was_training = model.training
+    model.eval()
+    with autocast():
+        cache = KVCache(model, len(rows), length, device)
+        for p in range(length - 1):
+            logits = softcapped_logits(model.hidden(tokens, cache)[:, 0], model.tok_emb.weight, model.softcap)
+            u = torch.rand((n_seqs, logits.size(-1)), generator=generator, device=device)[mine]
+            gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
+            tokens[:, p + 1] = (logits.float() / temperature + gumbel).argmax(dim=-1)
+    model.train(was_training)
+    return tokens
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, seqs: Tensor, batch_seqs: int, autocast) -> dict[str, Tensor]:
+    """{weight name: H} summed over the tokens of seqs (N, T): for every int6 matrix, X^T X of its inputs (c_k and
+    c_v share c_q's: the same tensor), and for the tied embedding, as the output head, that of the final hidden
+    states it multiplies. fp32, on the model's device."""
+    device = model.tok_emb.weight.device
+    observed = {name: m for name, m in model.named_modules()
+                if isinstance(m, CastedLinear) and m.int6 and not name.endswith((".c_k", ".c_v"))}
+    for m in observed.values():
+        m.hessian = torch.zeros(m.in_features, m.in_features, device=device)
+    head = torch.zeros(model.tok_emb.embedding_dim, model.tok_emb.embedding_dim, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast():
+            for chunk in seqs.split(batch_seqs):
+                h = model.hidden(chunk).reshape(-1, head.size(0)).float()
+                head.addmm_(h.T, h)
+        hessians = {"tok_emb.weight": head}
+        for name, m in observed.items():
+            sharing = (name, name[:-len("c_q")] + "c_k", name[:-len("c_q")] + "c_v") if name.endswith(".c_q") else (name,)
+            hessians.update({f"{n}.weight": m.hessian for n in sharing})
+    finally:
+        for m in observed.values():
+            m.hessian = None
+        model.train(was_training)
+    return hessians
+
+
+# Quantisers. A row's codes are round(w / step) clamped to [-qmax, qmax], its step stored in fp16 (and the codes
+# computed with the stored value, so that what is measured here is what is stored).
+
+
+def row_steps(clip: Tensor, qmax: int) -> Tensor:
+    """clip / qmax per row in fp16; 1 for a row whose clip is 0 (an all-zero row: its codes are 0 either way)."""
+    step = (clip / qmax).to(torch.float16)
+    return torch.where(step > 0, step, torch.ones_like(step))
+
+
+def round_rows(w: Tensor, step: Tensor, qmax: int) -> Tensor:
+    return torch.clamp(torch.round(w / step.float()[:, None]), -qmax, qmax).to(torch.int8)
+
+
 def quantize_rows(w: Tensor, qmax: int, clip: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row quantisation with per-row clip values; the scale is rounded to fp16 first, so the error
-    measured here is the error of what is stored."""
-    scale = (clip / qmax).to(torch.float16)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.clamp(torch.round(w / scale.float()[:, None]), -qmax, qmax).to(torch.int8)
-    return q, scale
+    """Symmetric per-row round-to-nearest with per-row clip values: (codes, fp16 steps)."""
+    step = row_steps(clip, qmax)
+    return round_rows(w, step, qmax), step
 
 
 def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
 
 
-def quantize_int6(w: Tensor, search: bool) -> tuple[Tensor, Tensor, float]:
-    """GPTQ-lite: per matrix, the row-quantile clip (of |w|) with the least reconstruction MSE; row max without
-    search. Returns (q, scale, chosen quantile)."""
+def gptq_lite(w: Tensor, floor: float) -> tuple[Tensor, Tensor, float]:
+    """GPTQ-lite: per matrix, the clip among the row quantiles CLIP_QUANTILES of |w| whose int6 codes have the
+    least mean squared error, with the step floored at `floor` before its fp16 rounding. floor = 1/31 is the
+    record's quantiser bit for bit; QUANT_MODE=lite takes 0. Returns (codes, steps, the chosen quantile)."""
     absw = w.abs()
     best = None
-    for quantile in GPTQ_CLIP_QUANTILES if search else (1.0,):
+    for quantile in CLIP_QUANTILES:
         clip = absw.amax(dim=1) if quantile == 1.0 else torch.quantile(absw, quantile, dim=1)
-        q, scale = quantize_rows(w, INT6_MAX, clip)
-        err = (dequantize_rows(q, scale) - w).square().sum().item()
-        if best is None or err < best[0]:
-            best = (err, q, scale, quantile)
+        step = (clip / INT6_MAX).clamp_min(floor).to(torch.float16)
+        step = torch.where(step > 0, step, torch.ones_like(step))
+        q = round_rows(w, step, INT6_MAX)
+        err = (w - dequantize_rows(q, step)).pow(2).mean().item()
+        if best is None or err < best[0]:  # ties keep the earlier candidate, as the record's loop does
+            best = (err, q, step, quantile)
     return best[1], best[2], best[3]
 
 
-def quantize_state(model: GPT, state: dict[str, Tensor], gptq: bool) -> tuple[dict, list[dict]]:
-    """Returns ({name: stored tensors, on the CPU}, one table row per tensor for the log). The clip search runs
-    wherever the weights live (the GPU after training)."""
+def card_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """The record's int8 rows: clip at the CARD_INT8_CLIP_QUANTILE quantile of |w|, step max(clip / 127, 1/127);
+    the codes use the fp32 step, the fp16 one is stored."""
+    clip = torch.quantile(w.abs(), CARD_INT8_CLIP_QUANTILE, dim=1)
+    step = (clip / INT8_MAX).clamp_min(1 / INT8_MAX)
+    clipped = torch.clamp(w, -clip[:, None], clip[:, None])
+    q = torch.clamp(torch.round(clipped / step[:, None]), -INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, step.to(torch.float16)
+
+
+def gptq_factor(h: Tensor, damp: float, act_order: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """What GPTQ needs of a Hessian H = X^T X: the upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1,
+    with the columns in order of decreasing diag H under act order, that order (or None), and the dead columns
+    (diag 0: no input ever reached them). The damping grows tenfold until the factorisation succeeds."""
+    h = h.clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else None
+    if perm is not None:
+        h = h[perm][:, perm]
+    eye = torch.eye(h.size(0), dtype=h.dtype, device=h.device)
+    extra = damp * torch.diagonal(h).mean()
+    for _ in range(8):
+        try:
+            u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h + extra * eye)), upper=True)
+            return u, perm, dead
+        except torch.linalg.LinAlgError:
+            extra = max(10 * extra, 1e-6 * torch.diagonal(h).mean())
+    raise ArtifactError("GPTQ: a Hessian stays singular after 7 tenfold increases of its damping; raise GPTQ_DAMP or "
+                        "GPTQ_CALIB_SEQS")
+
+
+def gptq_quantize(w: Tensor, step: Tensor, qmax: int, factor, block: int) -> Tensor:
+    """GPTQ (Frantar et al. 2022): w's columns are rounded one at a time onto the fixed per-row grid `step`, and
+    each column's rounding error is fed back into the columns not yet rounded through the inverse Hessian's
+    Cholesky factor, so that the layer's output error ||X (W - Q)^T|| is what gets small, not the weights' error.
+    Blocks of columns turn the feedback to later blocks into one matmul. Dead columns are coded 0."""
+    u, perm, dead = factor
+    w = w.to(u.dtype).clone()
+    w[:, dead] = 0.0
+    if perm is not None:
+        w = w[:, perm]
+    s = step.to(u.dtype)
+    q = torch.zeros_like(w)
+    for i1 in range(0, w.size(1), block):
+        i2 = min(i1 + block, w.size(1))
+        wb, errs, ub = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2]), u[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            col = wb[:, j]
+            qc = torch.clamp(torch.round(col / s), -qmax, qmax)
+            q[:, i1 + j] = qc
+            err = (col - qc * s) / ub[j, j]
+            wb[:, j:] -= err[:, None] * ub[j, j:][None, :]
+            errs[:, j] = err
+        w[:, i2:] -= errs @ u[i1:i2, i2:]
+    if perm is not None:
+        q = q[:, torch.argsort(perm)]
+    return q.to(torch.int8)
+
+
+def storage(name: str, t: Tensor, kind: str, args: Hyperparameters) -> tuple[str, int, float]:
+    """(stored kind, qmax, SDClip k) of one tensor under QUANT_MODE=sdclip; lite stores the same kinds but every
+    embedding in int8 (the project's quantiser before SDClip)."""
+    if kind == "int6":
+        return "int6", INT6_MAX, args.sdclip_k_mlp if ".mlp." in name else args.sdclip_k_attn
+    if kind == "control":
+        return "fp32", 0, 0.0
+    if t.numel() <= SMALL_TENSOR:
+        return "fp16", 0, 0.0
+    if name == "tok_emb.weight" and args.embed_bits == 7 and args.quant_mode == "sdclip":
+        return "int7", INT7_MAX, args.sdclip_k_embed
+    return "int8", INT8_MAX, args.sdclip_k_embed
+
+
+def card_storage(t: Tensor, kind: str) -> str:
+    """The record's: every tensor of at most 65,536 values (control tensors too) fp16, block matrices int6, the
+    rest int8."""
+    return "fp16" if t.numel() <= SMALL_TENSOR else "int6" if kind == "int6" else "int8"
+
+
+def quantize_tensors(model: GPT, state: dict[str, Tensor], args: Hyperparameters, multiplier: float = 1.0,
+                     factors: dict | None = None, names: list[str] | None = None) -> dict[str, dict]:
+    """{name: stored tensors} for `names` (default: all of state), on the weights' device: kind plus codes q and
+    fp16 steps `scale`, or a value. sdclip: steps k * multiplier * std(row) / qmax; card / lite: GPTQ-lite's.
+    With factors (gptq_factor of each tensor that has a Hessian) the codes come from GPTQ on those steps."""
     kinds = module_kinds(model)
-    stored, table = {}, []
-    for name, t in state.items():
-        w = t.detach().float()
-        kind = kinds.get(name, "control")
-        if kind == "int6" or kind in ("embedding", "matrix") and w.numel() > SMALL_TENSOR:
-            if kind == "int6":
-                q, scale, quantile = quantize_int6(w, gptq)
-            else:
-                kind, quantile = "int8", 1.0
-                q, scale = quantize_rows(w, INT8_MAX, w.abs().amax(dim=1))
-            stored[name] = dict(kind=kind, q=q, scale=scale)
-            recon = dequantize_rows(q, scale)
-            nbytes = q.numel() + 2 * scale.numel()
-        elif kind == "control":
-            kind = "fp32"
-            stored[name] = dict(kind=kind, value=w)
-            recon, nbytes = w, 4 * w.numel()
+    stored = {}
+    for name in names if names is not None else list(state):
+        w, kind = state[name].detach().float(), kinds.get(name, "control")
+        if args.quant_mode == "card":
+            kind = card_storage(w, kind)
+            if kind == "fp16":
+                stored[name] = dict(kind=kind, value=w.to(torch.float16))
+                continue
+            q, step = gptq_lite(w, 1 / INT6_MAX)[:2] if kind == "int6" else card_int8(w)
+            qmax = INT6_MAX if kind == "int6" else INT8_MAX
         else:
-            kind = "fp16"
-            stored[name] = dict(kind=kind, value=w.to(torch.float16))
-            recon, nbytes = stored[name]["value"].float(), 2 * w.numel()
-        rel_err = (recon - w).norm().item() / max(w.norm().item(), 1e-30)
-        table.append(dict(name=name, shape="x".join(map(str, w.shape)), kind=kind, bytes=nbytes, rel_err=rel_err,
-                          clip=quantile if kind == "int6" else None))
-        stored[name] = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in stored[name].items()}
-    return stored, table
+            kind, qmax, k = storage(name, w, kind, args)
+            if kind in ("fp16", "fp32"):
+                stored[name] = dict(kind=kind, value=w.to(torch.float16 if kind == "fp16" else torch.float32))
+                continue
+            if args.quant_mode == "lite":
+                q, step = gptq_lite(w, 0.0)[:2] if kind == "int6" else quantize_rows(w, qmax, w.abs().amax(dim=1))
+            else:
+                step = row_steps(k * multiplier * w.std(dim=1, correction=0), qmax)
+                q = round_rows(w, step, qmax)
+        if factors is not None and name in factors:
+            q = gptq_quantize(w, step, qmax, factors[name], args.gptq_block)
+        stored[name] = dict(kind=kind, q=q, scale=step)
+    return stored
+
+
+def low_rank_correction(err: Tensor, rank: int) -> dict[str, Tensor]:
+    """LQER: the best rank-r approximation A B of a quantisation error (SVD, singular values split evenly between
+    the factors), each factor stored as int4 rows with fp16 steps."""
+    u, s, vh = torch.linalg.svd(err.float(), full_matrices=False)
+    root = s[:rank].sqrt()
+    a, b = u[:, :rank] * root, root[:, None] * vh[:rank]
+    qa, sa = quantize_rows(a, INT4_MAX, a.abs().amax(dim=1))
+    qb, sb = quantize_rows(b, INT4_MAX, b.abs().amax(dim=1))
+    return dict(lqer_a=qa, lqer_a_scale=sa, lqer_b=qb, lqer_b_scale=sb)
+
+
+def add_low_rank_corrections(stored: dict, state: dict[str, Tensor], hessians: dict | None, rank: int,
+                             top: int) -> list[str]:
+    """Give the `top` int6 matrices with the largest output error tr(E H E^T) (||E||^2 without Hessians) a rank-r
+    LQER correction; returns their names."""
+    scored = []
+    for name, s in stored.items():
+        if s["kind"] == "int6":
+            err = state[name].float() - dequantize_rows(s["q"], s["scale"])
+            h = None if hessians is None else hessians.get(name)
+            scored.append((float((err @ h * err).sum()) if h is not None else float(err.square().sum()), name, err))
+    chosen = sorted(scored, key=lambda e: e[0], reverse=True)[:top]
+    for _, name, err in chosen:
+        stored[name].update(low_rank_correction(err, rank))
+    return [name for _, name, _ in chosen]
 
 
 def dequantize_state(stored: dict) -> dict[str, Tensor]:
     out = {}
     for name, s in stored.items():
-        if s["kind"] in ("int6", "int8"):
+        if "q" in s:
             out[name] = dequantize_rows(s["q"], s["scale"])
+            if "lqer_a" in s:
+                out[name] += dequantize_rows(s["lqer_a"], s["lqer_a_scale"]) @ dequantize_rows(s["lqer_b"], s["lqer_b_scale"])
         else:
             out[name] = s["value"].float()
     return out
+
+
+def quant_table(stored: dict, state: dict[str, Tensor]) -> list[dict]:
+    """One row per tensor for the log: stored kind, raw bytes before compression, relative error."""
+    rows, recon = [], dequantize_state(stored)
+    for name, s in stored.items():
+        w = state[name].detach().float()
+        nbytes = sum(t.numel() * t.element_size() for t in s.values() if isinstance(t, Tensor))
+        rel_err = (recon[name] - w).norm().item() / max(w.norm().item(), 1e-30)
+        rows.append(dict(name=name, shape="x".join(map(str, w.shape)), kind=s["kind"], bytes=nbytes, rel_err=rel_err,
+                         lqer="lqer_a" in s))
+    return rows
+
+
+# The byte budget: the multiplier on SDClip's k that makes the artifact fit.
+
+
+def entropy_bytes(stored: dict) -> float:
+    """Bytes a byte-level entropy coder needs for `stored`, estimated from the order-0 entropy of every int8 array
+    (zstd-22 codes int6 codes within ~1% of it, SPEC §4) and the raw size of everything else."""
+    total = 0.0
+    for s in stored.values():
+        for t in s.values():
+            if not isinstance(t, Tensor):
+                continue
+            if t.dtype != torch.int8:
+                total += t.numel() * t.element_size()
+                continue
+            p = torch.bincount(t.flatten().to(torch.int32) + 128, minlength=256).double() / t.numel()
+            total += float(-(p[p > 0] * p[p > 0].log2()).sum()) * t.numel() / 8
+    return total
+
+
+def smallest_multiplier(estimate, target: float, low: float, high: float, steps: int = 24) -> float:
+    """The smallest multiplier in [low, high] whose estimated bytes are at most target (estimate falls as the
+    multiplier grows), by bisection on its logarithm; high when none is."""
+    if estimate(low) <= target:
+        return low
+    for _ in range(steps):
+        mid = math.sqrt(low * high)
+        low, high = (low, mid) if estimate(mid) <= target else (mid, high)
+    return high
+
+
+def fit_to_budget(quantise, measure, estimate, budget: int, log) -> tuple[dict, float, int, bytes | None]:
+    """The finest multiplier whose artifact (measure: its real bytes, code included) fits `budget`, aiming at
+    BUDGET_SLACK / 2 under it. The first tries bisect the cheap estimate, rescaled by real / estimated bytes of the
+    last try; once one try fits and one does not, the next interpolates between them (log bytes against log
+    multiplier). It stops when a try lands within BUDGET_SLACK under the budget or the tries run out, and keeps
+    the largest artifact that fits. Returns (stored, multiplier, bytes, blob)."""
+    target = budget - BUDGET_SLACK / 2
+    ratio, best, over, under = 1.0, None, None, None  # over / under: (multiplier, bytes) of the closest tries
+    for attempt in range(1, BUDGET_TRIES + 1):
+        if over is not None and under is not None:
+            (m0, b0), (m1, b1) = over, under
+            t = (math.log(target) - math.log(b0)) / (math.log(b1) - math.log(b0))
+            m = math.exp(math.log(m0) + min(max(t, 0.1), 0.9) * (math.log(m1) - math.log(m0)))
+        else:
+            low = over[0] if over is not None else MULTIPLIERS[0]
+            high = under[0] if under is not None else MULTIPLIERS[1]
+            m = smallest_multiplier(lambda x: ratio * estimate(x), target, low, high)
+        stored = quantise(m)
+        nbytes, blob = measure(stored)
+        log(f"quant_budget: try:{attempt} multiplier:{m:.5f} bytes:{nbytes} limit:{budget} "
+            f"estimate:{ratio * estimate(m):.0f}")
+        if nbytes <= budget:
+            if best is None or nbytes > best[2]:
+                best = (stored, m, nbytes, blob)
+            under = (m, nbytes)
+            if budget - nbytes <= BUDGET_SLACK or m <= MULTIPLIERS[0]:
+                break
+        else:
+            over = (m, nbytes)
+            if m >= MULTIPLIERS[1]:
+                break
+        ratio = nbytes / estimate(m)
+    if best is None:
+        raise ArtifactError(f"no quantisation up to the coarsest (multiplier {MULTIPLIERS[1]}) fits: the last try, "
+                            f"at multiplier {m:.4g}, needs {nbytes} bytes, {nbytes - budget} over ARTIFACT_LIMIT="
+                            f"{budget}; raise it or shrink the model")
+    return best
 
 
 _DTYPES = {"int8": (torch.int8, np.int8), "float16": (torch.float16, np.float16), "float32": (torch.float32, np.float32)}
@@ -1127,10 +1536,10 @@ def serialize(stored: dict, config: dict) -> bytes:
     """Layout: magic, u32 header length, JSON header (config + tensor table), then raw little-endian arrays."""
     entries, blobs, offset = [], [], 0
     for name, s in stored.items():
-        arrays = {"q": s["q"], "scale": s["scale"]} if "q" in s else {"value": s["value"]}
+        arrays = {key: t for key, t in s.items() if isinstance(t, Tensor)}
         entry = dict(name=name, kind=s["kind"], arrays={})
         for key, t in arrays.items():
-            raw = t.contiguous().numpy().tobytes()
+            raw = t.detach().cpu().contiguous().numpy().tobytes()
             entry["arrays"][key] = dict(dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
                                         offset=offset, nbytes=len(raw))
             blobs.append(raw)
@@ -1227,6 +1636,100 @@ def model_from_artifact(path: str | Path, args: Hyperparameters, device: torch.d
     model.load_state_dict(state)
     return model
 
+
+
+# -----------------------------------------------------------------------------
+# The export stage: calibrate, quantise to the byte budget, compress.
+
+
+def calibration_sequences(model: GPT, args: Hyperparameters, loader: "TrainLoader", rank: int, world: int,
+                          autocast) -> Tensor:
+    """This rank's share of the GPTQ_CALIB_SEQS calibration sequences: sampled by the model (self), or the next
+    GPTQ_CALIB_LEN-token sequences of the training stream (train; its time must count inside the cap)."""
+    if args.gptq_calibration == "train":
+        return loader.sequences(args.gptq_calib_seqs, args.gptq_calib_len)
+    return sample_calibration(model, args.gptq_calib_seqs, range(rank, args.gptq_calib_seqs, world),
+                              args.gptq_calib_len, args.gptq_calib_temp, args.seed, autocast)
+
+
+def gptq_factors(model: GPT, seqs: Tensor, args: Hyperparameters, world: int, autocast) -> tuple[dict, dict]:
+    """The Hessians of every quantised matrix over all ranks' calibration sequences, and their GPTQ factors
+    ({weight name: ...}; c_q, c_k and c_v share theirs)."""
+    hessians = collect_hessians(model, seqs, max(1, 16_384 // args.gptq_calib_len), autocast)
+    unique = {id(h): h for h in hessians.values()}
+    if world > 1:
+        for h in unique.values():
+            dist.all_reduce(h)
+    factors = {key: gptq_factor(h, args.gptq_damp, args.gptq_act_order) for key, h in unique.items()}
+    return hessians, {name: factors[id(h)] for name, h in hessians.items()}
+
+
+def predicted_multiplier(model: GPT, args: Hyperparameters) -> float:
+    """The SDClip multiplier the byte budget allows the model's current weights, from the entropy estimate of
+    round-to-nearest codes: late QAT trains on that grid, and the export's search refines it."""
+    code_bytes = sum(f.stat().st_size for f in project_code_files())
+    state = model.state_dict()
+    return smallest_multiplier(lambda m: entropy_bytes(quantize_tensors(model, state, args, m)) + code_bytes,
+                               args.artifact_limit, *MULTIPLIERS)
+
+
+def check_budget_floor(model: GPT, args: Hyperparameters, code_bytes: int) -> None:
+    """Stop at start, not after 600 s of training, when even the coarsest quantisation cannot fit the budget: the
+    tensors kept in fp16/fp32, the per-row steps and the code alone would not fit. (Measured on the initial
+    weights; trained ones compress about as well at that setting, where almost every code is 0.)"""
+    stored = quantize_tensors(model, model.state_dict(), args, MULTIPLIERS[1])
+    floor = len(compress(serialize(stored, model_config(args)), args.compressor)) + code_bytes
+    if floor > args.artifact_limit:
+        raise ConfigError(f"ARTIFACT_LIMIT={args.artifact_limit}: even at its coarsest quantisation this model needs "
+                          f"about {floor} bytes with its {code_bytes} bytes of code, {floor - args.artifact_limit} "
+                          f"over; raise ARTIFACT_LIMIT or shrink the model")
+
+
+def export_artifact(model: GPT, args: Hyperparameters, code_bytes: int, hessians: dict | None, factors: dict | None,
+                    rank: int, world: int, log) -> tuple[bytes | None, dict]:
+    """Quantise the model's weights (QUANT_MODE=sdclip: at the finest multiplier that fits ARTIFACT_LIMIT) and
+    compress them; GPTQ spreads its tensors over the ranks. Returns the artifact's bytes (on rank 0; None on the
+    others) and what was stored."""
+    state, config = model.state_dict(), model_config(args)
+    names, device = list(state), model.tok_emb.weight.device
+
+    def quantise(multiplier: float) -> dict:
+        mine = names[rank::world] if factors is not None else names
+        stored = quantize_tensors(model, state, args, multiplier, factors, mine)
+        if factors is not None and world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, {n: {k: v.cpu() if isinstance(v, Tensor) else v for k, v in s.items()}
+                                           for n, s in stored.items()})
+            merged = {n: s for part in parts for n, s in part.items()}
+            stored = {n: {k: v.to(device) if isinstance(v, Tensor) else v for k, v in merged[n].items()} for n in names}
+        if args.lqer_rank:
+            corrected = add_low_rank_corrections(stored, state, hessians, args.lqer_rank, args.lqer_top)
+            log(f"lqer: rank:{args.lqer_rank} tensors:{','.join(corrected)}")
+        return stored
+
+    def measure(stored: dict) -> tuple[int, bytes | None]:
+        blob = compress(serialize(stored, config), args.compressor) if rank == 0 else None
+        total = [len(blob) + code_bytes if blob is not None else 0]
+        if world > 1:
+            dist.broadcast_object_list(total, src=0)
+        return total[0], blob
+
+    if args.quant_mode != "sdclip":
+        stored = quantise(1.0)
+        return measure(stored)[1], stored
+    stored, multiplier, total, blob = fit_to_budget(
+        quantise, measure, lambda m: entropy_bytes(quantize_tensors(model, state, args, m)) + code_bytes,
+        args.artifact_limit, log)
+    log(f"quant_budget: chosen multiplier:{multiplier:.5f} total_bytes:{total} limit:{args.artifact_limit} "
+        f"unused:{args.artifact_limit - total}")
+    return blob, stored
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash or full disk never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 PROJECT_PACKAGES = ("kernels",)  # project code this script imports at run time
 
@@ -1416,9 +1919,13 @@ def warm_up(model: GPT, train_model, loader: TrainLoader, optimizers, args: Hype
 
 
 def train(model: GPT, train_model, loader: TrainLoader, optimizers, averages: WeightAverages,
-          args: Hyperparameters, autocast, log, score_plain, world: int, device: torch.device) -> None:
-    """The timed loop: ITERATIONS steps or until the wallclock cap, with late QAT, EMA/SWA and a plain validation
-    every VAL_LOSS_EVERY steps and at the end (not counted as training time)."""
+          args: Hyperparameters, autocast, log, score_plain, world: int, device: torch.device,
+          reserve_ms: float = 0.0) -> float:
+    """The timed loop: ITERATIONS steps or until the wallclock cap less reserve_ms (time that work after the loop
+    spends inside the cap), with late QAT, EMA/SWA and a plain validation every VAL_LOSS_EVERY steps and at the end
+    (not counted as training time). Returns the training time in ms."""
+    if args.max_wallclock_seconds > 0 and reserve_ms:
+        args = dataclasses.replace(args, max_wallclock_seconds=args.max_wallclock_seconds - reserve_ms / 1000)
     max_ms = 1000 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else float("inf")
     # The host reads a step's loss only after it has queued the next step: waiting for each step before queueing
     # the next would leave the GPU idle while the host launches it (at the 8-GPU per-GPU batch on one H100:
@@ -1472,15 +1979,19 @@ def train(model: GPT, train_model, loader: TrainLoader, optimizers, averages: We
                 f"step_avg:{train_ms / max(step, 1):.2f}ms")
             clock.resume()
         if last:
-            break
+            return train_ms
         scale = lr_scale(step, expected_ms(step), args)
         if not qat_on and args.late_qat_threshold > 0 and scale < args.late_qat_threshold:
             qat_on = True
-            model.set_qat(True)
+            multiplier = predicted_multiplier(model, args) if args.quant_mode == "sdclip" else 1.0
+            model.set_qat(True, multiplier)
             log(f"late_qat:on step:{step} lr_scale:{scale:.4f}")
+            if args.quant_mode == "sdclip":
+                log(f"late_qat_grid: sdclip multiplier:{multiplier:.5f} (the byte budget's prediction for these weights)")
         loss = train_step(train_model, loader, optimizers, args, scale, muon_momentum(step, args), autocast)
         step += 1
-        if averages.update(step, scale):
+        run_steps = min(args.iterations, max_ms * step / max(expected_ms(step), 1e-9)) if known[0] else args.iterations
+        if averages.update(step, scale, run_steps):
             log(f"swa:start step:{step} lr_scale:{scale:.4f}")
         if pending:
             read(pending)
@@ -1546,10 +2057,20 @@ def main() -> None:
 
     model, train_model, optimizers, loader = build_training(args, device, rank, world, local_rank)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    if args.quant_mode == "sdclip":
+        check_budget_floor(model, args, code_bytes)
     warm_up(model, train_model, loader, optimizers, args, autocast)
+    reserve_ms = 0.0
+    if args.gptq_enabled and args.gptq_calibration == "train":  # its time counts inside the cap: measure it now
+        t0 = time.perf_counter()
+        gptq_factors(model, calibration_sequences(model, args, loader, rank, world, autocast), args, world, autocast)
+        reserve_ms = 1000 * (time.perf_counter() - t0)
+        loader.reset()
+        log(f"gptq_calibration:train reserved:{reserve_ms:.0f}ms of the training time cap")
     averages = WeightAverages(model, args)
 
-    train(model, train_model, loader, optimizers, averages, args, autocast, log, score_plain, world, device)
+    train_ms = train(model, train_model, loader, optimizers, averages, args, autocast, log, score_plain, world,
+                     device, reserve_ms)
 
     del train_model  # the DDP wrapper holds the process group: free it before finish() destroys the group
     gc.collect()
@@ -1557,6 +2078,36 @@ def main() -> None:
         log(f"peak_memory allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
             f"reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
     model.set_qat(False)
+    keep_averaged_weights(model, averages, args, score_plain, log)
+
+    t0 = time.perf_counter()
+    hessians = factors = None
+    if args.gptq_enabled:
+        seqs = calibration_sequences(model, args, loader, rank, world, autocast)
+        t_h = time.perf_counter()
+        hessians, factors = gptq_factors(model, seqs, args, world, autocast)
+        done = time.perf_counter()
+        log(f"gptq_calibration:{args.gptq_calibration} seqs:{args.gptq_calib_seqs}x{args.gptq_calib_len} "
+            f"sample_ms:{1000 * (t_h - t0):.0f} hessian_ms:{1000 * (done - t_h):.0f}"
+            + (f" train_time_with_calibration:{train_ms + 1000 * (done - t0):.0f}ms"
+               if args.gptq_calibration == "train" else ""))
+    blob, stored = export_artifact(model, args, code_bytes, hessians, factors, rank, world, log)
+    for row in quant_table(stored, model.state_dict()):
+        log(f"quant: {row['name']} shape:{row['shape']} kind:{row['kind']} bytes:{row['bytes']} "
+            f"rel_err:{row['rel_err']:.4g}" + (" lqer" if row["lqer"] else ""))
+    artifact_path = Path("logs") / f"{args.run_id}.ptz"
+    if rank == 0:
+        write_atomic(artifact_path, blob)
+    log(f"quantize_compress_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    if world > 1:
+        dist.barrier()
+    roundtrip = model_from_artifact(artifact_path, args, device)
+    finish(log, args, roundtrip, score, plain_batch, artifact_path.stat().st_size, code_bytes)
+
+
+def keep_averaged_weights(model: GPT, averages: WeightAverages, args: Hyperparameters, score_plain, log) -> None:
+    """Score the raw weights and every averaging candidate, then load the AVERAGING weights into the model (the
+    raw ones where SWA never started); the last line's score is the pre-quantisation one."""
     loss, bpb = score_plain(model)
     log(f"pre_averaging val_loss:{loss:.4f} val_bpb:{bpb:.4f}")
     raw = [p.detach().clone() for p in model.parameters()]
@@ -1573,22 +2124,6 @@ def main() -> None:
     assign_weights(model, kept if kept is not None else raw)
     loss, bpb = score_plain(model)
     log(f"averaging:{args.averaging if kept is not None else 'none'} val_loss:{loss:.4f} val_bpb:{bpb:.4f}")
-
-    artifact_path = Path("logs") / f"{args.run_id}.ptz"
-    if rank == 0:
-        t_q = time.perf_counter()
-        stored, table = quantize_state(model, model.state_dict(), args.gptq_enabled)
-        for row in table:
-            clip = f" clip_quantile:{row['clip']}" if row["clip"] is not None else ""
-            log(f"quant: {row['name']} shape:{row['shape']} kind:{row['kind']} bytes:{row['bytes']} "
-                f"rel_err:{row['rel_err']:.4g}{clip}")
-        blob = compress(serialize(stored, model_config(args)), args.compressor)
-        artifact_path.write_bytes(blob)
-        log(f"quantize_compress_time:{1000 * (time.perf_counter() - t_q):.0f}ms")
-    if world > 1:
-        dist.barrier()
-    roundtrip = model_from_artifact(artifact_path, args, device)
-    finish(log, args, roundtrip, score, plain_batch, artifact_path.stat().st_size, code_bytes)
 
 
 def finish(log: Logger, args: Hyperparameters, model: GPT, score, plain_batch: int, model_bytes: int,
@@ -1608,8 +2143,8 @@ def finish(log: Logger, args: Hyperparameters, model: GPT, score, plain_batch: i
     log(f"artifact_bytes: {total}")
     if dist.is_initialized():
         dist.destroy_process_group()
-    if total > ARTIFACT_LIMIT:
-        log(f"artifact_over_limit: {total - ARTIFACT_LIMIT} bytes over {ARTIFACT_LIMIT}")
+    if total > args.artifact_limit:
+        log(f"artifact_over_limit: {total - args.artifact_limit} bytes over {args.artifact_limit}")
         sys.exit(1)
 
 

@@ -41,6 +41,7 @@ def train(out: Path) -> None:
     tg.prepare_runtime(args, device)
     autocast = tg.make_autocast(device)
     model, train_model, optimizers, loader = tg.build_training(args, device, rank, world, local_rank)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tg.warm_up(model, train_model, loader, optimizers, args, autocast)
     averages = tg.WeightAverages(model, args)
     losses, qat_step, swa_step = [], None, None
@@ -50,7 +51,7 @@ def train(out: Path) -> None:
             qat_step = step
             model.set_qat(True)
         loss = tg.train_step(train_model, loader, optimizers, args, scale, tg.muon_momentum(step, args), autocast)
-        if averages.update(step + 1, scale):
+        if averages.update(step + 1, scale, args.iterations):
             swa_step = step + 1
         mean = loss.detach().double().reshape(1)
         if world > 1:
@@ -60,7 +61,7 @@ def train(out: Path) -> None:
     result = dict(
         rank=rank, world=world, grad_accum_steps=args.grad_accum_steps, run_id=args.run_id, losses=losses,
         qat_step=qat_step, swa_step=swa_step,
-        state={k: v.detach().clone() for k, v in model.state_dict().items()},
+        init=init, state={k: v.detach().clone() for k, v in model.state_dict().items()},
         names=[n for n, _ in model.named_parameters()],
         ema=[t.clone() for t in averages.weights("ema")],
         swa=None if swa is None else [t.clone() for t in swa],

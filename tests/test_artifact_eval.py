@@ -224,7 +224,7 @@ def test_quantize_rows_ranges_error_bound_and_fp16_scale():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 300, generator=g) * torch.logspace(-2, 1, 64)[:, None]
     w[3, 7] = 50.0  # an outlier far beyond any row-max scale used below
-    for qmax in (tg.INT6_MAX, tg.INT8_MAX):
+    for qmax in (tg.INT6_MAX, tg.INT7_MAX, tg.INT8_MAX):
         # clip = row max (no clipping but for fp16 rounding of the scale), and clips inside the row (real clipping)
         for frac in (1.0, 0.9, 0.5):
             clip = w.abs().amax(dim=1) * frac
@@ -240,17 +240,23 @@ def test_quantize_rows_ranges_error_bound_and_fp16_scale():
                 assert (err <= bound).all()
 
 
-@pytest.mark.parametrize("search", [True, False])
-def test_quantize_int6_rows_and_zero_rows(search):
+QUANTISERS = {  # name -> (w -> (codes, fp16 steps)), all int6
+    "lite": lambda w: tg.gptq_lite(w, 0.0)[:2],
+    "card": lambda w: tg.gptq_lite(w, 1 / 31)[:2],
+    "sdclip": lambda w: tg.quantize_rows(w, tg.INT6_MAX, 12.85 * w.std(dim=1, correction=0)),
+}
+
+
+@pytest.mark.parametrize("which", list(QUANTISERS))
+def test_int6_quantisers_rows_and_zero_rows(which):
     for name, w in _heavy_and_plain_matrices().items():
-        q, scale, quantile = tg.quantize_int6(w, search)
-        assert quantile in (tg.GPTQ_CLIP_QUANTILES if search else (1.0,)), name
-        _check_rows(w, q, scale, tg.INT6_MAX, f"{name} search={search}")
+        q, scale = QUANTISERS[which](w)
+        _check_rows(w, q, scale, tg.INT6_MAX, f"{name} {which}")
         zero = (w == 0).all(dim=1)
         if zero.any():
             assert (q[zero] == 0).all() and (tg.dequantize_rows(q, scale)[zero] == 0).all(), name
     # an all-zero matrix, and int8 rows with zero rows: finite, exactly zero
-    for qmax, (q, scale) in ((tg.INT6_MAX, tg.quantize_int6(torch.zeros(8, 32), search)[:2]),
+    for qmax, (q, scale) in ((tg.INT6_MAX, QUANTISERS[which](torch.zeros(8, 32))),
                              (tg.INT8_MAX, tg.quantize_rows(torch.zeros(8, 32), tg.INT8_MAX, torch.zeros(8)))):
         recon = tg.dequantize_rows(q, scale)
         assert torch.isfinite(scale).all() and torch.isfinite(recon).all() and (recon == 0).all()
@@ -269,46 +275,52 @@ def _numpy_candidate_mse(w: torch.Tensor, quantile: float) -> float:
 
 def test_gptq_lite_never_worse_than_row_max_and_better_on_heavy_tails():
     for name, w in _heavy_and_plain_matrices().items():
-        mse = {}
-        for search in (True, False):
-            q, scale, _ = tg.quantize_int6(w, search)
-            mse[search] = float((tg.dequantize_rows(q, scale).double() - w.double()).square().sum())
-        assert mse[True] <= mse[False] * (1 + 1e-9) + 1e-12, f"{name}: GPTQ-lite MSE {mse[True]} > row-max {mse[False]}"
+        q, scale, quantile = tg.gptq_lite(w, 0.0)
+        assert quantile in tg.CLIP_QUANTILES
+        mse = float((tg.dequantize_rows(q, scale).double() - w.double()).square().sum())
+        q, scale = tg.quantize_rows(w, tg.INT6_MAX, w.abs().amax(dim=1))
+        row_max = float((tg.dequantize_rows(q, scale).double() - w.double()).square().sum())
+        assert mse <= row_max * (1 + 1e-9) + 1e-12, f"{name}: GPTQ-lite MSE {mse} > row-max {row_max}"
         # the search finds the best of the SPEC's candidates (float64 reference, small tolerance for rounding)
         best_ref = min(_numpy_candidate_mse(w, qu) for qu in (0.999, 0.9995, 0.9999, 0.99999, 1.0))
-        assert mse[True] <= best_ref * (1 + 1e-4) + 1e-9, f"{name}: {mse[True]} worse than best candidate {best_ref}"
-        assert abs(mse[False] - _numpy_candidate_mse(w, 1.0)) <= 1e-4 * mse[False] + 1e-9, name
+        assert mse <= best_ref * (1 + 1e-4) + 1e-9, f"{name}: {mse} worse than best candidate {best_ref}"
+        assert abs(row_max - _numpy_candidate_mse(w, 1.0)) <= 1e-4 * row_max + 1e-9, name
         if name in HEAVY_TAILED:
-            assert mse[True] < 0.99 * mse[False], f"{name}: GPTQ-lite should clip heavy tails ({mse[True]} vs {mse[False]})"
+            assert mse < 0.99 * row_max, f"{name}: GPTQ-lite should clip heavy tails ({mse} vs {row_max})"
 
 
-def _expected_kind(name: str, numel: int) -> str:
-    """SPEC §4, from the parameter names alone."""
-    if re.fullmatch(r"blocks\.\d+\.(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))\.weight", name):
+def _expected_kind(name: str, numel: int, mode: str = "sdclip") -> str:
+    """SPEC §4 (card) and QUANT_MODE=sdclip's kinds, from the parameter names alone."""
+    block_matrix = re.fullmatch(r"blocks\.\d+\.(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))\.weight", name)
+    if mode == "card":  # the record: everything of at most 65,536 values fp16, block matrices int6, the rest int8
+        return "fp16" if numel <= 65_536 else "int6" if block_matrix else "int8"
+    if block_matrix:
         return "int6"
-    if name in ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight"):
-        return "int8" if numel > 65_536 else "fp16"
-    if name in ("bigram.proj.weight", "ve.proj.weight"):  # other matrices: small -> fp16
-        return "int8" if numel > 65_536 else "fp16"
+    if name in ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight", "bigram.proj.weight", "ve.proj.weight"):
+        if numel <= 65_536:
+            return "fp16"
+        return "int7" if name == "tok_emb.weight" and mode == "sdclip" else "int8"
     # control tensors: scales, gains, resid_mix, skip weights, gates
-    assert re.fullmatch(r"skip_weights|smear\.gate|bigram\.scale|ve\.layer_scales|"
+    assert re.fullmatch(r"skip_weights|smear\.gate|bigram\.scale|ve\.scale|ve\.layer_scales|"
                         r"blocks\.\d+\.(attn_scale|mlp_scale|resid_mix|attn\.q_gain)", name), f"unexpected {name}"
     return "fp32"
 
 
-def _check_kinds(model: tg.GPT, stored: dict, table: list) -> dict[str, str]:
+QMAX = {"int6": 31, "int7": 63, "int8": 127}
+
+
+def _check_kinds(model: tg.GPT, stored: dict, mode: str = "sdclip") -> dict[str, str]:
     state = model.state_dict()
-    assert list(stored) == list(state) and [r["name"] for r in table] == list(state)
+    assert list(stored) == list(state)
     kinds = {}
     for name, t in state.items():
         s = stored[name]
-        kind = _expected_kind(name, t.numel())
+        kind = _expected_kind(name, t.numel(), mode)
         kinds[name] = kind
-        assert s["kind"] == kind, f"{name} ({tuple(t.shape)}): stored as {s['kind']}, SPEC says {kind}"
-        if kind in ("int6", "int8"):
-            qmax = tg.INT6_MAX if kind == "int6" else tg.INT8_MAX
+        assert s["kind"] == kind, f"{name} ({tuple(t.shape)}): stored as {s['kind']}, expected {kind}"
+        if kind in QMAX:
             assert s["q"].dtype == torch.int8 and s["q"].shape == t.shape, name
-            assert int(s["q"].abs().max()) <= qmax, f"{name}: codes outside ±{qmax}"
+            assert int(s["q"].abs().max()) <= QMAX[kind], f"{name}: codes outside ±{QMAX[kind]}"
             assert s["scale"].dtype == torch.float16 and s["scale"].shape == (t.shape[0],), name
             assert torch.isfinite(s["scale"]).all() and (s["scale"] > 0).all(), name
         elif kind == "fp16":
@@ -318,7 +330,8 @@ def _check_kinds(model: tg.GPT, stored: dict, table: list) -> dict[str, str]:
     return kinds
 
 
-def test_quantize_state_kinds_on_full_size_config(monkeypatch):
+@pytest.mark.parametrize("mode", ["sdclip", "card", "lite"])
+def test_quantize_tensors_kinds_on_full_size_config(monkeypatch, mode):
     """The default (record) config: 11 layers, d=512, ~27.0M params. Its init is replaced by a plain normal draw
     (orthogonal init of 66 matrices costs ~15 s on a small CPU and does not change what kind a tensor is)."""
     def fast_init(self, args):
@@ -328,35 +341,40 @@ def test_quantize_state_kinds_on_full_size_config(monkeypatch):
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
 
     monkeypatch.setattr(tg.GPT, "_init_weights", fast_init, raising=False)
-    args = tg.resolve(tg.Hyperparameters(), 1)
+    args = tg.resolve(tg.Hyperparameters(quant_mode=mode), 1)
     model = tg.GPT(args)
     assert 26_900_000 < sum(p.numel() for p in model.parameters()) < 27_100_000
-    stored, table = tg.quantize_state(model, model.state_dict(), gptq=False)
-    kinds = _check_kinds(model, stored, table)
-    counts = {k: list(kinds.values()).count(k) for k in ("int6", "int8", "fp16", "fp32")}
+    kinds = _check_kinds(model, tg.quantize_tensors(model, model.state_dict(), args), mode)
+    counts = {k: list(kinds.values()).count(k) for k in ("int6", "int7", "int8", "fp16", "fp32")}
     assert counts["int6"] == 6 * args.num_layers
-    assert {n for n, k in kinds.items() if k == "int8"} == {"tok_emb.weight", "bigram.embed.weight", "ve.embed.weight"}
-    assert {n for n, k in kinds.items() if k == "fp16"} == {"bigram.proj.weight", "ve.proj.weight"}  # 65,536 and 32,768
+    large = {"tok_emb.weight", "bigram.embed.weight", "ve.embed.weight"}
+    assert {n for n, k in kinds.items() if k in ("int7", "int8")} == large
+    if mode != "card":
+        assert {n for n, k in kinds.items() if k == "fp16"} == {"bigram.proj.weight", "ve.proj.weight"}
+    else:  # the record keeps every small tensor, control tensors too, in fp16
+        assert counts["fp32"] == 0
 
 
-def test_quantize_state_kinds_tiny_boundary_and_zero_matrices():
+def test_quantize_tensors_kinds_tiny_boundary_and_zero_matrices():
     """The tiny config's tok_emb has exactly 65,536 elements: small, so fp16 (the SPEC's '≤ 65,536'). Block matrices
     are int6 whatever their size. A zeroed block matrix and a zeroed row come back as exact zeros, no NaN."""
-    args = tiny_args()
-    model = random_model(args)
+    model = random_model(tiny_args())
     with torch.no_grad():
         model.blocks[0].attn.proj.weight.zero_()
         model.blocks[1].mlp.fc.weight[5].zero_()
     assert model.tok_emb.weight.numel() == 65_536
-    for gptq in (True, False):
-        stored, table = tg.quantize_state(model, model.state_dict(), gptq=gptq)
-        kinds = _check_kinds(model, stored, table)
+    for mode in ("sdclip", "card", "lite"):
+        args = tiny_args(QUANT_MODE=mode)
+        stored = tg.quantize_tensors(model, model.state_dict(), args)
+        kinds = _check_kinds(model, stored, mode)
         assert kinds["tok_emb.weight"] == "fp16"
         deq = tg.dequantize_state(stored)
         assert all(torch.isfinite(t).all() for t in deq.values())
         assert (deq["blocks.0.attn.proj.weight"] == 0).all() and (deq["blocks.1.mlp.fc.weight"][5] == 0).all()
-        for row in table:
-            assert math.isfinite(row["rel_err"]) and row["rel_err"] < 0.05, row
+        for row in tg.quant_table(stored, model.state_dict()):
+            # SDClip at multiplier 1 rounds to steps of k/31 std: a relative error of k / (31 sqrt 12) = 0.12 (int6)
+            bound = 12.85 / (31 * math.sqrt(12)) * 1.05 if mode == "sdclip" and row["kind"] == "int6" else 0.05
+            assert math.isfinite(row["rel_err"]) and row["rel_err"] < bound, (mode, row)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -365,13 +383,15 @@ def test_quantize_state_kinds_tiny_boundary_and_zero_matrices():
 
 @pytest.fixture(scope="module")
 def tiny_artifact():
-    """A random tiny model (with zero and outlier entries), its quantised state (GPTQ-lite on) and its payload."""
+    """A random tiny model (with zero and outlier entries), its quantised state (sdclip RTN, one tensor with an LQER
+    correction) and its payload."""
     args = tiny_args()
     model = random_model(args, seed=3)
     with torch.no_grad():
         model.blocks[0].mlp.fc.weight[0, 0] = 40.0
         model.blocks[1].attn.c_k.weight[2].zero_()
-    stored, _ = tg.quantize_state(model, model.state_dict(), gptq=True)
+    stored = tg.quantize_tensors(model, model.state_dict(), args)
+    tg.add_low_rank_corrections(stored, model.state_dict(), None, rank=2, top=1)
     payload = tg.serialize(stored, tg.model_config(args))
     return types.SimpleNamespace(args=args, model=model, stored=stored, payload=payload)
 
@@ -388,7 +408,7 @@ def test_artifact_round_trip_bit_exact(tiny_artifact, compressor, tmp_path, monk
     assert list(stored) == list(a.stored)
     for name, s in a.stored.items():
         assert stored[name]["kind"] == s["kind"], name
-        keys = ("q", "scale") if "q" in s else ("value",)
+        keys = [k for k in s if k != "kind"]
         assert set(stored[name]) == {"kind", *keys}, name
         for key in keys:
             assert_bitwise_equal(stored[name][key], s[key], f"{name}.{key}")
@@ -934,13 +954,14 @@ def test_pipeline_end_to_end_and_eval_only(tiny_env, tmp_path):
     assert final["code_bytes"] == code_sum
     sp = spm.SentencePieceProcessor(model_file=str(SP1024))
     assert final["tokens"] == _val_bytes_of_shards(tiny_env["DATA_PATH"], sp)
-    # one quant line per stored tensor, GPTQ-lite clips from the SPEC's candidates
+    # one quant line per stored tensor; GPTQ calibrated on self-generated text; the budget search's choice, which
+    # with 16 MB for a tiny model is the finest multiplier, and whose bytes are the artifact's
     header, _ = split_payload(tg.decompress((tmp_path / "logs" / "tiny.ptz").read_bytes(), "tiny.ptz"))
     quant = [l for l in lines if l.startswith("quant: ")]
     assert [l.split()[1] for l in quant] == [t["name"] for t in header["tensors"]]
-    for l in quant:
-        if " kind:int6 " in l:
-            assert float(re.search(r"clip_quantile:(\S+)", l).group(1)) in tg.GPTQ_CLIP_QUANTILES
+    assert _one(lines, r"gptq_calibration:self seqs:64x64 sample_ms:\d+ hessian_ms:\d+")
+    chosen = _one(lines, r"quant_budget: chosen multiplier:(\S+) total_bytes:(\d+) limit:16000000 unused:\d+")
+    assert float(chosen.group(1)) == tg.MULTIPLIERS[0] and int(chosen.group(2)) == final["total"]
 
     # EVAL_ONLY: the artifact alone reproduces the roundtrip and sliding numbers exactly
     env = dict(tiny_env, EVAL_ONLY=str(tmp_path / "logs" / "tiny.ptz"), RUN_ID="tiny_eval")
@@ -966,13 +987,20 @@ def test_eval_only_corrupt_artifact_fails_clearly(tiny_env, tmp_path, tiny_artif
     assert not any(l.startswith("val_bpb:") for l in r.stdout.splitlines())
 
 
-def test_pipeline_without_gptq_and_with_lzma(tiny_env, tmp_path):
+def test_pipeline_with_the_cards_quantiser_and_lzma(tiny_env, tmp_path):
+    """QUANT_MODE=card GPTQ_ENABLED=0, the record's export: no calibration, no budget search, and the record's first
+    rule, every tensor of at most 65,536 values in fp16, which in the tiny config is every tensor (the int6 and int8
+    rules are checked at full size in test_quantize_tensors_kinds_on_full_size_config)."""
     script = _snapshot_code(tmp_path)
-    env = dict(tiny_env, GPTQ_ENABLED="0", COMPRESSOR="lzma", ITERATIONS="4", WARMDOWN_ITERS="2", RUN_ID="nogptq")
+    env = dict(tiny_env, QUANT_MODE="card", GPTQ_ENABLED="0", COMPRESSOR="lzma", ITERATIONS="4", WARMDOWN_ITERS="2",
+               RUN_ID="card")
     r = _run(script, env, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = _run_lines(tmp_path / "logs" / "nogptq.txt", script.read_text())
-    _check_final_lines(lines, tmp_path, "nogptq", "lzma", 16)
-    int6 = [l for l in lines if l.startswith("quant: ") and " kind:int6 " in l]
-    assert len(int6) == 12 and all(l.endswith("clip_quantile:1.0") for l in int6)
-    assert (tmp_path / "logs" / "nogptq.ptz").read_bytes()[:1] == b"L"
+    lines = _run_lines(tmp_path / "logs" / "card.txt", script.read_text())
+    _check_final_lines(lines, tmp_path, "card", "lzma", 16)
+    assert not any(l.startswith(("gptq_calibration", "quant_budget")) for l in lines)
+    blob = (tmp_path / "logs" / "card.ptz").read_bytes()
+    assert blob[:1] == b"L"
+    stored, _ = tg.deserialize(tg.decompress(blob, "card.ptz"))
+    assert {s["kind"] for s in stored.values()} == {"fp16"}
+    assert len([l for l in lines if l.startswith("quant: ") and " kind:fp16 " in l]) == len(stored)
