@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The GPU measurements of docs/QUANT.md (the byte budget, card fidelity), in stages that each fit one 10-minute
+# call on a lent machine that cannot download. Run `prepare` here first; .carry/ (git-ignored) then travels with
+# the working tree (the device tool's `carry: [".carry"]`). Chain the calls: `sweeps` reads the weights files that
+# `qs2` and `long` left in logs/ on the same (still warm) machine.
+#
+#   bash bench/quant_session.sh prepare   # here: the QS-2 shards (SPEC §7), the sp1024 tokenizer, the zstandard wheel
+#   bash bench/quant_session.sh qs2       # GPU: QS-2, the record's exact run (QUANT_MODE=card GPTQ_ENABLED=0) and
+#                                         # the default, 2 seeds each, and a 40-step default run
+#   bash bench/quant_session.sh long      # GPU: 5000 steps of the 8-GPU run's per-GPU batch (98,304 tokens, grad-accum 1)
+#   bash bench/quant_session.sh sweeps    # GPU: bench/quant_sweep.py on the QS-2 and the long weights
+#
+# Logs and tables go to $OUT (the device tool's result folder) as one tarball plus a few files.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/quant_session}
+mkdir -p "$OUT" logs
+export DATA_PATH=.carry/qs2 TOKENIZER_PATH=.carry/fineweb_1024_bpe.model PYTHONUNBUFFERED=1
+QS2=(TRAIN_BATCH_TOKENS=65536 ITERATIONS=240 WARMDOWN_ITERS=100 WARMUP_STEPS=20 EMA_DECAY=0.98
+     MAX_WALLCLOCK_SECONDS=0 VAL_LOSS_EVERY=0 EVAL_STRIDE=64)
+SUMMARY='^(late_qat|averaging|gptq_calibration|quant_budget|quantize_compress_time|Total submission|final_int6|artifact_|step:240/|peak_memory|stopping)'
+
+install() { python -m pip install --no-deps -q .carry/wheels/*.whl 2>&1 | grep -v WARNING || true; }
+run() {  # run NAME KNOB=VALUE...: train_gpt.py with the knobs, its summary lines to stdout
+  local name=$1; shift
+  echo "== $name: $*"
+  env "$@" RUN_ID="$name" python train_gpt.py > "logs/$name.out" 2>&1 && echo "rc=0" || echo "rc=$?"
+  grep -E "$SUMMARY" "logs/$name.txt" || tail -5 "logs/$name.out"
+}
+pack() { tar czf "$OUT/logs_$1.tar.gz" logs/*.txt logs/*.out 2>/dev/null || true; }
+
+case "${1:-}" in
+  prepare)
+    mkdir -p .carry/wheels
+    python ../shared/tools/build_qs2.py .carry/qs2
+    cp ../shared/data/tokenizers/fineweb_1024_bpe.model .carry/
+    cp ../shared/wheels/zstandard-*cp312*.whl .carry/wheels/
+    du -sh .carry
+    ;;
+  qs2)
+    install
+    python -m pytest -q -p no:cacheprovider tests/test_quant.py -k cuda 2>&1 | tail -2
+    run qs2_card_s1 "${QS2[@]}" SEED=1 QUANT_MODE=card GPTQ_ENABLED=0 SAVE_WEIGHTS=1
+    run qs2_default_s1 "${QS2[@]}" SEED=1 SAVE_WEIGHTS=1
+    cp logs/qs2_default_s1.ptz "$OUT/"
+    run qs2_card_s2 "${QS2[@]}" SEED=2 QUANT_MODE=card GPTQ_ENABLED=0
+    run qs2_default_s2 "${QS2[@]}" SEED=2
+    run qs2_default_40steps "${QS2[@]}" SEED=1 ITERATIONS=40 WARMDOWN_ITERS=17
+    pack qs2
+    ;;
+  long)
+    install
+    # english_mix holds 8.67 M training tokens: 5000 steps of 98,304 tokens read it ~57 times
+    timeout 570 env TRAIN_BATCH_TOKENS=98304 GRAD_ACCUM_STEPS=1 ITERATIONS=5000 MAX_WALLCLOCK_SECONDS=0 \
+      VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=500 SAVE_WEIGHTS=1 RUN_ID=long5000 python train_gpt.py \
+      > logs/long5000.out 2>&1 && echo "rc=0" || echo "rc=$?"
+    grep -E "$SUMMARY|^step:(1000|2500|5000)/" logs/long5000.txt || tail -20 logs/long5000.out
+    cp logs/long5000.ptz "$OUT/" 2>/dev/null || true
+    pack long
+    ;;
+  sweeps)
+    install
+    for w in qs2_card_s1 long5000; do
+      echo "== quant_sweep $w"
+      timeout 290 python bench/quant_sweep.py "logs/$w.weights.pt" --out "$OUT/sweep_$w.md" 2>&1 | tee "logs/sweep_$w.out" \
+        | grep -v Warning || true
+    done
+    pack sweeps
+    ;;
+  *)
+    sed -n '2,13p' "$0"
+    exit 2
+    ;;
+esac
