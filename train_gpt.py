@@ -1346,28 +1346,59 @@ def gptq_quantize(w: Tensor, step: Tensor, qmax: int, factor, block: int) -> Ten
     """GPTQ (Frantar et al. 2022): w's columns are rounded one at a time onto the fixed per-row grid `step`, and
     each column's rounding error is fed back into the columns not yet rounded through the inverse Hessian's
     Cholesky factor, so that the layer's output error ||X (W - Q)^T|| is what gets small, not the weights' error.
-    Blocks of columns turn the feedback to later blocks into one matmul. Dead columns are coded 0."""
+    Blocks of columns turn the feedback to later blocks into one matmul. Dead columns are coded 0.
+    Batched: w (B, R, C), step (B, R) and factors whose parts are stacked ((B, C, C), (B, C) or None, (B, C)) run
+    B matrices in one column loop; w (R, C) with one gptq_factor is one matrix."""
     u, perm, dead = factor
-    w = w.to(u.dtype).clone()
-    w[:, dead] = 0.0
+    single = w.dim() == 2
+    if single:
+        w, step, u, dead = w[None], step[None], u[None], dead[None]
+        perm = None if perm is None else perm[None]
+    w = w.to(u.dtype).masked_fill(dead[:, None, :], 0.0)
     if perm is not None:
-        w = w[:, perm]
+        w = torch.gather(w, 2, perm[:, None, :].expand_as(w))
     s = step.to(u.dtype)
     q = torch.zeros_like(w)
-    for i1 in range(0, w.size(1), block):
-        i2 = min(i1 + block, w.size(1))
-        wb, errs, ub = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2]), u[i1:i2, i1:i2]
+    for i1 in range(0, w.size(-1), block):
+        i2 = min(i1 + block, w.size(-1))
+        wb, ub = w[..., i1:i2].clone(), u[:, i1:i2, i1:i2]
+        errs = torch.zeros_like(wb)
         for j in range(i2 - i1):
-            col = wb[:, j]
+            col = wb[..., j]
             qc = torch.clamp(torch.round(col / s), -qmax, qmax)
-            q[:, i1 + j] = qc
-            err = (col - qc * s) / ub[j, j]
-            wb[:, j:] -= err[:, None] * ub[j, j:][None, :]
-            errs[:, j] = err
-        w[:, i2:] -= errs @ u[i1:i2, i2:]
+            q[..., i1 + j] = qc
+            err = (col - qc * s) / ub[:, j, j, None]
+            wb[..., j:] -= err[..., None] * ub[:, None, j, j:]
+            errs[..., j] = err
+        w[..., i2:] -= errs @ u[:, i1:i2, i2:]
     if perm is not None:
-        q = q[:, torch.argsort(perm)]
-    return q.to(torch.int8)
+        q = torch.gather(q, 2, torch.argsort(perm, dim=1)[:, None, :].expand_as(q))
+    return (q[0] if single else q).to(torch.int8)
+
+
+def gptq_batches(jobs: list[tuple[str, Tensor, Tensor, int]], factors: dict, block: int) -> dict[str, Tensor]:
+    """GPTQ codes of every job (name, w, step, qmax), in as few column loops as possible: the matrices that share
+    a Hessian (c_q, c_k, c_v) as one matrix of their stacked rows, and those of equal shape (the same matrix of
+    every layer) as one batch. Returns {name: codes}."""
+    units: dict[int, list] = {}  # matrices of one Hessian
+    for job in jobs:
+        units.setdefault(id(factors[job[0]]), []).append(job)
+    batches: dict[tuple, list] = {}  # units of one shape
+    for unit in units.values():
+        rows = sum(w.size(0) for _, w, _, _ in unit)
+        batches.setdefault((rows, unit[0][1].size(1), unit[0][3]), []).append(unit)
+    codes = {}
+    for (_, _, qmax), group in batches.items():
+        w = torch.stack([torch.cat([w for _, w, _, _ in unit]) for unit in group])
+        step = torch.stack([torch.cat([st for _, _, st, _ in unit]) for unit in group])
+        parts = [factors[unit[0][0]] for unit in group]
+        perm = None if parts[0][1] is None else torch.stack([f[1] for f in parts])
+        factor = (torch.stack([f[0] for f in parts]), perm, torch.stack([f[2] for f in parts]))
+        q = gptq_quantize(w, step, qmax, factor, block)
+        for unit, qu in zip(group, q):
+            for (name, wj, _, _), part in zip(unit, qu.split([wj.size(0) for _, wj, _, _ in unit])):
+                codes[name] = part
+    return codes
 
 
 def storage(name: str, t: Tensor, kind: str, args: Hyperparameters) -> tuple[str, int, float]:
@@ -1396,7 +1427,7 @@ def quantize_tensors(model: GPT, state: dict[str, Tensor], args: Hyperparameters
     fp16 steps `scale`, or a value. sdclip: steps k * multiplier * std(row) / qmax; card / lite: GPTQ-lite's.
     With factors (gptq_factor of each tensor that has a Hessian) the codes come from GPTQ on those steps."""
     kinds = module_kinds(model)
-    stored = {}
+    stored, jobs = {}, []
     for name in names if names is not None else list(state):
         w, kind = state[name].detach().float(), kinds.get(name, "control")
         if args.quant_mode == "card":
@@ -1417,8 +1448,10 @@ def quantize_tensors(model: GPT, state: dict[str, Tensor], args: Hyperparameters
                 step = row_steps(k * multiplier * w.std(dim=1, correction=0), qmax)
                 q = round_rows(w, step, qmax)
         if factors is not None and name in factors:
-            q = gptq_quantize(w, step, qmax, factors[name], args.gptq_block)
+            jobs.append((name, w, step, qmax))
         stored[name] = dict(kind=kind, q=q, scale=step)
+    for name, q in gptq_batches(jobs, factors, args.gptq_block).items():
+        stored[name]["q"] = q
     return stored
 
 
@@ -1700,10 +1733,10 @@ def check_budget_floor(model: GPT, args: Hyperparameters, code_bytes: int) -> No
 
 
 def export_artifact(model: GPT, args: Hyperparameters, code_bytes: int, hessians: dict | None, factors: dict | None,
-                    rank: int, world: int, log) -> tuple[bytes | None, dict]:
+                    rank: int, world: int, log, one_frame: bool = True) -> tuple[bytes | None, dict]:
     """Quantise the model's weights (QUANT_MODE=sdclip: at the finest multiplier that fits ARTIFACT_LIMIT) and
     compress them; GPTQ spreads its tensors over the ranks. Returns the artifact's bytes (on rank 0; None on the
-    others) and what was stored."""
+    others) and what was stored. one_frame=False keeps the search's parallel zstd frames (quicker, ~0.1% larger)."""
     state, config = model.state_dict(), model_config(args)
     names, device = list(state), model.tok_emb.weight.device
 
@@ -1730,11 +1763,11 @@ def export_artifact(model: GPT, args: Hyperparameters, code_bytes: int, hessians
 
     if args.quant_mode != "sdclip":
         stored = quantise(1.0)
-        return (compress(serialize(stored, config), args.compressor) if rank == 0 else None), stored
+        return (compress(serialize(stored, config), args.compressor, fast=not one_frame) if rank == 0 else None), stored
     stored, multiplier, total, blob = fit_to_budget(
         quantise, measure, lambda m: entropy_bytes(quantize_tensors(model, state, args, m)) + code_bytes,
         args.artifact_limit, log)
-    if rank == 0:  # one frame compresses a little better than the search's parallel frames
+    if rank == 0 and one_frame:  # one frame compresses a little better than the search's parallel frames
         blob = min(blob, compress(serialize(stored, config), args.compressor), key=len)
         total = len(blob) + code_bytes
     log(f"quant_budget: chosen multiplier:{multiplier:.5f} total_bytes:{total} limit:{args.artifact_limit} "

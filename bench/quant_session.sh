@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/QUANT.md (the byte budget, card fidelity), in stages that each fit one 10-minute
 # call on a lent machine that cannot download. Run `prepare` here first; .carry/ (git-ignored) then travels with
-# the working tree (the device tool's `carry: [".carry"]`). Chain the calls: `sweeps` reads the weights files that
-# `qs2` and `long` left in logs/ on the same (still warm) machine.
+# the working tree (the device tool's `carry: [".carry"]`).
 #
 #   bash bench/quant_session.sh prepare   # here: the QS-2 shards (SPEC §7), the sp1024 tokenizer, the zstandard wheel
 #   bash bench/quant_session.sh qs2       # GPU: QS-2, the record's exact run (QUANT_MODE=card GPTQ_ENABLED=0) and
 #                                         # the default, 2 seeds each, and a 40-step default run
-#   bash bench/quant_session.sh long      # GPU: 5000 steps of the 8-GPU run's per-GPU batch (98,304 tokens, grad-accum 1)
-#   bash bench/quant_session.sh sweeps    # GPU: bench/quant_sweep.py on the QS-2 and the long weights
+#   bash bench/quant_session.sh qs2b      # GPU: a second seed of the record's exact run, and quant_sweep.py on its weights
+#   bash bench/quant_session.sh long      # GPU: 3000 steps of the 8-GPU run's per-GPU batch (98,304 tokens, grad-accum 1)
 #
 # Logs and tables go to $OUT (the device tool's result folder) as one tarball plus a few files.
 set -euo pipefail
@@ -48,24 +47,23 @@ case "${1:-}" in
     run qs2_default_40steps "${QS2[@]}" SEED=1 ITERATIONS=40 WARMDOWN_ITERS=17
     pack qs2
     ;;
+  qs2b)  # a second card seed, its weights swept
+    install
+    run qs2_card_s2 "${QS2[@]}" SEED=2 QUANT_MODE=card GPTQ_ENABLED=0 SAVE_WEIGHTS=1
+    echo "== quant_sweep qs2_card_s2"
+    timeout 330 python bench/quant_sweep.py logs/qs2_card_s2.weights.pt --out "$OUT/sweep_qs2_card_s2.md" \
+      --only card,lite,sdclip_rtn_m0.5,sdclip_gptq_m0.5,sdclip_gptq_m1.0,gptq_at_card_bytes,default_budget,budget_embed_int8 \
+      2>&1 | grep -v Warning || true
+    pack qs2b
+    ;;
   long)
     install
-    # english_mix holds 8.67 M training tokens: 5000 steps of 98,304 tokens read it ~57 times
-    timeout 570 env TRAIN_BATCH_TOKENS=98304 GRAD_ACCUM_STEPS=1 ITERATIONS=5000 MAX_WALLCLOCK_SECONDS=0 \
-      VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=500 SAVE_WEIGHTS=1 RUN_ID=long5000 python train_gpt.py \
-      > logs/long5000.out 2>&1 && echo "rc=0" || echo "rc=$?"
-    grep -E "$SUMMARY|^step:(1000|2500|5000)/" logs/long5000.txt || tail -20 logs/long5000.out
-    cp logs/long5000.ptz "$OUT/" 2>/dev/null || true
+    # english_mix holds 8.67 M training tokens: 3000 steps of 98,304 tokens read it ~34 times
+    timeout 560 env TRAIN_BATCH_TOKENS=98304 GRAD_ACCUM_STEPS=1 ITERATIONS=3000 MAX_WALLCLOCK_SECONDS=0 \
+      VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=500 RUN_ID=long3000 python train_gpt.py \
+      > logs/long3000.out 2>&1 && echo "rc=0" || echo "rc=$?"
+    grep -E "$SUMMARY|^step:(1000|2000|3000)/" logs/long3000.txt || tail -20 logs/long3000.out
     pack long
-    ;;
-  sweeps)
-    install
-    for w in qs2_card_s1 long5000; do
-      echo "== quant_sweep $w"
-      timeout 290 python bench/quant_sweep.py "logs/$w.weights.pt" --out "$OUT/sweep_$w.md" 2>&1 | tee "logs/sweep_$w.out" \
-        | grep -v Warning || true
-    done
-    pack sweeps
     ;;
   *)
     sed -n '2,13p' "$0"

@@ -86,6 +86,32 @@ def test_gptq_matches_the_float64_reference_of_the_algorithm(act_order, block):
         assert (got[:, 3] == 0).all(), "a dead column is coded 0"
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_batched_gptq_of_a_model_equals_one_matrix_at_a_time(act_order):
+    """quantize_tensors runs GPTQ on stacked rows (c_q, c_k, c_v share a Hessian) and on batches of equal shape
+    (every layer's same matrix): the codes must be those of GPTQ on each matrix alone."""
+    args = tiny_args(NUM_LAYERS=3, GPTQ_ACT_ORDER=int(act_order))
+    torch.manual_seed(0)
+    model = tg.GPT(args)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, tg.CastedLinear):
+                m.weight.normal_(0, 0.05)
+    seqs = torch.randint(0, args.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    hessians, factors = tg.gptq_factors(model, seqs, args, 1, tg.contextlib.nullcontext)
+    state = model.state_dict()
+    stored = tg.quantize_tensors(model, state, args, 0.8, factors)
+    plain = tg.quantize_tensors(model, state, args, 0.8)
+    n = 0
+    for name, f in factors.items():
+        if stored[name]["kind"] in ("fp16", "fp32"):
+            continue
+        one = tg.gptq_quantize(state[name].float(), plain[name]["scale"], tg.INT6_MAX, f, args.gptq_block)
+        assert torch.equal(stored[name]["q"], one), name
+        n += 1
+    assert n == 6 * 3
+
+
 def output_error(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, step: torch.Tensor) -> float:
     return float((x @ (w.double() - tg.dequantize_rows(q, step).double()).T).square().sum())
 
