@@ -109,7 +109,7 @@ class Hyperparameters:
     sdclip_k_attn: float = 12.85  # SDClip: clip = k * std(row) for attention matrices (int6)
     sdclip_k_mlp: float = 12.0  # ... MLP matrices (int6)
     sdclip_k_embed: float = 20.0  # ... embeddings (int7/int8) and other large tables (int8)
-    embed_bits: int = 7  # the tied embedding: 7 (int7) or 8 (int8) bits
+    embed_bits: int = 8  # the tied embedding: 8 (int8) or 7 (int7) bits
     gptq_calibration: str = "self"  # self: text the trained model samples; train: training batches, inside the cap
     gptq_calib_seqs: int = 64
     gptq_calib_len: int = 0  # 0 = TRAIN_SEQ_LEN
@@ -553,7 +553,7 @@ class CastedLinear(nn.Linear):
 
     def observe(self, x: Tensor) -> None:
         if self.hessian is not None:
-            x = x.reshape(-1, x.size(-1)).float()
+            x = x.reshape(-1, x.size(-1)).to(self.hessian.dtype)
             self.hessian.addmm_(x.T, x)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -1244,19 +1244,19 @@ def sample_calibration(model: GPT, n_seqs: int, rows: range, length: int, temper
 def collect_hessians(model: GPT, seqs: Tensor, batch_seqs: int, autocast) -> dict[str, Tensor]:
     """{weight name: H} summed over the tokens of seqs (N, T): for every int6 matrix, X^T X of its inputs (c_k and
     c_v share c_q's: the same tensor), and for the tied embedding, as the output head, that of the final hidden
-    states it multiplies. fp32, on the model's device."""
+    states it multiplies. float64 (no TF32 rounding in the sums), on the model's device."""
     device = model.tok_emb.weight.device
     observed = {name: m for name, m in model.named_modules()
                 if isinstance(m, CastedLinear) and m.int6 and not name.endswith((".c_k", ".c_v"))}
     for m in observed.values():
-        m.hessian = torch.zeros(m.in_features, m.in_features, device=device)
-    head = torch.zeros(model.tok_emb.embedding_dim, model.tok_emb.embedding_dim, device=device)
+        m.hessian = torch.zeros(m.in_features, m.in_features, device=device, dtype=torch.float64)
+    head = torch.zeros(model.tok_emb.embedding_dim, model.tok_emb.embedding_dim, device=device, dtype=torch.float64)
     was_training = model.training
     model.eval()
     try:
         with autocast():
             for chunk in seqs.split(batch_seqs):
-                h = model.hidden(chunk).reshape(-1, head.size(0)).float()
+                h = model.hidden(chunk).reshape(-1, head.size(0)).double()
                 head.addmm_(h.T, h)
         hessians = {"tok_emb.weight": head}
         for name, m in observed.items():
@@ -1424,7 +1424,9 @@ def card_storage(t: Tensor, kind: str) -> str:
 def quantize_tensors(model: GPT, state: dict[str, Tensor], args: Hyperparameters, multiplier: float = 1.0,
                      factors: dict | None = None, names: list[str] | None = None) -> dict[str, dict]:
     """{name: stored tensors} for `names` (default: all of state), on the weights' device: kind plus codes q and
-    fp16 steps `scale`, or a value. sdclip: steps k * multiplier * std(row) / qmax; card / lite: GPTQ-lite's.
+    fp16 steps `scale`, or a value. sdclip: steps k * multiplier * std(row) / qmax for the int6 matrices, and
+    k * min(multiplier, 1) * std(row) / qmax for the embeddings (the most sensitive tensors: under a tight budget
+    the matrices absorb the coarsening, docs/QUANT.md); card / lite: GPTQ-lite's.
     With factors (gptq_factor of each tensor that has a Hessian) the codes come from GPTQ on those steps."""
     kinds = module_kinds(model)
     stored, jobs = {}, []
@@ -1444,8 +1446,9 @@ def quantize_tensors(model: GPT, state: dict[str, Tensor], args: Hyperparameters
                 continue
             if args.quant_mode == "lite":
                 q, step = gptq_lite(w, 0.0)[:2] if kind == "int6" else quantize_rows(w, qmax, w.abs().amax(dim=1))
-            else:
-                step = row_steps(k * multiplier * w.std(dim=1, correction=0), qmax)
+            else:  # tables follow the multiplier to finer steps, never to coarser ones than their own k
+                scale = multiplier if kind == "int6" else min(multiplier, 1.0)
+                step = row_steps(k * scale * w.std(dim=1, correction=0), qmax)
                 q = round_rows(w, step, qmax)
         if factors is not None and name in factors:
             jobs.append((name, w, step, qmax))

@@ -290,7 +290,7 @@ def test_gptq_lite_never_worse_than_row_max_and_better_on_heavy_tails():
 
 
 def _expected_kind(name: str, numel: int, mode: str = "sdclip") -> str:
-    """SPEC §4 (card) and QUANT_MODE=sdclip's kinds, from the parameter names alone."""
+    """SPEC §4 (card) and QUANT_MODE=sdclip's kinds (sdclip7: with EMBED_BITS=7), from the parameter names alone."""
     block_matrix = re.fullmatch(r"blocks\.\d+\.(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))\.weight", name)
     if mode == "card":  # the record: everything of at most 65,536 values fp16, block matrices int6, the rest int8
         return "fp16" if numel <= 65_536 else "int6" if block_matrix else "int8"
@@ -299,7 +299,7 @@ def _expected_kind(name: str, numel: int, mode: str = "sdclip") -> str:
     if name in ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight", "bigram.proj.weight", "ve.proj.weight"):
         if numel <= 65_536:
             return "fp16"
-        return "int7" if name == "tok_emb.weight" and mode == "sdclip" else "int8"
+        return "int7" if name == "tok_emb.weight" and mode == "sdclip7" else "int8"
     # control tensors: scales, gains, resid_mix, skip weights, gates
     assert re.fullmatch(r"skip_weights|smear\.gate|bigram\.scale|ve\.scale|ve\.layer_scales|"
                         r"blocks\.\d+\.(attn_scale|mlp_scale|resid_mix|attn\.q_gain)", name), f"unexpected {name}"
@@ -330,7 +330,7 @@ def _check_kinds(model: tg.GPT, stored: dict, mode: str = "sdclip") -> dict[str,
     return kinds
 
 
-@pytest.mark.parametrize("mode", ["sdclip", "card", "lite"])
+@pytest.mark.parametrize("mode", ["sdclip", "sdclip7", "card", "lite"])
 def test_quantize_tensors_kinds_on_full_size_config(monkeypatch, mode):
     """The default (record) config: 11 layers, d=512, ~27.0M params. Its init is replaced by a plain normal draw
     (orthogonal init of 66 matrices costs ~15 s on a small CPU and does not change what kind a tensor is)."""
@@ -341,7 +341,7 @@ def test_quantize_tensors_kinds_on_full_size_config(monkeypatch, mode):
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
 
     monkeypatch.setattr(tg.GPT, "_init_weights", fast_init, raising=False)
-    args = tg.resolve(tg.Hyperparameters(quant_mode=mode), 1)
+    args = tg.resolve(tg.Hyperparameters(quant_mode=mode[:6], embed_bits=7 if mode == "sdclip7" else 8), 1)
     model = tg.GPT(args)
     assert 26_900_000 < sum(p.numel() for p in model.parameters()) < 27_100_000
     kinds = _check_kinds(model, tg.quantize_tensors(model, model.state_dict(), args), mode)

@@ -226,6 +226,23 @@ def test_sdclip_qat_grid_is_the_exports_grid():
             assert torch.equal(m.weight_in_use().detach(), tg.dequantize_rows(s["q"], s["scale"])), name
 
 
+def test_embeddings_follow_the_multiplier_down_but_not_up():
+    """Under a tight budget (multiplier > 1) the int6 matrices coarsen and the embeddings keep their own k; under a
+    loose one both refine."""
+    args = tiny_args(MODEL_DIM=128)  # tok_emb 1024 x 128: int8
+    torch.manual_seed(0)
+    model = tg.GPT(args)
+    state = model.state_dict()
+    steps = {m: tg.quantize_tensors(model, state, args, m) for m in (0.5, 1.0, 2.0)}
+    emb, mat = "tok_emb.weight", "blocks.0.mlp.fc.weight"
+    assert steps[1.0][emb]["kind"] == "int8"
+    assert torch.equal(steps[2.0][emb]["scale"], steps[1.0][emb]["scale"])
+    torch.testing.assert_close(steps[0.5][emb]["scale"].float(), steps[1.0][emb]["scale"].float() / 2, rtol=2e-3, atol=0)
+    torch.testing.assert_close(steps[2.0][mat]["scale"].float(), steps[1.0][mat]["scale"].float() * 2, rtol=2e-3, atol=0)
+    w = state[emb]
+    torch.testing.assert_close(steps[1.0][emb]["scale"].float(), 20.0 * w.std(dim=1, correction=0) / 127, rtol=1e-3, atol=0)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The byte budget.
 
