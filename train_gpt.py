@@ -22,6 +22,7 @@ import lzma
 import math
 import os
 import platform
+import re
 import sys
 import time
 import uuid
@@ -41,6 +42,9 @@ from torch import Tensor, nn
 
 class ConfigError(ValueError):
     """A knob with a bad or contradictory value; the message names the variable."""
+
+
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
 @dataclasses.dataclass
@@ -163,6 +167,12 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
         if not ok:
             raise ConfigError(f"{name}={getattr(a, name.lower())!r}: {why}")
 
+    # RUN_ID names files under logs/: a path in it would write (and truncate) files elsewhere
+    need(RUN_ID_PATTERN.fullmatch(a.run_id) is not None and len(a.run_id) <= 200, "RUN_ID",
+         "must be a plain name (letters, digits and . _ + -, at most 200): it names logs/<RUN_ID>.txt and .ptz")
+    for f in dataclasses.fields(a):  # nan/inf would only surface as a non-finite loss, blamed on the learning rates
+        if type(f.default) is float:
+            need(math.isfinite(getattr(a, f.name)), f.name.upper(), "must be a finite number")
     for name in ("ITERATIONS", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_SEQ_LEN",
                  "TRAIN_BATCH_TOKENS", "GRAD_ACCUM_STEPS", "VOCAB_SIZE", "EVAL_STRIDE", "EVAL_BATCH_SEQS",
                  "MUON_BACKEND_STEPS", "SWA_EVERY", "TRAIN_LOG_EVERY"):
@@ -171,6 +181,13 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
                  "GRAD_CLIP_NORM", "BIGRAM_VOCAB_SIZE", "MUON_MOMENTUM_WARMUP_STEPS", "XSA_LAST_N", "ROPE_DIMS",
                  "MATRIX_LR", "TIED_EMBED_LR", "SCALAR_LR", "MUON_WEIGHT_DECAY", "ADAM_WEIGHT_DECAY"):
         need(getattr(a, name.lower()) >= 0, name, "must not be negative")
+    need(0 <= a.seed < 2**32, "SEED", "must lie in [0, 2**32): numpy's seed range")
+    need(0 <= a.beta1 < 1, "BETA1", "must lie in [0, 1)")
+    need(0 <= a.beta2 < 1, "BETA2", "must lie in [0, 1)")
+    need(a.adam_eps > 0, "ADAM_EPS", "must be positive: Adam divides by sqrt(v) + ADAM_EPS, and v is 0 where a "
+                                     "gradient is")
+    need(a.tied_embed_init_std >= 0, "TIED_EMBED_INIT_STD", "must not be negative")
+    need(a.rope_base > 0, "ROPE_BASE", "must be positive: the rotary frequencies are ROPE_BASE^(-i/ROPE_DIMS)")
     need(a.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE", "must be 0 (off) or at least 2: bucket 0 is kept for position 0")
     need(a.vocab_size <= 65536, "VOCAB_SIZE", "token ids are stored as uint16, so at most 65536")
     need(a.model_dim % a.num_heads == 0, "NUM_HEADS", f"must divide MODEL_DIM={a.model_dim}")
@@ -1258,17 +1275,35 @@ class Logger:
             f.write(msg + "\n")
 
 
+def launch_ranks(env=os.environ) -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as a launcher set them, checked before anything waits for other ranks."""
+    rank, world, local_rank = (parse_knob(name, env.get(name, default), int)
+                               for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")))
+    if world < 1:
+        raise ConfigError(f"WORLD_SIZE={world}: must be at least 1; unset it to run one process")
+    if not 0 <= rank < world or local_rank < 0:
+        raise ConfigError(f"RANK={rank} LOCAL_RANK={local_rank}: RANK must lie in [0, WORLD_SIZE={world}) and "
+                          f"LOCAL_RANK must not be negative; let torchrun set them")
+    if world > 1 and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
+        # init_process_group would fail without a rendezvous address, or wait forever at one for absent ranks
+        raise ConfigError(f"WORLD_SIZE={world} but MASTER_ADDR/MASTER_PORT are not set: launch with `torchrun "
+                          f"--standalone --nproc_per_node={world} train_gpt.py`, or unset WORLD_SIZE for one process")
+    return rank, world, local_rank
+
+
 def setup_distributed() -> tuple[int, int, int, torch.device]:
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    rank, world, local_rank = launch_ranks()
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK={local_rank}: this machine has {torch.cuda.device_count()} GPUs; "
+                              f"use --nproc_per_node={torch.cuda.device_count()} or fewer")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
         if "OMP_NUM_THREADS" not in os.environ:  # share the cores between the local ranks
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+            local_world = parse_knob("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_WORLD_SIZE", str(world)), int)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     return rank, world, local_rank, device
