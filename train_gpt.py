@@ -22,11 +22,13 @@ import lzma
 import math
 import os
 import platform
+import re
 import sys
 import time
 import uuid
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -41,6 +43,9 @@ from torch import Tensor, nn
 
 class ConfigError(ValueError):
     """A knob with a bad or contradictory value; the message names the variable."""
+
+
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
 @dataclasses.dataclass
@@ -181,6 +186,12 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
         if not ok:
             raise ConfigError(f"{name}={getattr(a, name.lower())!r}: {why}")
 
+    # RUN_ID names files under logs/: a path in it would write (and truncate) files elsewhere
+    need(RUN_ID_PATTERN.fullmatch(a.run_id) is not None and len(a.run_id) <= 200, "RUN_ID",
+         "must be a plain name (letters, digits and . _ + -, at most 200): it names logs/<RUN_ID>.txt and .ptz")
+    for f in dataclasses.fields(a):  # nan/inf would only surface as a non-finite loss, blamed on the learning rates
+        if type(f.default) is float:
+            need(math.isfinite(getattr(a, f.name)), f.name.upper(), "must be a finite number")
     for name in ("ITERATIONS", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_SEQ_LEN",
                  "TRAIN_BATCH_TOKENS", "GRAD_ACCUM_STEPS", "VOCAB_SIZE", "EVAL_STRIDE", "EVAL_BATCH_SEQS",
                  "MUON_BACKEND_STEPS", "SWA_EVERY", "TRAIN_LOG_EVERY"):
@@ -189,6 +200,13 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
                  "GRAD_CLIP_NORM", "BIGRAM_VOCAB_SIZE", "MUON_MOMENTUM_WARMUP_STEPS", "XSA_LAST_N", "ROPE_DIMS",
                  "MATRIX_LR", "TIED_EMBED_LR", "SCALAR_LR", "MUON_WEIGHT_DECAY", "ADAM_WEIGHT_DECAY"):
         need(getattr(a, name.lower()) >= 0, name, "must not be negative")
+    need(0 <= a.seed < 2**32, "SEED", "must lie in [0, 2**32): numpy's seed range")
+    need(0 <= a.beta1 < 1, "BETA1", "must lie in [0, 1)")
+    need(0 <= a.beta2 < 1, "BETA2", "must lie in [0, 1)")
+    need(a.adam_eps > 0, "ADAM_EPS", "must be positive: Adam divides by sqrt(v) + ADAM_EPS, and v is 0 where a "
+                                     "gradient is")
+    need(a.tied_embed_init_std >= 0, "TIED_EMBED_INIT_STD", "must not be negative")
+    need(a.rope_base > 0, "ROPE_BASE", "must be positive: the rotary frequencies are ROPE_BASE^(-i/ROPE_DIMS)")
     need(a.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE", "must be 0 (off) or at least 2: the last bucket is kept for position 0")
     need(a.vocab_size <= 65536, "VOCAB_SIZE", "token ids are stored as uint16, so at most 65536")
     need(a.model_dim % a.num_heads == 0, "NUM_HEADS", f"must divide MODEL_DIM={a.model_dim}")
@@ -221,6 +239,8 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
     need(a.compressor in COMPRESSORS, "COMPRESSOR", f"must be one of {', '.join(COMPRESSORS)}")
     module = {"zstd": "zstandard", "brotli": "brotli", "lzma": "lzma"}[a.compressor]
     need(importlib.util.find_spec(module) is not None, "COMPRESSOR", f"needs the {module} package: pip install {module}")
+    need(a.compressor != "brotli" or brotli_output_limit(), "COMPRESSOR",
+         "needs brotli >= 1.2 to read its artifact back with a bounded output: pip install -U brotli")
     kinds = {"0": "none", "1": "all"}.get(a.fused_kernels, a.fused_kernels)
     kinds = {"none": "", "all": ",".join(FUSED_KINDS)}.get(kinds, kinds)
     chosen = {k.strip() for k in kinds.split(",") if k.strip()}
@@ -256,6 +276,7 @@ SHARD_VERSION = 1
 SHARD_HEADER_INTS = 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
 FIX_SHARDS = "re-download it with data/cached_challenge_fineweb.py or rebuild it with data/build_shards.py"
+MANIFEST_FILE = "manifest.json"  # written beside the shards by data/build_shards.py
 
 
 class DataError(RuntimeError):
@@ -307,12 +328,19 @@ def list_shards(pattern: str) -> list[Path]:
     return files
 
 
+def check_train_shards(files: list[Path]) -> None:
+    """Fail at start, not hours in, on a bad shard anywhere in the list; with no token at all, the stream would
+    wrap around forever without yielding one."""
+    if sum(read_shard_header(f) for f in files) == 0:
+        raise DataError(f"the {len(files)} train shard(s) from {files[0]} on hold 0 tokens (their headers say so); "
+                        f"{FIX_SHARDS}")
+
+
 class TokenStream:
     """The training shards read in order as one endless stream (wrapping around at the end)."""
 
     def __init__(self, files: list[Path], vocab_size: int):
-        for f in files:  # fail at start, not hours in, on a bad shard anywhere in the list
-            read_shard_header(f)
+        check_train_shards(files)
         self.files, self.vocab_size = files, vocab_size
         self.reset()
 
@@ -400,6 +428,26 @@ def load_validation_tokens(data_path: str, vocab_size: int) -> Tensor:
     return torch.from_numpy(tokens.astype(np.int64))
 
 
+def check_manifest_tokenizer(data_path: str, tokenizer_path: str) -> None:
+    """data/build_shards.py records the sha256 of the tokenizer it encoded with in DATA_PATH/manifest.json.
+    Another tokenizer of the same size would score a wrong val_bpb without any other sign, so where that
+    manifest exists, the tokenizer must be the one it names."""
+    manifest = Path(data_path) / MANIFEST_FILE
+    if not manifest.is_file():
+        return
+    try:
+        entry = json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]
+        recorded, copy_name = str(entry["sha256"]), str(entry["file"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{manifest}: not a manifest of data/build_shards.py ({type(e).__name__}: {e}); "
+                        f"rebuild the shards or remove the file") from None
+    actual = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()
+    if actual != recorded:
+        raise DataError(f"TOKENIZER_PATH={tokenizer_path} (sha256 {actual[:12]}...) is not the tokenizer the shards "
+                        f"under DATA_PATH were built with ({manifest} says sha256 {recorded[:12]}...); set "
+                        f"TOKENIZER_PATH={Path(data_path) / copy_name}, the copy build_shards.py keeps there")
+
+
 # -----------------------------------------------------------------------------
 # Tokenizer byte accounting (val_bpb): bytes(t) = base_bytes(t) + [piece(t) starts with '▁' and prev not boundary]
 
@@ -407,10 +455,17 @@ def load_validation_tokens(data_path: str, vocab_size: int) -> Tensor:
 def load_tokenizer(path: str, vocab_size: int):
     import sentencepiece as spm
 
+    if Path(path).is_dir():
+        raise DataError(f"TOKENIZER_PATH={path} is a directory; point it at the .model file your shards were built "
+                        f"with (data/build_shards.py writes <output-dir>/tokenizer.model)")
     if not Path(path).is_file():
         raise DataError(f"TOKENIZER_PATH={path} does not exist; download it with data/cached_challenge_fineweb.py "
                         f"or point TOKENIZER_PATH at the .model file your shards were built with")
-    sp = spm.SentencePieceProcessor(model_file=str(path))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:  # sentencepiece reports a foreign file as a parse failure
+        raise DataError(f"TOKENIZER_PATH={path} is not a sentencepiece model ({str(e).strip()[:120]}); point it at "
+                        f"the .model file your shards were built with") from None
     if sp.vocab_size() != vocab_size:
         raise DataError(f"tokenizer {path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; "
                         f"set VOCAB_SIZE={sp.vocab_size()} or use the tokenizer the shards were built with")
@@ -440,6 +495,31 @@ def byte_luts(sp, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
 def target_bytes(prev: Tensor, tgt: Tensor, luts: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     base, leading_space, boundary = luts
     return base[tgt] + (leading_space[tgt] & ~boundary[prev]).to(base.dtype)
+
+
+def check_scorable(tokens: Tensor, luts: tuple[Tensor, Tensor, Tensor], data_path: str) -> None:
+    """val_bpb divides by the bytes scored: validation text of only control tokens (BOS) has none, and would fail
+    only after all of training. Read in chunks, stopping at the first byte (almost always in the first chunk)."""
+    chunk = 1 << 20
+    for i in range(0, tokens.numel() - 1, chunk):
+        window = tokens[i:i + chunk + 1]
+        if target_bytes(window[:-1], window[1:], luts).sum() > 0:
+            return
+    raise DataError(f"the validation shards under DATA_PATH={data_path} hold no text: their {tokens.numel()} tokens "
+                    f"decode to 0 bytes (only control tokens such as BOS), so val_bpb is undefined; {FIX_SHARDS}")
+
+
+def load_inputs(args: Hyperparameters) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+    """Everything the run reads, checked before its log is opened (a bad path then costs no log file and truncates
+    nothing): (the byte tables of val_bpb, the validation tokens)."""
+    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
+    check_manifest_tokenizer(args.data_path, args.tokenizer_path)
+    luts = byte_luts(sp, args.vocab_size)
+    val_tokens = load_validation_tokens(args.data_path, args.vocab_size)
+    check_scorable(val_tokens, luts, args.data_path)
+    if not args.eval_only:
+        check_train_shards(list_shards(os.path.join(args.data_path, "fineweb_train_*.bin")))
+    return luts, val_tokens
 
 
 # -----------------------------------------------------------------------------
@@ -1151,6 +1231,14 @@ ZSTD_FRAME_BYTES = 2 << 20  # the budget search compresses zstd payloads in fram
 BOS_ID = 1
 ARTIFACT_MAGIC = b"PGOLF1\n"
 ARTIFACT_LIMIT = 16_000_000
+# What an artifact may claim, checked before anything is allocated or built. Its payload is int8/fp16/fp32 arrays:
+# the default model's is 27.3 MB for a 15.5 MB artifact. 16x the limit is a full-size artifact whose int8 values
+# compress to half a bit each, well below the ~1.6 bits of ternary weights (SPEC §5), so no artifact of a
+# submission decompresses to more. The file itself is held to the same bound, not to the limit: a run over the
+# limit still reads its artifact back and scores it before it says by how much it is over.
+MAX_PAYLOAD_BYTES = 16 * ARTIFACT_LIMIT
+MAX_HEADER_BYTES = 1 << 20  # the default model's JSON header is 21 kB (119 tensors)
+DECOMPRESS_CHUNK = 1 << 20
 
 class ArtifactError(RuntimeError):
     """An artifact file that cannot be decoded; the message says what is wrong."""
@@ -1172,11 +1260,14 @@ def _zstd_compress_frames(data: bytes) -> bytes:
         return b"".join(pool.map(lambda piece: zstandard.ZstdCompressor(level=22).compress(piece), pieces))
 
 
-def _zstd_decompress(data: bytes) -> bytes:
+def _zstd_decompress(data: bytes) -> Iterator[bytes]:
+    """Chunk by chunk: the frame's declared content size is never trusted for an allocation. Across frames: the
+    budget search writes several (_zstd_compress_frames)."""
     import zstandard
 
-    with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True) as reader:
-        return reader.read()
+    reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
+    while chunk := reader.read(DECOMPRESS_CHUNK):
+        yield chunk
 
 
 def _brotli_compress(data: bytes) -> bytes:
@@ -1185,16 +1276,44 @@ def _brotli_compress(data: bytes) -> bytes:
     return brotli.compress(data, quality=11)
 
 
-def _brotli_decompress(data: bytes) -> bytes:
+def _brotli_decompress(data: bytes) -> Iterator[bytes]:
     import brotli
 
-    return brotli.decompress(data)
+    if not brotli_output_limit():
+        raise ImportError("brotli >= 1.2 is needed to bound the output")
+    d = brotli.Decompressor()
+    yield d.process(data, output_buffer_limit=DECOMPRESS_CHUNK)
+    while not d.is_finished():  # the rest of the input is buffered inside; drain it a bounded chunk at a time
+        chunk = d.process(b"", output_buffer_limit=DECOMPRESS_CHUNK)
+        if not chunk:
+            raise ValueError("the brotli stream ends early")
+        yield chunk
+
+
+def brotli_output_limit() -> bool:
+    """Whether the installed brotli can cap its output (1.2 on); older ones could be made to fill the memory."""
+    import brotli
+
+    try:
+        brotli.Decompressor().process(b"", output_buffer_limit=1)
+    except TypeError:
+        return False
+    return True
+
+
+def _lzma_decompress(data: bytes) -> Iterator[bytes]:
+    d = lzma.LZMADecompressor()
+    yield d.decompress(data, max_length=DECOMPRESS_CHUNK)
+    while not d.eof:
+        if d.needs_input:
+            raise lzma.LZMAError("the lzma stream ends early")
+        yield d.decompress(b"", max_length=DECOMPRESS_CHUNK)
 
 
 COMPRESSORS = {
     "zstd": (b"Z", _zstd_compress, _zstd_decompress),
     "brotli": (b"B", _brotli_compress, _brotli_decompress),
-    "lzma": (b"L", lambda d: lzma.compress(d, preset=9 | lzma.PRESET_EXTREME), lzma.decompress),
+    "lzma": (b"L", lambda d: lzma.compress(d, preset=9 | lzma.PRESET_EXTREME), _lzma_decompress),
 }
 
 
@@ -1581,8 +1700,9 @@ def fit_to_budget(quantise, measure, estimate, budget: int, log) -> tuple[dict, 
 _DTYPES = {"int8": (torch.int8, np.int8), "float16": (torch.float16, np.float16), "float32": (torch.float32, np.float32)}
 
 
-def serialize(stored: dict, config: dict) -> bytes:
-    """Layout: magic, u32 header length, JSON header (config + tensor table), then raw little-endian arrays."""
+def serialize(stored: dict, config: dict, meta: dict | None = None) -> bytes:
+    """Layout: magic, u32 header length, JSON header (config, meta: what wrote it, tensor table), then raw
+    little-endian arrays."""
     entries, blobs, offset = [], [], 0
     for name, s in stored.items():
         arrays = {key: t for key, t in s.items() if isinstance(t, Tensor)}
@@ -1594,33 +1714,70 @@ def serialize(stored: dict, config: dict) -> bytes:
             blobs.append(raw)
             offset += len(raw)
         entries.append(entry)
-    header = json.dumps(dict(config=config, tensors=entries), separators=(",", ":")).encode()
+    header = json.dumps(dict(config=config, meta=meta, tensors=entries), separators=(",", ":")).encode()
     return ARTIFACT_MAGIC + len(header).to_bytes(4, "little") + header + b"".join(blobs)
 
 
-def deserialize(data: bytes) -> tuple[dict, dict]:
+CODES, LQER = frozenset({"q", "scale"}), frozenset({"lqer_a", "lqer_a_scale", "lqer_b", "lqer_b_scale"})
+STORED_ARRAYS = {"int6": (CODES, CODES | LQER), "int7": (CODES,), "int8": (CODES,), "fp16": ({"value"},),
+                 "fp32": ({"value"},)}  # the array sets each stored kind may have
+
+
+def deserialize(data: bytes) -> tuple[dict, dict, dict]:
+    """(stored tensors, model config, meta) of a payload. Every size the header declares is checked against the
+    payload before anything is allocated: the arrays are views of bytes that are there."""
     if not data.startswith(ARTIFACT_MAGIC):
         raise ArtifactError("not a Parameter Golf model payload (bad magic)")
     pos = len(ARTIFACT_MAGIC)
     hlen = int.from_bytes(data[pos:pos + 4], "little")
+    if hlen > min(MAX_HEADER_BYTES, len(data) - pos - 4):
+        raise ArtifactError(f"header length {hlen} runs past the {len(data)}-byte payload or the "
+                            f"{MAX_HEADER_BYTES}-byte bound")
     try:
         header = json.loads(data[pos + 4:pos + 4 + hlen])
     except ValueError as e:
         raise ArtifactError(f"header is not valid JSON ({e})") from None
+    if not (isinstance(header, dict) and isinstance(header.get("config"), dict)
+            and isinstance(header.get("tensors"), list) and isinstance(header.get("meta") or {}, dict)):
+        raise ArtifactError("header is not an object with a config, a meta object and a tensor list")
     body = memoryview(data)[pos + 4 + hlen:]
     stored = {}
     for entry in header["tensors"]:
-        arrays = {}
-        for key, a in entry["arrays"].items():
-            if a["dtype"] not in _DTYPES or min(a["offset"], a["nbytes"]) < 0 or a["offset"] + a["nbytes"] > len(body):
-                raise ArtifactError(f"tensor {entry['name']}.{key} lies outside the payload or has dtype {a['dtype']}")
-            tdtype, ndtype = _DTYPES[a["dtype"]]
-            arr = np.frombuffer(body[a["offset"]:a["offset"] + a["nbytes"]], dtype=ndtype)
-            if arr.size != math.prod(a["shape"]):
-                raise ArtifactError(f"tensor {entry['name']}.{key}: {arr.size} values for shape {a['shape']}")
-            arrays[key] = torch.from_numpy(arr.copy()).view(tdtype).reshape(a["shape"])
-        stored[entry["name"]] = dict(kind=entry["kind"], **arrays)
-    return stored, header["config"]
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("arrays"), dict)
+                and isinstance(entry.get("kind"), str) and set(entry["arrays"]) in STORED_ARRAYS.get(entry["kind"], ())):
+            raise ArtifactError(f"tensor entry {str(entry)[:80]} is not a name, a known kind and its arrays")
+        name = entry["name"]
+        if name in stored:
+            raise ArtifactError(f"tensor {name} is stored twice")
+        arrays = {key: _stored_array(body, f"{name}.{key}", a) for key, a in entry["arrays"].items()}
+        if "q" in arrays and not (arrays["q"].dtype == torch.int8 and arrays["q"].ndim == 2
+                                  and arrays["scale"].shape == arrays["q"].shape[:1]):
+            raise ArtifactError(f"tensor {name}: {entry['kind']} needs 2-D int8 values and one scale per row")
+        if "lqer_a" in arrays:
+            a, b, rows, cols = arrays["lqer_a"], arrays["lqer_b"], *arrays["q"].shape
+            if not (a.ndim == b.ndim == 2 and a.shape[0] == rows and b.shape == (a.shape[1], cols)
+                    and arrays["lqer_a_scale"].shape == (rows,) and arrays["lqer_b_scale"].shape == (a.shape[1],)):
+                raise ArtifactError(f"tensor {name}: its LQER factors do not fit its {rows}x{cols} codes")
+        stored[name] = dict(kind=entry["kind"], **arrays)
+    return stored, header["config"], header.get("meta") or {}
+
+
+def _stored_array(body: memoryview, what: str, a: dict) -> Tensor:
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(a, dict):
+        raise ArtifactError(f"tensor {what}: {str(a)[:80]} is not an array description")
+    if not (isinstance(a.get("dtype"), str) and a["dtype"] in _DTYPES and count(a.get("offset"))
+            and count(a.get("nbytes")) and a["offset"] + a["nbytes"] <= len(body)):
+        raise ArtifactError(f"tensor {what} lies outside the payload or has dtype {a.get('dtype')}")
+    if not (isinstance(a.get("shape"), list) and all(map(count, a["shape"]))):
+        raise ArtifactError(f"tensor {what}: shape {a.get('shape')} is not a list of sizes")
+    tdtype, ndtype = _DTYPES[a["dtype"]]
+    if a["nbytes"] != math.prod(a["shape"]) * np.dtype(ndtype).itemsize:
+        raise ArtifactError(f"tensor {what}: {a['nbytes']} bytes for shape {a['shape']} of {a['dtype']}")
+    arr = np.frombuffer(body[a["offset"]:a["offset"] + a["nbytes"]], dtype=ndtype)
+    return torch.from_numpy(arr.copy()).view(tdtype).reshape(a["shape"])
 
 
 def compress(payload: bytes, compressor: str, fast: bool = False) -> bytes:
@@ -1631,20 +1788,38 @@ def compress(payload: bytes, compressor: str, fast: bool = False) -> bytes:
     return tag + zlib.crc32(payload).to_bytes(4, "little") + fn(payload)
 
 
-def decompress(blob: bytes, path: str | Path) -> bytes:
-    by_tag = {tag: (name, fn) for name, (tag, _, fn) in COMPRESSORS.items()}
+def compressor_of(blob: bytes, path: str | Path) -> str:
+    """The compressor an artifact names in its tag byte."""
+    by_tag = {tag: name for name, (tag, _, _) in COMPRESSORS.items()}
     if blob[:1] not in by_tag:
         raise ArtifactError(f"{path}: unknown compressor tag {blob[:1]!r}; not an artifact written by train_gpt.py")
-    name, fn = by_tag[blob[:1]]
+    return by_tag[blob[:1]]
+
+
+def decompress(blob: bytes, path: str | Path) -> bytes:
+    """The payload, decompressed a chunk at a time and refused as soon as it passes MAX_PAYLOAD_BYTES: a small
+    file can claim (or simply expand to) any size."""
+    name = compressor_of(blob, path)
     if len(blob) < 5:
         raise ArtifactError(f"{path}: {len(blob)} bytes is too short for an artifact (truncated)")
+    chunks, size = [], 0
     try:
-        payload = fn(blob[5:])
+        for chunk in COMPRESSORS[name][2](blob[5:]):
+            size += len(chunk)
+            if size > MAX_PAYLOAD_BYTES:
+                raise ArtifactError(f"{path}: decompresses to more than {MAX_PAYLOAD_BYTES:,} bytes, more than an "
+                                    f"artifact of a {ARTIFACT_LIMIT:,}-byte submission can hold; not an artifact "
+                                    f"written by train_gpt.py")
+            chunks.append(chunk)
+    except ArtifactError:
+        raise
     except ImportError:
-        raise ArtifactError(f"{path}: written with {name}, which is not installed here (pip install {name})") from None
+        raise ArtifactError(f"{path}: written with {name}, which is missing or too old here (pip install -U "
+                            f"{name})") from None
     except Exception as e:  # noqa: BLE001 - each library raises its own error type for damaged input
         raise ArtifactError(f"{path}: {name} cannot decompress it ({type(e).__name__}: {e}); the file is truncated "
                             f"or corrupt") from None
+    payload = b"".join(chunks)
     if zlib.crc32(payload) != int.from_bytes(blob[1:5], "little"):
         raise ArtifactError(f"{path}: checksum mismatch after {name} decompression; the file is corrupt")
     return payload
@@ -1653,37 +1828,110 @@ def decompress(blob: bytes, path: str | Path) -> bytes:
 def model_config(args: Hyperparameters) -> dict:
     """The knobs that shape the network: enough to rebuild it from an artifact alone."""
     keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_base",
-            "rope_dims", "logit_softcap", "xsa_last_n", "ln_scale", "bigram_vocab_size", "bigram_dim", "ve_layers",
-            "ve_dim", "smear_gate", "train_seq_len")
+            "rope_dims", "rope_train_len", "logit_softcap", "xsa_last_n", "ln_scale", "bigram_vocab_size",
+            "bigram_dim", "ve_layers", "ve_dim", "smear_gate", "train_seq_len")
     return {k.upper(): getattr(args, k) for k in keys}
 
 
-def load_artifact(path: str | Path) -> tuple[dict[str, Tensor], dict]:
-    """Read an artifact from disk and return (dequantised fp32 state, model config)."""
-    if not Path(path).is_file():
+def config_sha256(args: Hyperparameters) -> str:
+    """Names a run's resolved configuration in its log and in the artifact it writes."""
+    return hashlib.sha256(json.dumps(args.env(), sort_keys=True).encode()).hexdigest()
+
+
+def artifact_meta(args: Hyperparameters) -> dict:
+    """What the artifact says about the run that wrote it, so that a score of it can name that run."""
+    return {"run_id": args.run_id, "config_sha256": config_sha256(args)}
+
+
+@dataclasses.dataclass
+class Artifact:
+    """An artifact file as read: the network (dequantised fp32 state, config), the run that wrote it, the file."""
+    path: Path
+    state: dict[str, Tensor]
+    config: dict
+    meta: dict
+    compressor: str
+    nbytes: int
+    sha256: str
+
+
+def read_artifact(path: str | Path) -> Artifact:
+    """Read an artifact from disk, refusing (ArtifactError) anything its sizes, config or values do not back."""
+    path = Path(path)
+    if not path.is_file():
         raise ArtifactError(f"{path}: no such artifact file")
+    if path.stat().st_size > MAX_PAYLOAD_BYTES:
+        raise ArtifactError(f"{path}: {path.stat().st_size:,} bytes is more than any artifact decompresses to "
+                            f"({MAX_PAYLOAD_BYTES:,}); not an artifact written by train_gpt.py")
+    blob = path.read_bytes()
+    payload = decompress(blob, path)
     try:
-        payload = decompress(Path(path).read_bytes(), path)
-        stored, config = deserialize(payload)
-    except ArtifactError:
-        raise
-    except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"{path}: malformed artifact ({type(e).__name__}: {e})") from None
-    return dequantize_state(stored), config
+        stored, config, meta = deserialize(payload)
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {e}") from None
+    check_artifact_config(config, len(stored), path)
+    check_artifact_meta(meta, path)
+    state = dequantize_state(stored)
+    broken = next((name for name, t in state.items() if not torch.isfinite(t).all()), None)
+    if broken is not None:
+        raise ArtifactError(f"{path}: tensor {broken} holds NaN or inf values, so every score of it would be NaN; "
+                            f"the run that wrote it diverged (retrain it, e.g. with lower learning rates)")
+    return Artifact(path, state, config, meta, compressor_of(blob, path), len(blob), hashlib.sha256(blob).hexdigest())
 
 
-def model_from_artifact(path: str | Path, args: Hyperparameters, device: torch.device) -> GPT:
-    state, config = load_artifact(path)
-    margs = dataclasses.replace(args, **{k.lower(): v for k, v in config.items()})
-    model = GPT(margs).to(device)
-    missing = set(model.state_dict()) ^ set(state)
+def check_artifact_config(config: dict, n_tensors: int, path: Path) -> None:
+    """The network's knobs only (those model_config writes: an artifact must not set a run's paths or names), each
+    of its type and valid as resolve() sees it, and a network its tensors can back: EVAL_ONLY adopts the config
+    whole, and the network is built from it."""
+    network = model_config(Hyperparameters())
+    kinds = {f.name.upper(): type(f.default) for f in dataclasses.fields(Hyperparameters) if f.name.upper() in network}
+    for key, value in config.items():
+        kind = kinds.get(key)
+        if kind is None:
+            raise ArtifactError(f"{path}: its config holds {key}, which is not a network knob of this train_gpt.py "
+                                f"(an artifact of another version?)")
+        if not (type(value) is kind or kind is float and type(value) is int):
+            raise ArtifactError(f"{path}: its config has {key}={value!r}, of type {type(value).__name__} where "
+                                f"{kind.__name__} belongs; the file is corrupt")
+    probe = dataclasses.replace(Hyperparameters(), **{k.lower(): v for k, v in config.items()})
+    # the run's own knobs, which an artifact does not set, made to fit whatever TRAIN_SEQ_LEN it has
+    probe.train_batch_tokens, probe.eval_stride = 8 * probe.train_seq_len, 1
+    try:
+        net = resolve(probe, 1)
+    except ConfigError as e:
+        raise ArtifactError(f"{path}: its config does not describe a valid network: {e}") from None
+    if net.num_layers > n_tensors:
+        raise ArtifactError(f"{path}: its config claims {net.num_layers} layers but it stores {n_tensors} tensors, "
+                            f"and every layer has weights of its own; the file is corrupt")
+    if 4 * net.train_seq_len * net.rope_dims > MAX_PAYLOAD_BYTES:  # the rotary table is built with the network
+        raise ArtifactError(f"{path}: its config's TRAIN_SEQ_LEN={net.train_seq_len} x ROPE_DIMS={net.rope_dims} "
+                            f"rotary table would exceed {MAX_PAYLOAD_BYTES:,} bytes; the file is corrupt")
+
+
+def check_artifact_meta(meta: dict, path: Path) -> None:
+    """The run id and config hash are written into the log of a score: plain names only, no line of their own."""
+    run_id, digest = meta.get("run_id", ""), meta.get("config_sha256", "")
+    if not (run_id == "" or isinstance(run_id, str) and RUN_ID_PATTERN.fullmatch(run_id)) or \
+            not (digest == "" or isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise ArtifactError(f"{path}: its meta {str(meta)[:120]} is not a run id and a config sha256")
+
+
+def model_from_artifact(artifact: Artifact | str | Path, args: Hyperparameters, device: torch.device) -> GPT:
+    """The artifact's network. Its tensor names and shapes are compared first with those of the network its config
+    describes, built on the meta device (which allocates nothing), so a config claiming a huge model costs nothing."""
+    a = artifact if isinstance(artifact, Artifact) else read_artifact(artifact)
+    margs = dataclasses.replace(args, **{k.lower(): v for k, v in a.config.items()})
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(margs).state_dict().items()}
+    missing = set(expected) ^ set(a.state)
     if missing:
-        raise ArtifactError(f"{path}: tensors {sorted(missing)[:5]} do not match the model the artifact describes")
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in model.state_dict().items()
-             if state[k].shape != v.shape]
+        raise ArtifactError(f"{a.path}: tensors {sorted(missing)[:5]} do not match the model the artifact describes")
+    wrong = [f"{k}: {tuple(a.state[k].shape)} vs {shape}" for k, shape in expected.items()
+             if tuple(a.state[k].shape) != shape]
     if wrong:
-        raise ArtifactError(f"{path}: tensor shapes do not match the model the artifact describes: {wrong[:5]}")
-    model.load_state_dict(state)
+        raise ArtifactError(f"{a.path}: tensor shapes do not match the model the artifact describes: {wrong[:5]}")
+    model = GPT(margs).to(device)
+    model.load_state_dict(a.state)
     return model
 
 
@@ -1740,7 +1988,7 @@ def export_artifact(model: GPT, args: Hyperparameters, code_bytes: int, hessians
     """Quantise the model's weights (QUANT_MODE=sdclip: at the finest multiplier that fits ARTIFACT_LIMIT) and
     compress them; GPTQ spreads its tensors over the ranks. Returns the artifact's bytes (on rank 0; None on the
     others) and what was stored. one_frame=False keeps the search's parallel zstd frames (quicker, ~0.1% larger)."""
-    state, config = model.state_dict(), model_config(args)
+    state, config, meta = model.state_dict(), model_config(args), artifact_meta(args)
     names, device = list(state), model.tok_emb.weight.device
 
     def quantise(multiplier: float) -> dict:
@@ -1758,7 +2006,7 @@ def export_artifact(model: GPT, args: Hyperparameters, code_bytes: int, hessians
         return stored
 
     def measure(stored: dict) -> tuple[int, bytes | None]:
-        blob = compress(serialize(stored, config), args.compressor, fast=True) if rank == 0 else None
+        blob = compress(serialize(stored, config, meta), args.compressor, fast=True) if rank == 0 else None
         total = [len(blob) + code_bytes if blob is not None else 0]
         if world > 1:
             dist.broadcast_object_list(total, src=0)
@@ -1766,12 +2014,12 @@ def export_artifact(model: GPT, args: Hyperparameters, code_bytes: int, hessians
 
     if args.quant_mode != "sdclip":
         stored = quantise(1.0)
-        return (compress(serialize(stored, config), args.compressor, fast=not one_frame) if rank == 0 else None), stored
+        return (compress(serialize(stored, config, meta), args.compressor, fast=not one_frame) if rank == 0 else None), stored
     stored, multiplier, total, blob = fit_to_budget(
         quantise, measure, lambda m: entropy_bytes(quantize_tensors(model, state, args, m)) + code_bytes,
         args.artifact_limit, log)
     if rank == 0 and one_frame:  # one frame compresses a little better than the search's parallel frames
-        blob = min(blob, compress(serialize(stored, config), args.compressor), key=len)
+        blob = min(blob, compress(serialize(stored, config, meta), args.compressor), key=len)
         total = len(blob) + code_bytes
     log(f"quant_budget: chosen multiplier:{multiplier:.5f} total_bytes:{total} limit:{args.artifact_limit} "
         f"unused:{args.artifact_limit - total}")
@@ -1779,10 +2027,21 @@ def export_artifact(model: GPT, args: Hyperparameters, code_bytes: int, hessians
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash or full disk never leaves half a file."""
+    """Write beside the target, then rename over it: a crash or a full disk mid-write leaves the previous file
+    whole, and a reader never sees half of one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OutputError(f"cannot write {path} ({e.strerror}); free disk space or make {path.parent} writable "
+                          f"(whatever was at {path} before is unchanged)") from None
+
 
 PROJECT_PACKAGES = ("kernels",)  # project code this script imports at run time
 
@@ -1798,33 +2057,95 @@ def project_code_files() -> list[Path]:
 # Logging and process setup
 
 
+LOG_DIR = Path("logs")
+
+
+class OutputError(RuntimeError):
+    """A log or artifact that cannot be written where it belongs; the message says which and what to do."""
+
+
 class Logger:
+    """The run's log (rank 0; None elsewhere), created new: a run never truncates another run's log. Each line is
+    appended at once, so a crash keeps every line before it."""
+
     def __init__(self, path: Path | None):
         self.path = path
-        if path is not None:
+        if path is None:
+            return
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
+        except OSError as e:
+            raise OutputError(f"cannot create the folder {path.parent} for the log ({e.strerror}); remove or rename "
+                              f"whatever file is there, or run from a writable directory") from None
+        try:
+            path.open("x").close()
+        except FileExistsError:
+            raise OutputError(f"{path} already exists, the log of an earlier run; choose another RUN_ID (or leave it "
+                              f"unset for a fresh one), or move the old log away") from None
+        except OSError as e:
+            raise OutputError(f"cannot create the log {path} ({e.strerror}); make {path.parent} writable") from None
 
     def __call__(self, msg: str, console: bool = True) -> None:
         if self.path is None:
             return
         if console:
             print(msg, flush=True)
-        with self.path.open("a") as f:
-            f.write(msg + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(msg + "\n")
+        except OSError as e:
+            raise OutputError(f"cannot write the log {self.path} ({e.strerror}); free disk space or make "
+                              f"{self.path.parent} writable, then run again") from None
+
+    def error(self, msg: str) -> None:
+        """The error that ends the run, as the log's last line; best effort, for the disk may be what failed."""
+        with contextlib.suppress(OSError):
+            if self.path is not None:
+                with self.path.open("a") as f:
+                    f.write(f"error: {msg}\n")
+
+
+def open_run_log(args: Hyperparameters, rank: int) -> Logger:
+    """logs/<RUN_ID>.txt on rank 0. Training also refuses a RUN_ID whose artifact exists: were the run to crash,
+    the old .ptz would sit beside the new log, and EVAL_ONLY would score it as this run's."""
+    if rank != 0:
+        return Logger(None)
+    artifact = LOG_DIR / f"{args.run_id}.ptz"
+    if not args.eval_only and artifact.exists():
+        raise OutputError(f"{artifact} already exists, the artifact of an earlier run; choose another RUN_ID (or "
+                          f"leave it unset for a fresh one), or move the old artifact away")
+    return Logger(LOG_DIR / f"{args.run_id}.txt")
+
+
+def launch_ranks(env=os.environ) -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as a launcher set them, checked before anything waits for other ranks."""
+    rank, world, local_rank = (parse_knob(name, env.get(name, default), int)
+                               for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")))
+    if world < 1:
+        raise ConfigError(f"WORLD_SIZE={world}: must be at least 1; unset it to run one process")
+    if not 0 <= rank < world or local_rank < 0:
+        raise ConfigError(f"RANK={rank} LOCAL_RANK={local_rank}: RANK must lie in [0, WORLD_SIZE={world}) and "
+                          f"LOCAL_RANK must not be negative; let torchrun set them")
+    if world > 1 and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
+        # init_process_group would fail without a rendezvous address, or wait forever at one for absent ranks
+        raise ConfigError(f"WORLD_SIZE={world} but MASTER_ADDR/MASTER_PORT are not set: launch with `torchrun "
+                          f"--standalone --nproc_per_node={world} train_gpt.py`, or unset WORLD_SIZE for one process")
+    return rank, world, local_rank
 
 
 def setup_distributed() -> tuple[int, int, int, torch.device]:
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    rank, world, local_rank = launch_ranks()
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK={local_rank}: this machine has {torch.cuda.device_count()} GPUs; "
+                              f"use --nproc_per_node={torch.cuda.device_count()} or fewer")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
         if "OMP_NUM_THREADS" not in os.environ:  # share the cores between the local ranks
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+            local_world = parse_knob("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_WORLD_SIZE", str(world)), int)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     return rank, world, local_rank, device
@@ -1849,6 +2170,7 @@ def log_header(log: Logger, args: Hyperparameters) -> None:
     log(f"versions: python:{platform.python_version()} torch:{torch.__version__} triton:{triton_version} "
         f"numpy:{np.__version__} cuda:{torch.version.cuda} device:{device}")
     log("config: " + json.dumps(args.env()))
+    log(f"config_sha256: {config_sha256(args)}")
 
 
 # -----------------------------------------------------------------------------
@@ -2064,12 +2386,14 @@ def train(model: GPT, train_model, loader: TrainLoader, optimizers, averages: We
         capped = expected_ms(step) >= max_ms and step < args.iterations
 
 
-def main() -> None:
+def main(opened: list[Logger] | None = None) -> None:
+    """One run. `opened` receives its log once it exists, so that the caller can append the error that ends it."""
     rank, world, local_rank, device = setup_distributed()
     args = Hyperparameters.from_env()
-    if args.eval_only:  # score the artifact's own network at its own sequence length
-        config = load_artifact(args.eval_only)[1]
-        args = dataclasses.replace(args, **{k.lower(): v for k, v in config.items()})
+    artifact = read_artifact(args.eval_only) if args.eval_only else None
+    if artifact is not None:  # score the artifact's own network at its own sequence length, as it was compressed
+        args = dataclasses.replace(args, compressor=artifact.compressor,
+                                   **{k.lower(): v for k, v in artifact.config.items()})
     args = resolve(args, world)
     if world > 1:  # the default RUN_ID is a fresh uuid in every process: all ranks take rank 0's
         run_id = [args.run_id]
@@ -2077,16 +2401,15 @@ def main() -> None:
         args.run_id = run_id[0]
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    log = Logger(Path("logs") / f"{args.run_id}.txt" if rank == 0 else None)
+    luts, val_tokens = load_inputs(args)
     runtime = prepare_runtime(args, device)
+    log = open_run_log(args, rank)
+    if opened is not None:
+        opened.append(log)
     compile_on = args.compile and device.type == "cuda"
     log_header(log, args)
     log(f"world_size:{world} grad_accum_steps:{args.grad_accum_steps} {runtime}")
     autocast = make_autocast(device)
-
-    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
-    luts = byte_luts(sp, args.vocab_size)
-    val_tokens = load_validation_tokens(args.data_path, args.vocab_size)
     code_bytes = sum(f.stat().st_size for f in project_code_files())
 
     def score(model: GPT, seq_len: int, stride: int, batch_seqs: int) -> tuple[float, float, int, int, float]:
@@ -2103,9 +2426,11 @@ def main() -> None:
 
     def score_plain(model: GPT) -> tuple[float, float]:
         return score(model, args.train_seq_len, args.train_seq_len, plain_batch)[:2]
-    if args.eval_only:
-        model = model_from_artifact(args.eval_only, args, device)
-        finish(log, args, model, score, plain_batch, Path(args.eval_only).stat().st_size, code_bytes)
+    if artifact is not None:
+        log(f"eval_only: {artifact.path} bytes:{artifact.nbytes} sha256:{artifact.sha256} "
+            f"compressor:{artifact.compressor} run_id:{artifact.meta.get('run_id') or 'unknown'} "
+            f"config_sha256:{artifact.meta.get('config_sha256') or 'unknown'}")
+        finish(log, args, model_from_artifact(artifact, args, device), score, plain_batch, artifact.nbytes, code_bytes)
         return
 
     model, train_model, optimizers, loader = build_training(args, device, rank, world, local_rank)
@@ -2134,7 +2459,7 @@ def main() -> None:
     keep_averaged_weights(model, averages, args, score_plain, log)
     if args.save_weights and rank == 0:  # for quantiser studies (bench/quant_sweep.py); not part of a submission
         torch.save(dict(config=model_config(args), state={k: v.cpu() for k, v in model.state_dict().items()}),
-                   Path("logs") / f"{args.run_id}.weights.pt")
+                   LOG_DIR / f"{args.run_id}.weights.pt")
 
     t0 = time.perf_counter()
     hessians = factors = None
@@ -2151,7 +2476,7 @@ def main() -> None:
     for row in quant_table(stored, model.state_dict()):
         log(f"quant: {row['name']} shape:{row['shape']} kind:{row['kind']} bytes:{row['bytes']} "
             f"rel_err:{row['rel_err']:.4g}" + (" lqer" if row["lqer"] else ""))
-    artifact_path = Path("logs") / f"{args.run_id}.ptz"
+    artifact_path = LOG_DIR / f"{args.run_id}.ptz"
     if rank == 0:
         write_atomic(artifact_path, blob)
     log(f"quantize_compress_time:{1000 * (time.perf_counter() - t0):.0f}ms")
@@ -2165,7 +2490,7 @@ def keep_averaged_weights(model: GPT, averages: WeightAverages, args: Hyperparam
     """Score the raw weights and every averaging candidate, then load the AVERAGING weights into the model (the
     raw ones where SWA never started); the last line's score is the pre-quantisation one."""
     loss, bpb = score_plain(model)
-    log(f"pre_averaging val_loss:{loss:.4f} val_bpb:{bpb:.4f}")
+    log(f"pre_averaging val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     raw = [p.detach().clone() for p in model.parameters()]
     for kind in ("ema", "swa"):
         weights = averages.weights(kind)
@@ -2173,13 +2498,13 @@ def keep_averaged_weights(model: GPT, averages: WeightAverages, args: Hyperparam
             continue
         assign_weights(model, weights)
         loss, bpb = score_plain(model)
-        log(f"averaging_candidate:{kind} val_loss:{loss:.4f} val_bpb:{bpb:.4f}")
+        log(f"averaging_candidate:{kind} val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     kept = averages.weights(args.averaging) if args.averaging != "none" else None
     if args.averaging != "none" and kept is None:
         log(f"averaging:{args.averaging} has no snapshot (training ended before SWA started); keeping raw weights")
     assign_weights(model, kept if kept is not None else raw)
     loss, bpb = score_plain(model)
-    log(f"averaging:{args.averaging if kept is not None else 'none'} val_loss:{loss:.4f} val_bpb:{bpb:.4f}")
+    log(f"averaging:{args.averaging if kept is not None else 'none'} val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
 
 
 def finish(log: Logger, args: Hyperparameters, model: GPT, score, plain_batch: int, model_bytes: int,
@@ -2189,12 +2514,15 @@ def finish(log: Logger, args: Hyperparameters, model: GPT, score, plain_batch: i
     log(f"Serialized model int6+{args.compressor}: {model_bytes} bytes")
     log(f"Code size: {code_bytes} bytes")
     log(f"Total submission size int6+{args.compressor}: {total} bytes")
-    loss, bpb, n_tok, n_bytes, ms = score(model, args.train_seq_len, args.train_seq_len, plain_batch)
+    rt_loss, rt_bpb, n_tok, n_bytes, ms = score(model, args.train_seq_len, args.train_seq_len, plain_batch)
     log(f"val_tokens:{n_tok} val_bytes:{n_bytes}")
-    log(f"final_int6_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{ms:.0f}ms")
+    log(f"final_int6_roundtrip_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f} eval_time:{ms:.0f}ms")
     loss, bpb, _, _, ms = score(model, args.eval_seq_len, args.eval_stride, args.eval_batch_seqs)
     log(f"final_int6_sliding_window_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{args.eval_stride} "
         f"eval_time:{ms:.0f}ms")
+    if not all(map(math.isfinite, (rt_loss, rt_bpb, loss, bpb))):  # no `val_bpb:` line: nothing to submit
+        raise FloatingPointError(f"the artifact's model scores val_bpb {rt_bpb} (roundtrip) and {bpb} (sliding "
+                                 f"window), not finite numbers: its weights are broken; retrain it")
     log(f"val_bpb: {bpb:.8f}")
     log(f"artifact_bytes: {total}")
     if dist.is_initialized():
@@ -2205,8 +2533,15 @@ def finish(log: Logger, args: Hyperparameters, model: GPT, score, plain_batch: i
 
 
 if __name__ == "__main__":
+    opened: list[Logger] = []
     try:
-        main()
-    except (ConfigError, DataError, ArtifactError, FloatingPointError) as e:  # the user's to fix: no traceback
+        main(opened)
+    except (ConfigError, DataError, ArtifactError, OutputError, FloatingPointError) as e:  # the user's to fix
+        for log in opened:
+            log.error(str(e))
         print(f"train_gpt.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (Exception, KeyboardInterrupt) as e:  # a bug or the machine: the traceback stays, the log says it too
+        for log in opened:
+            log.error(" ".join(f"{type(e).__name__}: {e}".split()))
+        raise

@@ -43,6 +43,7 @@ TRACKS = ("10min_16mb", "non_record_16mb")
 TRAIN_CAP_MS = 600_000    # the 10-minute track's training wallclock cap
 SEPARATOR = "=" * 100     # ends the script source that opens every log
 PER_SEED_KEYS = ("SEED", "RUN_ID")  # config keys that are expected to differ between the seeds' logs
+PATH_KNOBS = ("DATA_PATH", "TOKENIZER_PATH")  # config keys naming files relative to where the run started
 SELF_CHECK_TIMEOUT_S = 600
 
 
@@ -83,6 +84,7 @@ SLIDING_RE = re.compile(
 FINAL_BPB_RE = re.compile(rf"^val_bpb: (?P<bpb>{NUM})$")
 ARTIFACT_BYTES_RE = re.compile(r"^artifact_bytes: (?P<bytes>\d+)$")
 OVER_LIMIT_RE = re.compile(r"^artifact_over_limit: (?P<over>\d+) bytes over (?P<limit>\d+)$")
+ERROR_RE = re.compile(r"^error: (?P<message>.*)$")
 EVAL_TIME_RE = re.compile(r"\beval_time:(?P<ms>\d+(?:\.\d*)?)ms\b")
 
 
@@ -123,6 +125,7 @@ class RunLog:
     final_bpb: float                            # the closing `val_bpb:` line
     artifact_bytes: int
     over_limit: int | None                      # from `artifact_over_limit:`, when the run said so
+    artifact_sha256: str | None = None          # of the .ptz beside the log, when it is there (check_artifact_files)
 
     @property
     def scored_loss(self) -> float:
@@ -190,8 +193,10 @@ def parse_log(path: str | Path) -> RunLog:
     if final_bpb is None or artifact is None:
         missing = " and ".join(name for name, m in (("`val_bpb:`", final_bpb), ("`artifact_bytes:`", artifact))
                                if m is None)
-        raise PackError(f"{path}: truncated log: no final {missing} line (the run crashed, was killed, "
-                        f"or is still running)")
+        error = last_match(ERROR_RE, lines)
+        raise PackError(f"{path}: truncated log: no final {missing} line ("
+                        + (f"the run failed: {error['message']}" if error else
+                           "the run crashed, was killed, or is still running") + ")")
 
     def need(regex: re.Pattern, what: str) -> re.Match:
         m = last_match(regex, lines)
@@ -217,6 +222,18 @@ def parse_log(path: str | Path) -> RunLog:
     eval_time = EVAL_TIME_RE.search((sliding or roundtrip).group(0))
     val_set = need(VAL_TOKENS_RE, "val_tokens:N val_bytes:M")
     over = last_match(OVER_LIMIT_RE, lines)
+    scores = {"`averaging:` val_loss": averaging["loss"], "pre-quant val_bpb": averaging["bpb"],
+              "roundtrip val_loss": roundtrip["loss"], "roundtrip val_bpb": roundtrip["bpb"],
+              "closing `val_bpb:`": final_bpb["bpb"]}
+    if sliding:
+        scores.update({"sliding-window val_loss": sliding["loss"], "sliding-window val_bpb": sliding["bpb"]})
+    broken = [f"{what} {value}" for what, value in scores.items() if not math.isfinite(float(value))]
+    if broken:
+        raise PackError(f"{path}: non-finite scores ({', '.join(broken)}); a run that scores NaN or inf cannot be "
+                        f"submitted")
+    if int(val_set["tokens"]) == 0 or int(val_set["bytes"]) == 0:
+        raise PackError(f"{path}: `val_tokens:{val_set['tokens']} val_bytes:{val_set['bytes']}`: bits per byte of "
+                        f"an empty validation set mean nothing; rerun on real validation shards")
     return RunLog(
         path=path,
         code_files=code_files,
@@ -291,6 +308,21 @@ def check_artifacts_under_limit(runs: list[RunLog]) -> None:
             over = size - ARTIFACT_LIMIT_BYTES if size > ARTIFACT_LIMIT_BYTES else run.over_limit
             raise PackError(f"{run.path}: artifact is {size:,} bytes, over the {ARTIFACT_LIMIT_BYTES:,}-byte cap "
                             f"by {over:,} bytes; this seed cannot be submitted")
+
+
+def check_artifact_files(runs: list[RunLog]) -> None:
+    """Where a run's logs/<RUN_ID>.ptz still sits beside its log, it must be the artifact that log measured (a later
+    run under the same RUN_ID would have replaced it); its sha256 then goes into the submission."""
+    for run in runs:
+        ptz = run.path.with_suffix(".ptz")
+        if not ptz.is_file():
+            continue
+        data = ptz.read_bytes()
+        if len(data) != run.model_bytes:
+            raise PackError(f"{ptz}: {len(data):,} bytes, but its log says the run wrote {run.model_bytes:,}; it is "
+                            f"not this run's artifact (another run with the same RUN_ID?); move it away or pack "
+                            f"the log of the run that wrote it")
+        run.artifact_sha256 = hashlib.sha256(data).hexdigest()
 
 
 def check_code_unchanged(code_dir: Path, code_files: list[CodeFile]) -> dict[str, bytes]:
@@ -520,9 +552,23 @@ def results_table(runs: list[RunLog]) -> str:
     return header + "\n".join(rows) + "\n"
 
 
+def reproduce_paths(config: dict, code_dir: Path, folder: Path) -> dict[str, str]:
+    """The run's data paths as the packed folder sees them. The README's command runs from inside the folder, so a
+    relative DATA_PATH, which the run read from where it started (taken to be --code-dir, the repo root), would
+    point nowhere there."""
+    paths = {}
+    for key in PATH_KNOBS:
+        value = config.get(key)
+        if isinstance(value, str) and value:
+            paths[key] = value if os.path.isabs(value) else os.path.relpath(code_dir.resolve() / value,
+                                                                            folder.resolve())
+    return paths
+
+
 def render_readme(runs: list[RunLog], *, name: str, author: str, github_id: str, blurb: str, date: str,
                   track: str, defaults: dict | None, defaults_problem: str | None, auto_resolved: set[str],
-                  record: RecordBar | None, self_check_modules: list[str], warnings: list[str]) -> str:
+                  record: RecordBar | None, self_check_modules: list[str], warnings: list[str],
+                  paths: dict[str, str]) -> str:
     first = runs[0]
     bpb_mean, bpb_std = mean_std([r.scored_bpb for r in runs])
     scored_by = (f"sliding-window eval, stride {first.sliding_stride}" if first.sliding_stride is not None
@@ -554,12 +600,14 @@ def render_readme(runs: list[RunLog], *, name: str, author: str, github_id: str,
             out.append("Every knob is at its `train_gpt.py` default.\n")
         resolved = [k for k in first.config if k in auto_resolved]
         if resolved:
-            out.append("Resolved by train_gpt.py from their defaults for this run (not settings of their own): "
-                       + ", ".join(f"`{k}={env_value(first.config[k])}` (default `{json.dumps(defaults.get(k))}`)"
-                                   for k in resolved) + ".\n")
-    env = " ".join(f"{k}={shlex.quote(env_value(v))}" for k, v, _ in diff)
+            out.append("Defaults that train_gpt.py resolves from other knobs or the world size, as this run resolved "
+                       "them (not settings of their own): "
+                       + ", ".join(f"`{k}={env_value(first.config[k])}`" for k in resolved) + ".\n")
+    settings = [(k, v) for k, v, _ in diff if k not in paths] + list(paths.items())
+    env = " ".join(f"{k}={shlex.quote(env_value(v))}" for k, v in settings)
     nproc = first.world_size or 8
-    out.append(f"\nReproduce one seed (from inside this folder):\n\n```bash\n"
+    out.append(f"\nReproduce one seed (from inside this folder"
+               + (f"; the data paths are those of the run, seen from here" if paths else "") + "):\n\n```bash\n"
                f"{env + ' ' if env else ''}SEED={first.seed} torchrun --standalone --nproc_per_node={nproc} "
                f"train_gpt.py\n```\n")
 
@@ -594,6 +642,12 @@ def render_readme(runs: list[RunLog], *, name: str, author: str, github_id: str,
                + "".join(f"| `{f.path}` | {f.bytes:,} | `{f.sha256}` |\n" for f in first.code_files))
     out.append(f"\nCode total {first.code_bytes:,} bytes. Also: `requirements.txt`, `submission.json`, "
                f"`curves.png`, and the training logs " + ", ".join(f"`{r.path.name}`" for r in runs) + ".\n")
+    artifacts = [r for r in runs if r.artifact_sha256]
+    if artifacts:
+        out.append("\nArtifacts (not copied here; each checked against its log's size):\n\n"
+                   "| seed | artifact | bytes | sha256 |\n|---:|---|---:|---|\n"
+                   + "".join(f"| {r.seed} | `{r.path.with_suffix('.ptz').name}` | {r.model_bytes:,} | "
+                             f"`{r.artifact_sha256}` |\n" for r in artifacts))
     return "\n\n".join(part.strip("\n") for part in out if part.strip()) + "\n"
 
 
@@ -629,6 +683,7 @@ def submission_record(runs: list[RunLog], *, name: str, author: str, github_id: 
         "train_time_ms_per_seed": [int(r.train_time_ms) if r.train_time_ms.is_integer() else r.train_time_ms
                                    for r in runs],
         "logs": [r.path.name for r in runs],
+        "artifact_sha256_per_seed": [r.artifact_sha256 for r in runs],
         "hardware": runs[0].versions.split("device:")[-1] if "device:" in runs[0].versions else None,
     }
     if record is not None:
@@ -749,9 +804,10 @@ def check_runs_from_inside(folder: str | Path) -> list[str]:
 
 
 # Prints Hyperparameters.defaults() as JSON; runs in a subprocess so that importing the script (and torch)
-# neither slows nor pollutes this process. Given a run's config and world size (argv), it also names the knobs
-# whose logged value is just what train_gpt.resolve() makes of the default (GRAD_ACCUM_STEPS 0 -> 8 // world,
-# XSA_LAST_N -1 -> 4, ...): the log's config is the resolved one, so those are not settings someone chose.
+# neither slows nor pollutes this process. Given a run's config and world size (argv), it also resolves each
+# default that is a placeholder (GRAD_ACCUM_STEPS 0 -> 8 // world, XSA_LAST_N -1 -> min(4, NUM_LAYERS), ...) the
+# way train_gpt.resolve() does for that run: the log's config is the resolved one, so a knob whose value is its
+# resolved default is not a setting someone chose, and a README showing "default 0" would mislead.
 # That part is best effort: without a resolve(args, world_size) or a dataclass Hyperparameters it is skipped.
 DEFAULTS_SOURCE = r"""
 import dataclasses, json, os, sys
@@ -759,7 +815,7 @@ sys.path.insert(0, os.getcwd())
 import train_gpt
 H = train_gpt.Hyperparameters
 defaults = H.defaults()
-auto = []
+resolved = {}
 resolve = getattr(train_gpt, "resolve", None)
 if len(sys.argv) > 2 and callable(resolve) and dataclasses.is_dataclass(H):
     config, world_size = json.loads(sys.argv[1]), int(sys.argv[2])
@@ -768,19 +824,18 @@ if len(sys.argv) > 2 and callable(resolve) and dataclasses.is_dataclass(H):
     for key, value in config.items():
         if key in fields and key in defaults and defaults[key] != value:
             try:
-                if getattr(resolve(H(**dict(run, **{fields[key]: defaults[key]})), world_size), fields[key]) == value:
-                    auto.append(key)
+                resolved[key] = getattr(resolve(H(**dict(run, **{fields[key]: defaults[key]})), world_size), fields[key])
             except Exception:
                 pass
-print("PACK_DEFAULTS " + json.dumps({"defaults": defaults, "auto": auto}, default=str))
+print("PACK_DEFAULTS " + json.dumps({"defaults": defaults, "resolved": resolved}, default=str))
 """
 
 
 def load_defaults(code_dir: Path, drop_env: set[str] = frozenset(), config: dict | None = None,
                   world_size: int | None = None) -> tuple[dict, set[str]]:
-    """({ENV_NAME: default} from code_dir/train_gpt.py's Hyperparameters.defaults(), the knobs of `config`
-    that are only resolved defaults); PackError saying why not. Env vars in drop_env are removed for the
-    import, so overrides in this shell cannot leak into what the script reports."""
+    """({ENV_NAME: default} from code_dir/train_gpt.py's Hyperparameters.defaults(), placeholders resolved for the
+    run of `config`; the knobs of `config` that are only resolved defaults); PackError saying why not. Env vars
+    in drop_env are removed for the import, so overrides in this shell cannot leak into what the script reports."""
     env = {k: v for k, v in os.environ.items() if k not in drop_env}
     extra = [json.dumps(config), str(world_size)] if config is not None and world_size else []
     try:
@@ -797,7 +852,9 @@ def load_defaults(code_dir: Path, drop_env: set[str] = frozenset(), config: dict
     if not isinstance(result["defaults"], dict):
         raise PackError(f"train_gpt.Hyperparameters.defaults() returned {type(result['defaults']).__name__}, "
                         f"not a dict")
-    return result["defaults"], set(result["auto"])
+    resolved = {k: v for k, v in result["resolved"].items() if k in result["defaults"] and v != result["defaults"][k]}
+    auto = {k for k, v in resolved.items() if same_value(config[k], v)}
+    return dict(result["defaults"], **resolved), auto
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -828,6 +885,7 @@ def validate_runs(log_paths: list[str | Path], code_dir: Path) -> tuple[list[Run
     check_distinct_logs_and_seeds(runs)
     check_same_code(runs)
     check_artifacts_under_limit(runs)
+    check_artifact_files(runs)
     return runs, check_code_unchanged(code_dir, runs[0].code_files)
 
 
@@ -842,6 +900,9 @@ def pack(log_paths: list[str | Path], *, name: str, author: str, github_id: str,
     if track not in TRACKS:
         raise PackError(f"--track {track!r}: choose one of {', '.join(TRACKS)}")
     code_dir, requirements = Path(code_dir), Path(requirements)
+    if Path(out_root).exists() and not Path(out_root).is_dir():
+        raise PackError(f"--out-root {out_root} is a file; give the folder that holds (or will hold) the "
+                        f"track_<track>/ folders")
     target = Path(out_root) / f"track_{track}" / f"{date}_{name}"
     if target.exists() and not force:
         raise PackError(f"{target} already exists; pass --force to replace it")
@@ -860,8 +921,12 @@ def pack(log_paths: list[str | Path], *, name: str, author: str, github_id: str,
     warnings = consistency_warnings(runs, track)
 
     # Build beside the target and rename at the end, so a failure never leaves a half-written folder.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as e:
+        raise PackError(f"cannot create a folder in {target.parent} ({e.strerror}); --out-root must be a writable "
+                        f"folder") from None
     try:
         for rel, data in code.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -876,7 +941,8 @@ def pack(log_paths: list[str | Path], *, name: str, author: str, github_id: str,
             json.dumps(submission_record(runs, record=record, **meta), indent=2) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(
             render_readme(runs, defaults=defaults, defaults_problem=defaults_problem, auto_resolved=auto_resolved,
-                          record=record, self_check_modules=modules, warnings=warnings, **meta), encoding="utf-8")
+                          record=record, self_check_modules=modules, warnings=warnings,
+                          paths=reproduce_paths(runs[0].config, code_dir, target), **meta), encoding="utf-8")
         os.chmod(tmp, 0o755)    # mkdtemp makes it private; the submission folder should not be
         if target.exists():     # only with force: swap the old folder out before the new one goes in
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -885,6 +951,9 @@ def pack(log_paths: list[str | Path], *, name: str, author: str, github_id: str,
             shutil.rmtree(old)
         else:
             os.rename(tmp, target)
+    except OSError as e:  # a full disk, say: nothing is left behind, and it is said in one line
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PackError(f"writing the submission folder failed ({e}); nothing was written") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -403,8 +403,8 @@ def test_artifact_round_trip_bit_exact(tiny_artifact, compressor, tmp_path, monk
     assert blob[:1] == tg.COMPRESSORS[compressor][0]
     payload = tg.decompress(blob, "mem")
     assert payload == a.payload
-    stored, config = tg.deserialize(payload)
-    assert config == tg.model_config(a.args)
+    stored, config, meta = tg.deserialize(payload)
+    assert config == tg.model_config(a.args) and meta == {}
     assert list(stored) == list(a.stored)
     for name, s in a.stored.items():
         assert stored[name]["kind"] == s["kind"], name
@@ -421,7 +421,9 @@ def test_artifact_round_trip_bit_exact(tiny_artifact, compressor, tmp_path, monk
     path.write_bytes(blob)
     for mod, attr in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
         monkeypatch.setattr(mod, attr, no_pickle)
-    state, config = tg.load_artifact(path)
+    read = tg.read_artifact(path)
+    state, config = read.state, read.config
+    assert (read.compressor, read.nbytes, read.sha256) == (compressor, len(blob), hashlib.sha256(blob).hexdigest())
     expected = tg.dequantize_state(a.stored)
     assert list(state) == list(expected) and config == tg.model_config(a.args)
     for name in expected:
@@ -444,7 +446,8 @@ def test_payload_is_magic_json_header_and_raw_arrays(tiny_artifact):
     """Nothing executable: magic, a JSON header, then exactly the raw arrays it describes, tightly packed."""
     a = tiny_artifact
     header, body = split_payload(a.payload)
-    assert set(header) == {"config", "tensors"} and header["config"] == tg.model_config(a.args)
+    assert set(header) == {"config", "meta", "tensors"} and header["config"] == tg.model_config(a.args)
+    assert header["meta"] is None  # serialize() without meta: the pipeline passes the run's (tested end to end)
     assert not a.payload.startswith(b"\x80") and b"torch._utils" not in a.payload  # no pickle stream
     offset = 0
     np_dtypes = {"int8": np.int8, "float16": np.float16, "float32": np.float32}
@@ -472,7 +475,7 @@ def _write(tmp_path: Path, name: str, data: bytes) -> Path:
 
 def _load_error(path: Path) -> str:
     with pytest.raises(tg.ArtifactError) as e:
-        tg.load_artifact(path)
+        tg.read_artifact(path)
     msg = str(e.value)
     assert len(msg) > 10, "the message must say what is wrong"
     return msg
@@ -500,7 +503,7 @@ def test_flipped_bytes_in_compressed_body(tiny_artifact, compressor, tmp_path):
         damaged[pos] ^= 0xFF
         path = _write(tmp_path, f"flip{pos}.ptz", bytes(damaged))
         try:
-            state, _ = tg.load_artifact(path)
+            state = tg.read_artifact(path).state
         except tg.ArtifactError as e:
             assert len(str(e)) > 10
             continue
@@ -942,6 +945,8 @@ def test_pipeline_end_to_end_and_eval_only(tiny_env, tmp_path):
     r = _run(script, tiny_env, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = _run_lines(tmp_path / "logs" / "tiny.txt", source)
+    assert r.stdout.splitlines()[0] == lines[0] and lines[0].startswith("code_file: train_gpt.py "), \
+        "printing starts at the first code_file: line (docs/LOG_FORMAT.md)"
     # code accounting: code_file lines match the files on disk, code_bytes and 'Code size' are their sum
     code_files = [m for l in lines if (m := re.fullmatch(r"code_file: (\S+) bytes:(\d+) sha256:([0-9a-f]{64})", l))]
     assert code_files and code_files[0].group(1) == "train_gpt.py"
@@ -957,6 +962,11 @@ def test_pipeline_end_to_end_and_eval_only(tiny_env, tmp_path):
     # one quant line per stored tensor; GPTQ calibrated on self-generated text; the budget search's choice, which
     # with 16 MB for a tiny model is the finest multiplier, and whose bytes are the artifact's
     header, _ = split_payload(tg.decompress((tmp_path / "logs" / "tiny.ptz").read_bytes(), "tiny.ptz"))
+    # the artifact names its run: the RUN_ID, and the sha256 of the config line's JSON with sorted keys
+    config = json.loads(_one(lines, r"config: (\{.*\})").group(1))
+    config_sha = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    assert _one(lines, r"config_sha256: ([0-9a-f]{64})").group(1) == config_sha
+    assert header["meta"] == {"run_id": "tiny", "config_sha256": config_sha}
     quant = [l for l in lines if l.startswith("quant: ")]
     assert [l.split()[1] for l in quant] == [t["name"] for t in header["tensors"]]
     assert _one(lines, r"gptq_calibration:self seqs:64x64 sample_ms:\d+ hessian_ms:\d+")
@@ -971,6 +981,15 @@ def test_pipeline_end_to_end_and_eval_only(tiny_env, tmp_path):
     final2 = _check_final_lines(lines2, tmp_path, "tiny", "zstd", 16)
     assert final2 == final
     assert not any(l.startswith(("step:", "model_params:", "quant: ")) for l in lines2), "EVAL_ONLY must not train"
+    ptz = (tmp_path / "logs" / "tiny.ptz").read_bytes()
+    _one(lines2, rf"eval_only: {re.escape(env['EVAL_ONLY'])} bytes:{len(ptz)} sha256:{hashlib.sha256(ptz).hexdigest()} "
+                 rf"compressor:zstd run_id:tiny config_sha256:{config_sha}")
+    # scoring it again under the training run's own RUN_ID would overwrite that run's log: refused, log intact
+    before = (tmp_path / "logs" / "tiny.txt").read_bytes()
+    r3 = _run(script, dict(env, RUN_ID="tiny"), tmp_path)
+    assert r3.returncode == 2 and "Traceback" not in r3.stderr
+    assert r3.stderr.strip().splitlines()[-1].startswith("train_gpt.py: error: logs/tiny.txt already exists")
+    assert (tmp_path / "logs" / "tiny.txt").read_bytes() == before
     assert not (tmp_path / "logs" / "tiny_eval.ptz").exists()
 
 
@@ -1001,6 +1020,6 @@ def test_pipeline_with_the_cards_quantiser_and_lzma(tiny_env, tmp_path):
     assert not any(l.startswith(("gptq_calibration", "quant_budget")) for l in lines)
     blob = (tmp_path / "logs" / "card.ptz").read_bytes()
     assert blob[:1] == b"L"
-    stored, _ = tg.deserialize(tg.decompress(blob, "card.ptz"))
+    stored = tg.deserialize(tg.decompress(blob, "card.ptz"))[0]
     assert {s["kind"] for s in stored.values()} == {"fp16"}
     assert len([l for l in lines if l.startswith("quant: ") and " kind:fp16 " in l]) == len(stored)

@@ -97,8 +97,8 @@ def quiet(_msg: str) -> None:
 
 
 def test_format_constants_agree_with_reader():
-    assert (bs.SHARD_MAGIC, bs.SHARD_VERSION, bs.SHARD_HEADER_INTS) == \
-        (train_gpt.SHARD_MAGIC, train_gpt.SHARD_VERSION, train_gpt.SHARD_HEADER_INTS)
+    assert (bs.SHARD_MAGIC, bs.SHARD_VERSION, bs.SHARD_HEADER_INTS, bs.MANIFEST_FILE) == \
+        (train_gpt.SHARD_MAGIC, train_gpt.SHARD_VERSION, train_gpt.SHARD_HEADER_INTS, train_gpt.MANIFEST_FILE)
     assert train_gpt.SHARD_HEADER_BYTES == 1024
 
 

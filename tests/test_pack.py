@@ -108,7 +108,7 @@ def make_log(path: Path, code: dict[str, bytes], seed: int, steps: int, step_avg
               f"step_avg:{step_avg:.2f}ms",
               "peak_memory allocated:20345MiB reserved:21000MiB",
               "pre_averaging val_loss:1.9301 val_bpb:1.1431",
-              f"averaging:ema val_loss:1.9223 val_bpb:{pre:.4f}",
+              f"averaging:ema val_loss:1.92230000 val_bpb:{pre:.8f}",
               "quant: blocks.0.mlp.fc.weight shape:512x1536 kind:int6 bytes:786432 rel_err:0.0123",
               f"Serialized model int6+zstd: {model_bytes} bytes",
               f"Code size: {code_bytes} bytes",
@@ -424,24 +424,144 @@ def test_cli_reads_defaults_from_the_script_and_packs(repo, capsys, monkeypatch)
     assert "val_bpb 1.1233 ± 0.0005" in out and "does NOT clear the record bar" in out
     readme = (repo.out_root / "track_10min_16mb" / "2026-03-21_Cli" / "README.md").read_text()
     assert "| `MODEL_DIM` | `576` | `512` |" in readme
-    # GRAD_ACCUM_STEPS=1 is what the fake resolve() makes of the default 0 on 8 GPUs: not a chosen setting.
-    assert "`GRAD_ACCUM_STEPS=1` (default `0`)" in readme and "| `GRAD_ACCUM_STEPS` |" not in readme
+    # GRAD_ACCUM_STEPS=1 is what the fake resolve() makes of the default 0 on 8 GPUs: not a chosen setting, and
+    # the placeholder 0 is nowhere to be seen.
+    assert "as this run resolved them (not settings of their own): `GRAD_ACCUM_STEPS=1`." in readme
+    assert "| `GRAD_ACCUM_STEPS` |" not in readme and "`0`" not in readme
 
 
 def test_load_defaults_names_the_knobs_resolve_filled_in(repo):
     config = {"RUN_ID": "abc", "SEED": 1, "NUM_LAYERS": 11, "MODEL_DIM": 576, "MATRIX_LR": 0.025,
               "ITERATIONS": 20000, "USE_EMA": True, "GRAD_ACCUM_STEPS": 8, "EXTRA_KNOB": "x"}
     defaults, auto = pack.load_defaults(repo.code_dir, set(), config, 1)
-    assert defaults == repo.defaults
-    assert auto == {"GRAD_ACCUM_STEPS"}                      # 0 -> 8 // 1
-    assert pack.load_defaults(repo.code_dir, set(), config, 8)[1] == set()   # 8 GPUs resolve 0 to 1, not 8
+    assert defaults == dict(repo.defaults, GRAD_ACCUM_STEPS=8)   # the placeholder 0, resolved as 8 // 1
+    assert auto == {"GRAD_ACCUM_STEPS"}
+    defaults8, auto8 = pack.load_defaults(repo.code_dir, set(), config, 8)
+    assert defaults8["GRAD_ACCUM_STEPS"] == 1 and auto8 == set()   # 8 GPUs resolve 0 to 1, not 8
     assert pack.config_diff(config, defaults, auto) == [("MODEL_DIM", 576, 512), ("EXTRA_KNOB", "x", None)]
+    assert ("GRAD_ACCUM_STEPS", 8, 1) in pack.config_diff(config, defaults8, auto8)  # the resolved default shown
 
 
 def test_load_defaults_failure_is_clear(tmp_path):
     (tmp_path / "train_gpt.py").write_text("x = 1\n")
     with pytest.raises(pack.PackError, match="cannot read the defaults.*Hyperparameters"):
         pack.load_defaults(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hostile and misleading inputs (docs/BAD_INPUTS.md): refused in one line, or packed with the right numbers.
+
+def _cli(r, logs, *extra) -> int:
+    return pack.main([*map(str, logs), "--name", "X", "--author", "A", "--github-id", "a", "--date", "2026-03-20",
+                      "--out-root", str(r.out_root), "--code-dir", str(r.code_dir),
+                      "--requirements", str(r.code_dir / "requirements.txt"), *extra])
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pack.py: error: ") and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("where", ["pre_quant", "roundtrip", "sliding", "final"])
+def test_non_finite_scores_are_refused(repo, where):
+    seed = list(SEEDS[1])
+    seed[{"pre_quant": 3, "roundtrip": 4, "sliding": 6, "final": 6}[where]] = float("nan")
+    logs = list(repo.logs)
+    logs[1] = make_log(repo.tmp / "bad" / "nan.txt", repo.code, *seed)
+    if where == "final":  # only the closing line: the eval lines keep their numbers
+        text = make_log(repo.tmp / "bad" / "nan.txt", repo.code, *SEEDS[1]).read_text()
+        logs[1].write_text(text.replace("\nval_bpb: 1.1233\n", "\nval_bpb: nan\n"))
+    with pytest.raises(pack.PackError, match=r"nan\.txt: non-finite scores \(.*nan.*\); a run that scores NaN"):
+        run_pack(repo, logs=logs)
+    assert_nothing_written(repo)
+
+
+def test_two_nan_logs_are_one_line_and_exit_2(repo, capsys):
+    logs = [make_log(repo.tmp / "bad" / f"nan{i}.txt", repo.code, *SEEDS[i][:6], float("nan"), SEEDS[i][7])
+            for i in range(2)]
+    assert _cli(repo, logs, "--baseline-bpb", "1.2") == 2
+    assert "nan0.txt: non-finite scores" in _one_error_line(capsys)
+    assert not repo.out_root.exists()
+
+
+def test_empty_validation_set_is_refused(repo, capsys):
+    logs = list(repo.logs)
+    logs[2].write_text(logs[2].read_text().replace(f"val_bytes:{VAL_BYTES}", "val_bytes:0"))
+    assert _cli(repo, logs, "--baseline-bpb", "1.2") == 2
+    assert "run_s2025.txt: `val_tokens:62021632 val_bytes:0`: bits per byte of an empty" in _one_error_line(capsys)
+
+
+def test_out_root_naming_a_file_is_one_line(repo, capsys):
+    out_file = repo.tmp / "not_a_folder"
+    out_file.write_text("keep me")
+    code = pack.main([*map(str, repo.logs), "--name", "X", "--author", "A", "--github-id", "a", "--no-defaults",
+                      "--out-root", str(out_file), "--code-dir", str(repo.code_dir),
+                      "--requirements", str(repo.code_dir / "requirements.txt")])
+    assert code == 2 and f"--out-root {out_file} is a file" in _one_error_line(capsys)
+    assert out_file.read_text() == "keep me"
+    nested = repo.tmp / "file_parent"
+    nested.write_text("x")
+    with pytest.raises(pack.PackError, match="cannot create a folder in .*file_parent"):
+        run_pack(repo, out_root=nested / "records")
+
+
+def test_reproduce_command_finds_the_data_from_inside_the_folder(repo):
+    """The run started at the repo root (--code-dir) with relative data paths; the README's command runs from
+    inside the packed folder, so its paths must lead back to the same files from there."""
+    data = repo.code_dir / "data" / "datasets" / "fineweb10B_sp1024"
+    tok = repo.code_dir / "data" / "tokenizers" / "fineweb_1024_bpe.model"
+    data.mkdir(parents=True)
+    tok.parent.mkdir(parents=True)
+    tok.write_text("tokenizer")
+    paths = {"DATA_PATH": "./data/datasets/fineweb10B_sp1024", "TOKENIZER_PATH": "./data/tokenizers/fineweb_1024_bpe.model"}
+    logs = [make_log(repo.tmp / "rel" / f"rel_s{s[0]}.txt", repo.code, *s, config_extra=paths) for s in SEEDS]
+    readme = (run_pack(repo, logs=logs, defaults=dict(repo.defaults, **paths)).folder / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if "torchrun" in line)
+    env = dict(word.split("=", 1) for word in command.split() if "=" in word and word.split("=")[0].isupper())
+    assert (repo.target / env["DATA_PATH"]).resolve() == data.resolve()
+    assert (repo.target / env["TOKENIZER_PATH"]).resolve() == tok.resolve()
+    assert not Path(env["DATA_PATH"]).is_absolute()  # still relative: it works wherever the repo is cloned
+
+
+def test_readme_shows_resolved_defaults_not_placeholders(repo, capsys):
+    """GRAD_ACCUM_STEPS=2 on 8 GPUs is a choice; its default there is 8 // 8 = 1, not the placeholder 0."""
+    logs = [make_log(repo.tmp / "ga" / f"ga_s{s[0]}.txt", repo.code, *s, config_extra={"GRAD_ACCUM_STEPS": 2})
+            for s in SEEDS]
+    assert _cli(repo, logs) == 0, capsys.readouterr().err
+    readme = (repo.out_root / "track_10min_16mb" / "2026-03-20_X" / "README.md").read_text()
+    assert "| `GRAD_ACCUM_STEPS` | `2` | `1` |" in readme and "`0`" not in readme
+
+
+def test_pre_quant_scores_keep_their_eight_decimals(repo):
+    logs = [make_log(repo.tmp / "pq" / f"pq_s{s[0]}.txt", repo.code, *s[:3], s[3] + 1.234e-5, *s[4:])
+            for s in SEEDS]
+    sub = json.loads((run_pack(repo, logs=logs).folder / "submission.json").read_text())
+    assert sub["pre_quant_val_bpb_per_seed"] == [1.13851234, 1.13901234, 1.14011234]
+
+
+def test_artifact_beside_its_log_is_checked_and_hashed(repo):
+    ptz = repo.logs[1].with_suffix(".ptz")
+    ptz.write_bytes(b"\0" * (SEEDS[1][7] - 1))  # not the size the log measured: another run's artifact
+    with pytest.raises(pack.PackError, match=r"run_s42\.ptz: 15,491,001 bytes, but its log says the run wrote "
+                                             r"15,491,002; it is not this run's artifact"):
+        run_pack(repo)
+    assert_nothing_written(repo)
+    data = bytes(range(256)) * (SEEDS[1][7] // 256) + b"x" * (SEEDS[1][7] % 256)
+    ptz.write_bytes(data)
+    folder = run_pack(repo).folder
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["artifact_sha256_per_seed"] == [None, sha(data), None]
+    assert f"| 42 | `run_s42.ptz` | 15,491,002 | `{sha(data)}` |" in (folder / "README.md").read_text()
+    assert not (folder / "run_s42.ptz").exists()
+
+
+def test_failed_run_is_named_by_its_error_line(repo):
+    lines = make_log(repo.tmp / "bad" / "failed.txt", repo.code, *SEEDS[1], truncate=True).read_text()
+    failed = write(repo.tmp / "bad" / "failed.txt", [lines.rstrip("\n"), "error: step 9: training loss is nan"])
+    with pytest.raises(pack.PackError, match=r"failed\.txt: truncated log: .*\(the run failed: step 9: training "
+                                             r"loss is nan\)"):
+        run_pack(repo, logs=[repo.logs[0], failed])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -42,4 +42,8 @@ def test_pack_two_real_seeds(tiny_env, tmp_path):
     assert sub["bytes_total"] == max(sizes)
     for log in logs:
         assert (folder / log.name).read_bytes() == log.read_bytes()
+    # pre-quant scores as the logs wrote them, with the 8 decimals of the other scores
+    pre = [float(re.findall(r"^averaging:\w+ val_loss:\d+\.\d{8} val_bpb:(\d+\.\d{8})$", t, flags=re.M)[-1])
+           for t in texts]
+    assert sub["pre_quant_val_bpb_per_seed"] == pre
     assert "record bar" in r.stdout

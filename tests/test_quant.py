@@ -285,7 +285,8 @@ def test_budget_search_lands_at_or_under_the_limit(kind, gptq):
         blob, stored = export(model, args, limit, gptq, lines)
         assert len(blob) <= limit, f"{kind} gptq={gptq}: {len(blob)} bytes over the limit {limit}"
         assert limit - len(blob) <= tg.BUDGET_SLACK, f"{kind}: {limit - len(blob)} bytes left unused"
-        assert len(blob) <= len(tg.compress(tg.serialize(stored, tg.model_config(args)), args.compressor))
+        payload = tg.serialize(stored, tg.model_config(args), tg.artifact_meta(tg.dataclasses.replace(args, artifact_limit=limit)))
+        assert len(blob) <= len(tg.compress(payload, args.compressor)) and tg.decompress(blob, "mem") == payload
         tries = [ln for ln in lines if ln.startswith("quant_budget: try:")]
         assert 1 <= len(tries) <= tg.BUDGET_TRIES and "chosen multiplier" in lines[-1], lines
     with pytest.raises(tg.ArtifactError, match="over ARTIFACT_LIMIT"):
@@ -354,7 +355,7 @@ def test_low_rank_correction_recovers_a_low_rank_error_and_round_trips():
     after = tg.dequantize_state(stored)
     for n in chosen:
         assert (state[n] - after[n]).norm() < (state[n] - before[n]).norm()
-    loaded, _ = tg.deserialize(tg.serialize(stored, {}))
+    loaded = tg.deserialize(tg.serialize(stored, {}))[0]
     for n in chosen:
         assert torch.equal(tg.dequantize_state(loaded)[n], after[n])
 

@@ -1261,6 +1261,7 @@ def test_non_finite_loss_names_the_step(tiny_env, tmp_path):
     lines = log_body(tmp_path / "logs" / "tiny.txt")
     assert sorted(train_losses(lines)) == list(range(1, step)), "steps before the bad one were logged, finite"
     assert not any(ln.startswith(("val_bpb:", "artifact_bytes:")) for ln in lines)
+    assert lines[-1] == "error: " + msg.removeprefix("train_gpt.py: error: "), "the log ends with the error it printed"
 
 
 def test_initialisation_is_the_records():
