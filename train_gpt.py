@@ -1227,7 +1227,6 @@ CARD_INT8_CLIP_QUANTILE = 0.9999984  # the record's clip of its int8 tensors
 MULTIPLIERS = (0.25, 8.0)
 BUDGET_SLACK = 20_000  # the search stops once the artifact lies within this many bytes under the limit
 BUDGET_TRIES = 6  # real compressions the search may spend
-ZSTD_FRAME_BYTES = 2 << 20  # the budget search compresses zstd payloads in frames of this size, in parallel
 BOS_ID = 1
 ARTIFACT_MAGIC = b"PGOLF1\n"
 ARTIFACT_LIMIT = 16_000_000
@@ -1245,24 +1244,33 @@ class ArtifactError(RuntimeError):
 
 
 def _zstd_compress(data: bytes) -> bytes:
+    """zstd level 22, one frame per piece of the payload (its header, then each array), compressed in parallel
+    threads and concatenated (one valid zstd stream). On the QS-2 default artifact: 15,612,397 bytes, against
+    15,852,611 in 2 MiB frames and 16,845,988 in one frame (docs/QUANT.md): each array gets entropy tables of its
+    own, and level 22's match search, which finds little in quantised codes, cannot make one frame worse."""
     import zstandard
 
-    return zstandard.ZstdCompressor(level=22).compress(data)
-
-
-def _zstd_compress_frames(data: bytes) -> bytes:
-    """zstd level 22 on ZSTD_FRAME_BYTES pieces in parallel threads, the frames concatenated (one valid zstd
-    stream): ~0.1% larger than one frame but several times faster, for the budget search's tries."""
-    import zstandard
-
-    pieces = [data[i:i + ZSTD_FRAME_BYTES] for i in range(0, len(data), ZSTD_FRAME_BYTES)]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(pieces), os.cpu_count() or 1) or 1) as pool:
+    pieces = payload_pieces(data)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(pieces), os.cpu_count() or 1))) as pool:
         return b"".join(pool.map(lambda piece: zstandard.ZstdCompressor(level=22).compress(piece), pieces))
 
 
+def payload_pieces(data: bytes) -> list[bytes]:
+    """The payload cut at its header's end and at every array's start (the layout serialize() writes); anything
+    else (the tests compress hand-made bytes) as one piece."""
+    m = len(ARTIFACT_MAGIC)
+    start = m + 4 + int.from_bytes(data[m:m + 4], "little")
+    try:
+        offsets = sorted({a["offset"] for t in json.loads(data[m + 4:start])["tensors"] for a in t["arrays"].values()})
+        cuts = [0] + [start + o for o in offsets if 0 <= o and start + o < len(data)] + [len(data)]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return [data]
+    return [data[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
 def _zstd_decompress(data: bytes) -> Iterator[bytes]:
-    """Chunk by chunk: the frame's declared content size is never trusted for an allocation. Across frames: the
-    budget search writes several (_zstd_compress_frames)."""
+    """Chunk by chunk: the frame's declared content size is never trusted for an allocation. Across frames: one per
+    piece of the payload (_zstd_compress)."""
     import zstandard
 
     reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
@@ -1780,11 +1788,10 @@ def _stored_array(body: memoryview, what: str, a: dict) -> Tensor:
     return torch.from_numpy(arr.copy()).view(tdtype).reshape(a["shape"])
 
 
-def compress(payload: bytes, compressor: str, fast: bool = False) -> bytes:
+def compress(payload: bytes, compressor: str) -> bytes:
     """Tag byte, CRC32 of the payload (zstd frames here and brotli streams carry none, so a flipped byte could
-    otherwise load as a different model), then the compressed payload. fast: zstd in parallel frames."""
+    otherwise load as a different model), then the compressed payload."""
     tag, fn, _ = COMPRESSORS[compressor]
-    fn = _zstd_compress_frames if fast and compressor == "zstd" else fn
     return tag + zlib.crc32(payload).to_bytes(4, "little") + fn(payload)
 
 
@@ -1984,10 +1991,10 @@ def check_budget_floor(model: GPT, args: Hyperparameters, code_bytes: int) -> No
 
 
 def export_artifact(model: GPT, args: Hyperparameters, code_bytes: int, hessians: dict | None, factors: dict | None,
-                    rank: int, world: int, log, one_frame: bool = True) -> tuple[bytes | None, dict]:
+                    rank: int, world: int, log) -> tuple[bytes | None, dict]:
     """Quantise the model's weights (QUANT_MODE=sdclip: at the finest multiplier that fits ARTIFACT_LIMIT) and
     compress them; GPTQ spreads its tensors over the ranks. Returns the artifact's bytes (on rank 0; None on the
-    others) and what was stored. one_frame=False keeps the search's parallel zstd frames (quicker, ~0.1% larger)."""
+    others) and what was stored."""
     state, config, meta = model.state_dict(), model_config(args), artifact_meta(args)
     names, device = list(state), model.tok_emb.weight.device
 
@@ -2006,7 +2013,7 @@ def export_artifact(model: GPT, args: Hyperparameters, code_bytes: int, hessians
         return stored
 
     def measure(stored: dict) -> tuple[int, bytes | None]:
-        blob = compress(serialize(stored, config, meta), args.compressor, fast=True) if rank == 0 else None
+        blob = compress(serialize(stored, config, meta), args.compressor) if rank == 0 else None
         total = [len(blob) + code_bytes if blob is not None else 0]
         if world > 1:
             dist.broadcast_object_list(total, src=0)
@@ -2014,13 +2021,10 @@ def export_artifact(model: GPT, args: Hyperparameters, code_bytes: int, hessians
 
     if args.quant_mode != "sdclip":
         stored = quantise(1.0)
-        return (compress(serialize(stored, config, meta), args.compressor, fast=not one_frame) if rank == 0 else None), stored
+        return measure(stored)[1], stored
     stored, multiplier, total, blob = fit_to_budget(
         quantise, measure, lambda m: entropy_bytes(quantize_tensors(model, state, args, m)) + code_bytes,
         args.artifact_limit, log)
-    if rank == 0 and one_frame:  # one frame compresses a little better than the search's parallel frames
-        blob = min(blob, compress(serialize(stored, config, meta), args.compressor), key=len)
-        total = len(blob) + code_bytes
     log(f"quant_budget: chosen multiplier:{multiplier:.5f} total_bytes:{total} limit:{args.artifact_limit} "
         f"unused:{args.artifact_limit - total}")
     return blob, stored

@@ -7,8 +7,7 @@ On the same weights, for each quantiser: model + code bytes (the real compressor
 (plain windows of TRAIN_SEQ_LEN and the sliding-window eval), against the weights before quantisation. The
 variants: the card's quantiser exactly (QUANT_MODE=card GPTQ_ENABLED=0), the project's GPTQ-lite without the floor
 (lite), SDClip by round to nearest and by full GPTQ at fixed multipliers, the budget-targeted default at
-ARTIFACT_LIMIT, GPTQ+SDClip fitted to the card's byte count, and the default with EMBED_BITS=8 or LQER. Bytes are
-those of zstd-22 in the budget search's parallel 2 MiB frames (~0.1% above the one frame a run writes). Knobs
+ARTIFACT_LIMIT, GPTQ+SDClip fitted to the card's byte count, and the default with EMBED_BITS=8 or LQER. Knobs
 (DATA_PATH, TOKENIZER_PATH, GPTQ_CALIB_*, EVAL_*, COMPRESSOR, ARTIFACT_LIMIT) are read as train_gpt.py reads them;
 the network is the checkpoint's. GPTQ's calibration text is sampled once and shared by every variant.
 """
@@ -92,13 +91,13 @@ def main() -> None:
             multiplier = 1.0
         if multiplier is None:
             blob, stored = tg.export_artifact(model, args, code_bytes, hessians if gptq else None,
-                                              chosen if gptq else None, 0, 1, lines.append, one_frame=False)
+                                              chosen if gptq else None, 0, 1, lines.append)
             multiplier = float(lines[-1].split("multiplier:")[1].split()[0])
         else:
             stored = tg.quantize_tensors(model, state, args, multiplier, chosen if gptq else None)
             if args.lqer_rank:
                 tg.add_low_rank_corrections(stored, state, hessians, args.lqer_rank, args.lqer_top)
-            blob = tg.compress(tg.serialize(stored, tg.model_config(args)), args.compressor, fast=True)
+            blob = tg.compress(tg.serialize(stored, tg.model_config(args)), args.compressor)
         seconds = time.perf_counter() - t
         plain, sliding = score(tg.dequantize_state(stored))
         total = len(blob) + code_bytes

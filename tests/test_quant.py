@@ -473,3 +473,22 @@ def test_kv_cache_decoding_on_cuda_with_fused_kernels_and_bf16():
         assert all(torch.isfinite(t).all() for t in tg.dequantize_state(stored).values())
     finally:
         tg.use_fused_kernels("none")
+
+
+def test_zstd_codes_every_array_in_its_own_frame():
+    """One zstd frame per payload piece (header, then each array): the stream decodes to the payload, has as many
+    frames as pieces, and each frame is that piece compressed alone."""
+    import zstandard
+
+    args = tiny_args()
+    torch.manual_seed(0)
+    model = tg.GPT(args)
+    stored = tg.quantize_tensors(model, model.state_dict(), args)
+    payload = tg.serialize(stored, tg.model_config(args))
+    pieces = tg.payload_pieces(payload)
+    assert b"".join(pieces) == payload
+    assert len(pieces) == 1 + sum(len([t for t in s.values() if isinstance(t, torch.Tensor)]) for s in stored.values())
+    blob = tg.compress(payload, "zstd")
+    assert tg.decompress(blob, "mem") == payload
+    assert len(blob) == 5 + sum(len(zstandard.ZstdCompressor(level=22).compress(p)) for p in pieces)
+    assert tg.payload_pieces(b"not a payload") == [b"not a payload"]

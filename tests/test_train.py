@@ -137,6 +137,23 @@ def randomize_controls(model: torch.nn.Module, seed: int = 0) -> None:
 # 1. Training works: the tiny config trains on real text and the loss falls.
 
 
+def test_a_short_trial_with_the_records_schedule_knobs_learns(tiny_env, tmp_path):
+    """ITERATIONS=20 with the record's WARMDOWN_ITERS=3500 and EMA_DECAY=0.997: the warmdown takes the last half
+    of the run (WARMDOWN_FRAC), late QAT only its last steps, and the EMA's horizon a quarter of the run, so the
+    weights that are quantised have learned (before: warmdown and QAT from step 0, the EMA the initial weights)."""
+    env = {k: v for k, v in tiny_env.items() if k not in ("WARMDOWN_ITERS",)}
+    env.update(ITERATIONS="20", WARMDOWN_ITERS="3500", EMA_DECAY="0.997", VAL_LOSS_EVERY="20", RUN_ID="short")
+    r = run([sys.executable, SCRIPT], env, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = log_body(tmp_path / "logs" / "short.txt")
+    vals = {int(m[1]): float(m[4]) for m in map(VAL_LINE.match, lines) if m}
+    qat = [ln for ln in lines if ln.startswith("late_qat:on")]
+    # scale (20 - s) / 10 first drops below 0.15 at s = 19 (0.1), hand-computed
+    assert qat == ["late_qat:on step:19 lr_scale:0.1000"], qat
+    ema = float(re.search(r"^averaging:ema val_loss:\S+ val_bpb:(\S+)", "\n".join(lines), re.M)[1])
+    assert ema < vals[0] - 0.3, f"the EMA weights ({ema:.4f}) did not learn from the untrained {vals[0]:.4f}"
+
+
 def test_tiny_run_trains_and_finishes(tiny_env, tmp_path):
     env = dict(tiny_env, ITERATIONS="30", WARMDOWN_ITERS="10", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="15")
     r = run([sys.executable, SCRIPT], env, tmp_path)
