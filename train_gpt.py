@@ -3,7 +3,8 @@
     torchrun --standalone --nproc_per_node=8 train_gpt.py        # every knob is an environment variable
 
 The file reads top to bottom in pipeline order: knobs -> data -> tokenizer bytes -> model -> optimisers ->
-evaluation -> artifact (quantise, serialise, compress, load back) -> training loop -> main.
+evaluation -> artifact (calibration, quantisers, the byte budget, serialise, compress, load back, the export stage)
+-> training loop -> main.
 """
 
 from __future__ import annotations
@@ -207,7 +208,8 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
                                      "gradient is")
     need(a.tied_embed_init_std >= 0, "TIED_EMBED_INIT_STD", "must not be negative")
     need(a.rope_base > 0, "ROPE_BASE", "must be positive: the rotary frequencies are ROPE_BASE^(-i/ROPE_DIMS)")
-    need(a.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE", "must be 0 (off) or at least 2: the last bucket is kept for position 0")
+    need(a.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE",
+         "must be 0 (off) or at least 2: the last bucket is kept for position 0")
     need(a.vocab_size <= 65536, "VOCAB_SIZE", "token ids are stored as uint16, so at most 65536")
     need(a.model_dim % a.num_heads == 0, "NUM_HEADS", f"must divide MODEL_DIM={a.model_dim}")
     need(a.num_heads % a.num_kv_heads == 0, "NUM_KV_HEADS", f"must divide NUM_HEADS={a.num_heads}")
@@ -1003,7 +1005,7 @@ def select_attention(choice: str, device: torch.device, heads: int, kv_heads: in
 
 
 # -----------------------------------------------------------------------------
-# Optimisers: Muon (orthogonalised momentum) for block matrices, Adam for embeddings and control tensors.
+# Optimisers: Muon (orthogonalised momentum) for the linear layers' matrices, Adam for embeddings and control tensors.
 
 
 def newton_schulz5(g: Tensor, steps: int) -> Tensor:
@@ -1082,10 +1084,12 @@ def lr_scale(step: int, elapsed_ms: float, args: Hyperparameters) -> float:
     worth of time, from the average step time so far); a short trial still trains at full LR first."""
     if args.warmdown_iters == 0:
         return 1.0
-    by_steps = max(args.iterations - step, 0) / max(min(args.warmdown_iters, args.warmdown_frac * args.iterations), 1e-9)
+    warmdown_steps = min(args.warmdown_iters, args.warmdown_frac * args.iterations)
+    by_steps = max(args.iterations - step, 0) / max(warmdown_steps, 1e-9)
     if args.max_wallclock_seconds <= 0:
         return min(1.0, by_steps)
-    warmdown_ms = min(args.warmdown_iters * elapsed_ms / max(step, 1), args.warmdown_frac * 1000 * args.max_wallclock_seconds)
+    warmdown_ms = min(args.warmdown_iters * elapsed_ms / max(step, 1),
+                      args.warmdown_frac * 1000 * args.max_wallclock_seconds)
     remaining_ms = max(1000 * args.max_wallclock_seconds - elapsed_ms, 0.0)
     return min(1.0, remaining_ms / max(warmdown_ms, 1e-9), by_steps)
 
@@ -1117,7 +1121,8 @@ class WeightAverages:
     def update(self, step: int, scale: float, run_steps: float) -> bool:
         """Returns True when this step started SWA. run_steps: how many steps the run is expected to take."""
         if self.ema is not None:
-            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1 - ema_decay(run_steps, self.args))
+            weight = 1 - ema_decay(run_steps, self.args)
+            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], weight)
         if not (self.args.swa_enabled and scale < self.args.swa_start_scale and step % self.args.swa_every == 0):
             return False
         started = self.swa is None
@@ -1387,7 +1392,8 @@ def collect_hessians(model: GPT, seqs: Tensor, batch_seqs: int, autocast) -> dic
                 head.addmm_(h.T, h)
         hessians = {"tok_emb.weight": head}
         for name, m in observed.items():
-            sharing = (name, name[:-len("c_q")] + "c_k", name[:-len("c_q")] + "c_v") if name.endswith(".c_q") else (name,)
+            stem = name[:-len("c_q")]
+            sharing = (name, stem + "c_k", stem + "c_v") if name.endswith(".c_q") else (name,)
             hessians.update({f"{n}.weight": m.hessian for n in sharing})
     finally:
         for m in observed.values():

@@ -105,3 +105,18 @@ def tiny_env(tiny_shards, tmp_path) -> dict:
     env.update(TINY_CONFIG, DATA_PATH=str(tiny_shards), TOKENIZER_PATH=str(SP1024), RUN_ID="tiny",
                PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return env
+
+
+@pytest.fixture
+def plain_torch_runtime():
+    """The CPU paths of the module-level switches (another test file may have flipped them), on one thread: the
+    tiny tensors gain nothing from more, and a busy machine stalls multi-threaded OpenMP regions badly."""
+    import torch
+    import train_gpt as tg
+
+    tg.use_fused_kernels("none")
+    tg.select_attention("auto", torch.device("cpu"), 4, 2, 16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -27,14 +27,14 @@ import train_gpt as tg  # noqa: E402
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def plain_torch_runtime():
-    tg.use_fused_kernels("none")
-    tg.select_attention("auto", CPU, 4, 2, 16)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("plain_torch_runtime")
+
+
+def normal_linear_weights(model: tg.GPT, std: float) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, tg.CastedLinear):
+                m.weight.normal_(0, std)
 
 
 def correlated_inputs(n: int, d: int, seed: int) -> torch.Tensor:
@@ -93,10 +93,7 @@ def test_batched_gptq_of_a_model_equals_one_matrix_at_a_time(act_order):
     args = tiny_args(NUM_LAYERS=3, GPTQ_ACT_ORDER=int(act_order))
     torch.manual_seed(0)
     model = tg.GPT(args)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, tg.CastedLinear):
-                m.weight.normal_(0, 0.05)
+    normal_linear_weights(model, 0.05)
     seqs = torch.randint(0, args.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     hessians, factors = tg.gptq_factors(model, seqs, args, 1, tg.contextlib.nullcontext)
     state = model.state_dict()
@@ -214,10 +211,7 @@ def test_sdclip_qat_grid_is_the_exports_grid():
     args = tiny_args(MODEL_DIM=128)
     torch.manual_seed(1)
     model = tg.GPT(args)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, tg.CastedLinear):
-                m.weight.normal_(0, 0.05)
+    normal_linear_weights(model, 0.05)
     model.set_qat(True, multiplier=0.7)
     stored = tg.quantize_tensors(model, model.state_dict(), args, multiplier=0.7)
     for name, m in model.named_modules():

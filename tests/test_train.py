@@ -39,16 +39,7 @@ DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADD
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def plain_torch_runtime():
-    """The CPU paths of the module-level switches (another test file may have flipped them), on one thread: the
-    tiny tensors gain nothing from more, and a busy machine stalls multi-threaded OpenMP regions badly."""
-    tg.use_fused_kernels("none")
-    tg.select_attention("auto", CPU, 4, 2, 16)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("plain_torch_runtime")
 
 
 def clean_env(env: dict) -> dict:
