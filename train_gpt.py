@@ -1359,17 +1359,25 @@ def sample_calibration(model: GPT, n_seqs: int, rows: range, length: int, temper
         return tokens
     generator = torch.Generator(device=device).manual_seed(seed)
     mine = torch.as_tensor(list(rows), device=device)
-    was_training = model.training
-    model.eval()
-    with autocast():
+    with evaluating(model), autocast():
         cache = KVCache(model, len(rows), length, device)
         for p in range(length - 1):
             logits = softcapped_logits(model.hidden(tokens, cache)[:, 0], model.tok_emb.weight, model.softcap)
             u = torch.rand((n_seqs, logits.size(-1)), generator=generator, device=device)[mine]
             gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
             tokens[:, p + 1] = (logits.float() / temperature + gumbel).argmax(dim=-1)
-    model.train(was_training)
     return tokens
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """The model in eval mode (late QAT acts in training forwards only), then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -1383,10 +1391,8 @@ def collect_hessians(model: GPT, seqs: Tensor, batch_seqs: int, autocast) -> dic
     for m in observed.values():
         m.hessian = torch.zeros(m.in_features, m.in_features, device=device, dtype=torch.float64)
     head = torch.zeros(model.tok_emb.embedding_dim, model.tok_emb.embedding_dim, device=device, dtype=torch.float64)
-    was_training = model.training
-    model.eval()
     try:
-        with autocast():
+        with evaluating(model), autocast():
             for chunk in seqs.split(batch_seqs):
                 h = model.hidden(chunk).reshape(-1, head.size(0)).double()
                 head.addmm_(h.T, h)
@@ -1398,7 +1404,6 @@ def collect_hessians(model: GPT, seqs: Tensor, batch_seqs: int, autocast) -> dic
     finally:
         for m in observed.values():
             m.hessian = None
-        model.train(was_training)
     return hessians
 
 
@@ -1967,21 +1972,29 @@ def gptq_factors(model: GPT, seqs: Tensor, args: Hyperparameters, world: int, au
     """The Hessians of every quantised matrix over all ranks' calibration sequences, and their GPTQ factors
     ({weight name: ...}; c_q, c_k and c_v share theirs)."""
     hessians = collect_hessians(model, seqs, max(1, 16_384 // args.gptq_calib_len), autocast)
-    unique = {id(h): h for h in hessians.values()}
     if world > 1:
-        for h in unique.values():
+        for h in {id(h): h for h in hessians.values()}.values():
             dist.all_reduce(h)
-    factors = {key: gptq_factor(h, args.gptq_damp, args.gptq_act_order) for key, h in unique.items()}
-    return hessians, {name: factors[id(h)] for name, h in hessians.items()}
+    return hessians, factors_of(hessians, args)
+
+
+def factors_of(hessians: dict[str, Tensor], args: Hyperparameters) -> dict:
+    """{weight name: gptq_factor of its Hessian}, one factorisation per distinct Hessian (c_q, c_k, c_v share)."""
+    factors = {id(h): gptq_factor(h, args.gptq_damp, args.gptq_act_order) for h in hessians.values()}
+    return {name: factors[id(h)] for name, h in hessians.items()}
 
 
 def predicted_multiplier(model: GPT, args: Hyperparameters) -> float:
     """The SDClip multiplier the byte budget allows the model's current weights, from the entropy estimate of
     round-to-nearest codes: late QAT trains on that grid, and the export's search refines it."""
     code_bytes = sum(f.stat().st_size for f in project_code_files())
-    state = model.state_dict()
-    return smallest_multiplier(lambda m: entropy_bytes(quantize_tensors(model, state, args, m)) + code_bytes,
-                               args.artifact_limit, *MULTIPLIERS)
+    return smallest_multiplier(estimated_bytes(model, model.state_dict(), args, code_bytes), args.artifact_limit,
+                               *MULTIPLIERS)
+
+
+def estimated_bytes(model: GPT, state: dict[str, Tensor], args: Hyperparameters, code_bytes: int):
+    """multiplier -> the estimated artifact bytes, code included, of round-to-nearest codes at that multiplier."""
+    return lambda m: entropy_bytes(quantize_tensors(model, state, args, m)) + code_bytes
 
 
 def check_budget_floor(model: GPT, args: Hyperparameters, code_bytes: int) -> None:
@@ -2029,8 +2042,7 @@ def export_artifact(model: GPT, args: Hyperparameters, code_bytes: int, hessians
         stored = quantise(1.0)
         return measure(stored)[1], stored
     stored, multiplier, total, blob = fit_to_budget(
-        quantise, measure, lambda m: entropy_bytes(quantize_tensors(model, state, args, m)) + code_bytes,
-        args.artifact_limit, log)
+        quantise, measure, estimated_bytes(model, state, args, code_bytes), args.artifact_limit, log)
     log(f"quant_budget: chosen multiplier:{multiplier:.5f} total_bytes:{total} limit:{args.artifact_limit} "
         f"unused:{args.artifact_limit - total}")
     return blob, stored

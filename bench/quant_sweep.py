@@ -84,8 +84,7 @@ def main() -> None:
         t = time.perf_counter()
         chosen = factors
         if gptq and args.gptq_act_order != base.gptq_act_order:  # the factors depend on the column order
-            by_id = {id(h): tg.gptq_factor(h, args.gptq_damp, args.gptq_act_order) for h in hessians.values()}
-            chosen = {n: by_id[id(h)] for n, h in hessians.items()}
+            chosen = tg.factors_of(hessians, args)
         lines: list[str] = []
         if multiplier is None and args.quant_mode != "sdclip":
             multiplier = 1.0
