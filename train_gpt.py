@@ -102,7 +102,9 @@ class Hyperparameters:
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.3  # 0 = off
     # quantisation-aware training and weight averaging
-    late_qat_threshold: float = 0.15  # fake-quantise block matrices to int6 once the LR scale drops below; 0 = off
+    # fake-quantise the int6 matrices onto the export's grid once the LR scale drops below; 0 = off. Off by
+    # default because the record's own late QAT (threshold 0.15) never ran: torch.compile folds its class flag
+    late_qat_threshold: float = 0.0
     ema_decay: float = 0.997  # 0 = no EMA
     swa_enabled: bool = True
     swa_every: int = 50

@@ -133,7 +133,8 @@ def test_a_short_trial_with_the_records_schedule_knobs_learns(tiny_env, tmp_path
     of the run (WARMDOWN_FRAC), late QAT only its last steps, and the EMA's horizon a quarter of the run, so the
     weights that are quantised have learned (before: warmdown and QAT from step 0, the EMA the initial weights)."""
     env = {k: v for k, v in tiny_env.items() if k not in ("WARMDOWN_ITERS",)}
-    env.update(ITERATIONS="20", WARMDOWN_ITERS="3500", EMA_DECAY="0.997", VAL_LOSS_EVERY="20", RUN_ID="short")
+    env.update(ITERATIONS="20", WARMDOWN_ITERS="3500", EMA_DECAY="0.997", VAL_LOSS_EVERY="20", RUN_ID="short",
+               LATE_QAT_THRESHOLD="0.15")
     r = run([sys.executable, SCRIPT], env, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = log_body(tmp_path / "logs" / "short.txt")
@@ -146,7 +147,8 @@ def test_a_short_trial_with_the_records_schedule_knobs_learns(tiny_env, tmp_path
 
 
 def test_tiny_run_trains_and_finishes(tiny_env, tmp_path):
-    env = dict(tiny_env, ITERATIONS="30", WARMDOWN_ITERS="10", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="15")
+    env = dict(tiny_env, ITERATIONS="30", WARMDOWN_ITERS="10", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="15",
+               LATE_QAT_THRESHOLD="0.15")
     r = run([sys.executable, SCRIPT], env, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = log_body(tmp_path / "logs" / "tiny.txt")
@@ -943,7 +945,7 @@ def test_default_config_is_the_spec_model():
     assert (a.num_layers, a.model_dim, a.num_heads, a.num_kv_heads, a.mlp_mult) == (11, 512, 8, 4, 3)
     assert (a.xsa_last_n, a.ve_layers, a.rope_dims, a.grad_accum_steps) == (4, "9,10", 16, 1)
     assert (a.bigram_vocab_size, a.bigram_dim, a.ve_dim, a.logit_softcap) == (2048, 128, 128, 30.0)
-    assert (a.train_batch_tokens, a.train_seq_len, a.ema_decay, a.late_qat_threshold) == (786432, 2048, 0.997, 0.15)
+    assert (a.train_batch_tokens, a.train_seq_len, a.ema_decay, a.late_qat_threshold) == (786432, 2048, 0.997, 0.0)
     assert tg.resolve(tg.Hyperparameters(), 1).grad_accum_steps == 8
     model = tg.GPT(a)
     # hand count: embedding, 11 blocks (q,k,v,proj,fc,proj + 2 scales, resid_mix, q gain), bigram, smear, VE
