@@ -1625,6 +1625,23 @@ def add_low_rank_corrections(stored: dict, state: dict[str, Tensor], hessians: d
     return [name for _, name, _ in chosen]
 
 
+def sorted_hidden_units(stored: dict) -> dict:
+    """The same network with each MLP's hidden units permuted (fc rows, proj columns) in order of the mean |code| of
+    their proj column: runs of similar columns inside every proj row give zstd matches, and fc's rows follow.
+    Lossless for the function (a relabelling of units); 130-250 KB smaller artifacts on trained weights
+    (docs/QUANT.md)."""
+    out = dict(stored)
+    for name, fc in stored.items():
+        proj = stored.get(name.replace(".mlp.fc.", ".mlp.proj."))
+        if ".mlp.fc." not in name or "q" not in fc or proj is None or "q" not in proj:
+            continue
+        order = torch.argsort(proj["q"].float().abs().mean(dim=0), stable=True)
+        out[name] = {k: v[order] if k in ("q", "scale", "lqer_a", "lqer_a_scale") else v for k, v in fc.items()}
+        out[name.replace(".mlp.fc.", ".mlp.proj.")] = {
+            k: v[:, order].contiguous() if k in ("q", "lqer_b") else v for k, v in proj.items()}
+    return out
+
+
 def dequantize_state(stored: dict) -> dict[str, Tensor]:
     out = {}
     for name, s in stored.items():
@@ -2015,7 +2032,7 @@ def export_artifact(model: GPT, args: Hyperparameters, code_bytes: int, hessians
                     rank: int, world: int, log) -> tuple[bytes | None, dict]:
     """Quantise the model's weights (QUANT_MODE=sdclip: at the finest multiplier that fits ARTIFACT_LIMIT) and
     compress them; GPTQ spreads its tensors over the ranks. Returns the artifact's bytes (on rank 0; None on the
-    others) and what was stored."""
+    others) and what was stored, in the trained order of units (the artifact holds it as sorted_hidden_units)."""
     state, config, meta = model.state_dict(), model_config(args), artifact_meta(args)
     names, device = list(state), model.tok_emb.weight.device
 
@@ -2034,7 +2051,7 @@ def export_artifact(model: GPT, args: Hyperparameters, code_bytes: int, hessians
         return stored
 
     def measure(stored: dict) -> tuple[int, bytes | None]:
-        blob = compress(serialize(stored, config, meta), args.compressor) if rank == 0 else None
+        blob = compress(serialize(sorted_hidden_units(stored), config, meta), args.compressor) if rank == 0 else None
         total = [len(blob) + code_bytes if blob is not None else 0]
         if world > 1:
             dist.broadcast_object_list(total, src=0)

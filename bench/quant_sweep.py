@@ -96,7 +96,7 @@ def main() -> None:
             stored = tg.quantize_tensors(model, state, args, multiplier, chosen if gptq else None)
             if args.lqer_rank:
                 tg.add_low_rank_corrections(stored, state, hessians, args.lqer_rank, args.lqer_top)
-            blob = tg.compress(tg.serialize(stored, tg.model_config(args)), args.compressor)
+            blob = tg.compress(tg.serialize(tg.sorted_hidden_units(stored), tg.model_config(args)), args.compressor)
         seconds = time.perf_counter() - t
         plain, sliding = score(tg.dequantize_state(stored))
         total = len(blob) + code_bytes

@@ -279,7 +279,8 @@ def test_budget_search_lands_at_or_under_the_limit(kind, gptq):
         blob, stored = export(model, args, limit, gptq, lines)
         assert len(blob) <= limit, f"{kind} gptq={gptq}: {len(blob)} bytes over the limit {limit}"
         assert limit - len(blob) <= tg.BUDGET_SLACK, f"{kind}: {limit - len(blob)} bytes left unused"
-        payload = tg.serialize(stored, tg.model_config(args), tg.artifact_meta(tg.dataclasses.replace(args, artifact_limit=limit)))
+        payload = tg.serialize(tg.sorted_hidden_units(stored), tg.model_config(args),
+                               tg.artifact_meta(tg.dataclasses.replace(args, artifact_limit=limit)))
         assert len(blob) <= len(tg.compress(payload, args.compressor)) and tg.decompress(blob, "mem") == payload
         tries = [ln for ln in lines if ln.startswith("quant_budget: try:")]
         assert 1 <= len(tries) <= tg.BUDGET_TRIES and "chosen multiplier" in lines[-1], lines
@@ -352,6 +353,48 @@ def test_low_rank_correction_recovers_a_low_rank_error_and_round_trips():
     loaded = tg.deserialize(tg.serialize(stored, {}))[0]
     for n in chosen:
         assert torch.equal(tg.dequantize_state(loaded)[n], after[n])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Hidden units in compressible order.
+
+
+def test_sorted_hidden_units_is_the_same_network_and_keeps_lqer_factors_aligned():
+    model, args = budget_model("gaussian")
+    state = model.state_dict()
+    stored = tg.quantize_tensors(model, state, args, multiplier=2.0)
+    fc, proj = "blocks.1.mlp.fc.weight", "blocks.1.mlp.proj.weight"
+    stored[fc].update(tg.low_rank_correction(state[fc] - tg.dequantize_rows(stored[fc]["q"], stored[fc]["scale"]), 2))
+    stored[proj].update(tg.low_rank_correction(
+        state[proj] - tg.dequantize_rows(stored[proj]["q"], stored[proj]["scale"]), 2))
+    before, after = tg.dequantize_state(stored), tg.dequantize_state(tg.sorted_hidden_units(stored))
+    def order(name):  # hand-written: the unit order of the block `name` is in
+        p = name.replace(".fc.", ".proj.")
+        return torch.argsort(stored[p]["q"].float().abs().mean(dim=0), stable=True)
+
+    assert not torch.equal(order(fc), torch.arange(4 * args.model_dim)), "a case where the order changes"
+    for name in before:  # fc rows and proj columns permuted together, everything else untouched
+        want = before[name][order(name)] if name.endswith("mlp.fc.weight") else \
+            before[name][:, order(name)] if name.endswith("mlp.proj.weight") else before[name]
+        assert torch.equal(after[name], want), name
+    x = torch.randn(5, args.model_dim, dtype=torch.float64)
+    mlp = lambda w: torch.relu(x @ w[fc].double().T).square() @ w[proj].double().T  # noqa: E731
+    torch.testing.assert_close(mlp(after), mlp(before), rtol=1e-12, atol=1e-12)
+
+
+def test_sorted_hidden_units_shrink_an_mlp_whose_units_differ_in_scale():
+    """Half the hidden units carry small weights (as dead or rarely active units do in trained MLPs): in each proj
+    row their codes are near zero, and sorting makes them one run that zstd codes as matches."""
+    g = torch.Generator().manual_seed(0)
+    units = torch.where(torch.rand(512, generator=g) < 0.5, 0.05, 1.0)
+    w_fc = torch.randn(512, 128, generator=g) * units[:, None]
+    w_proj = torch.randn(128, 512, generator=g) * units
+    stored = {}
+    for name, w in (("blocks.0.mlp.fc.weight", w_fc), ("blocks.0.mlp.proj.weight", w_proj)):
+        step = tg.row_steps(12.0 * w.std(dim=1, correction=0), tg.INT6_MAX)
+        stored[name] = dict(kind="int6", q=tg.round_rows(w, step, tg.INT6_MAX), scale=step)
+    size = lambda st: len(tg.compress(tg.serialize(st, {}), "zstd"))  # noqa: E731
+    assert size(tg.sorted_hidden_units(stored)) < 0.97 * size(stored)
 
 
 # ------------------------------------------------------------------------------------------------------------------
