@@ -18,6 +18,7 @@ import gc
 import glob
 import hashlib
 import importlib.util
+import itertools
 import json
 import lzma
 import math
@@ -1618,7 +1619,8 @@ def add_low_rank_corrections(stored: dict, state: dict[str, Tensor], hessians: d
         if s["kind"] == "int6":
             err = state[name].float() - dequantize_rows(s["q"], s["scale"])
             h = None if hessians is None else hessians.get(name)
-            scored.append((float((err @ h * err).sum()) if h is not None else float(err.square().sum()), name, err))
+            e = err.to(h.dtype) if h is not None else err  # the Hessians are float64
+            scored.append((float((e @ h * e).sum()) if h is not None else float(err.square().sum()), name, err))
     chosen = sorted(scored, key=lambda e: e[0], reverse=True)[:top]
     for _, name, err in chosen:
         stored[name].update(low_rank_correction(err, rank))
@@ -1701,11 +1703,17 @@ def fit_to_budget(quantise, measure, estimate, budget: int, log) -> tuple[dict, 
     BUDGET_SLACK / 2 under it. The first tries bisect the cheap estimate, rescaled by real / estimated bytes of the
     last try; once one try fits and one does not, the next interpolates between them (log bytes against log
     multiplier). It stops when a try lands within BUDGET_SLACK under the budget or the tries run out, and keeps
-    the largest artifact that fits. Returns (stored, multiplier, bytes, blob)."""
+    the largest artifact that fits; if none has fitted by then, it steps coarser past the last miss until one does
+    (the budget check at start found the coarsest to fit). Returns (stored, multiplier, bytes, blob)."""
     target = budget - BUDGET_SLACK / 2
     ratio, best, over, under = 1.0, None, None, None  # over / under: (multiplier, bytes) of the closest tries
-    for attempt in range(1, BUDGET_TRIES + 1):
-        if over is not None and under is not None:
+    for attempt in itertools.count(1):
+        if attempt > BUDGET_TRIES and best is not None:
+            break
+        if attempt > BUDGET_TRIES:  # bytes fall ~0.6x as fast as the multiplier grows: squaring overshoots coarser
+            m = min(MULTIPLIERS[1], over[0] * max((over[1] / target) ** 2, 1.001))
+            m = m if attempt <= BUDGET_TRIES + 4 else MULTIPLIERS[1]
+        elif over is not None and under is not None:
             (m0, b0), (m1, b1) = over, under
             t = (math.log(target) - math.log(b0)) / (math.log(b1) - math.log(b0))
             m = math.exp(math.log(m0) + min(max(t, 0.1), 0.9) * (math.log(m1) - math.log(m0)))

@@ -10,6 +10,8 @@
 #   bash bench/quant_session.sh fidelity  # GPU: the record's compile-folded QAT flag, and QS-2 with QAT off, 2 seeds
 #   bash bench/quant_session.sh long      # GPU: 5000 steps of the 8-GPU run's per-GPU batch (98,304 tokens, grad-accum 1)
 #   bash bench/quant_session.sh longsweep # GPU, right after long: quant_sweep.py on its weights
+#   bash bench/quant_session.sh final     # GPU: a card-mode artifact, the QS-2 default and a 40-step default run
+#   bash bench/quant_session.sh lqer      # GPU: the default on seed 2, LQER and act-order priced on its weights
 #
 # Logs and tables go to $OUT (the device tool's result folder) as one tarball plus a few files.
 set -euo pipefail
@@ -89,8 +91,17 @@ case "${1:-}" in
     run qs2_default_noqat_40steps "${QS2[@]}" SEED=1 ITERATIONS=40 WARMDOWN_ITERS=17
     pack final
     ;;
+  lqer)  # the default (rows sorted) on a second seed, and LQER / act-order priced on its weights
+    install
+    run qs2_default_s2 "${QS2[@]}" SEED=2 SAVE_WEIGHTS=1
+    cp logs/qs2_default_s2.ptz "$OUT/"
+    echo "== quant_sweep qs2_default_s2"
+    timeout 240 python bench/quant_sweep.py logs/qs2_default_s2.weights.pt --out "$OUT/sweep_qs2_default_s2.md" \
+      --only card,default_budget,gptq_at_card_bytes,budget_lqer_r4_top3,budget_act_order 2>&1 | grep -v Warning || true
+    pack lqer
+    ;;
   *)
-    sed -n '2,16p' "$0"
+    sed -n '2,18p' "$0"
     exit 2
     ;;
 esac

@@ -288,6 +288,32 @@ def test_budget_search_lands_at_or_under_the_limit(kind, gptq):
         export(model, args, coarsest // 2, gptq, [])
 
 
+def test_budget_search_steps_coarser_when_no_try_has_fitted_yet(monkeypatch):
+    """Real bytes 2% above an estimate that the search cannot correct in time (one try): the first try misses, and
+    instead of giving up (an error after a full training run) the search steps coarser until an artifact fits."""
+    monkeypatch.setattr(tg, "BUDGET_TRIES", 1)
+    lines: list[str] = []
+    stored, m, nbytes, _ = tg.fit_to_budget(lambda m: {"m": m}, lambda st: (int(1.02 * 100_000_000 / st["m"]), b""),
+                                            lambda m: 100_000_000 / m, 50_000_000, lines.append)
+    assert nbytes <= 50_000_000 and stored["m"] == m
+    assert len(lines) >= 2 and int(lines[0].split("bytes:")[1].split()[0]) > 50_000_000, lines
+    with pytest.raises(tg.ArtifactError, match="over ARTIFACT_LIMIT"):  # the coarsest misses too: a clear error
+        tg.fit_to_budget(lambda m: {"m": m}, lambda st: (10**9, b""), lambda m: 100_000_000 / m, 50_000_000,
+                         lambda msg: None)
+
+
+def test_lqer_with_gptq_hessians_fits_the_budget_and_corrects_the_chosen_tensors():
+    model, args = budget_model("gaussian")
+    args = tg.dataclasses.replace(args, lqer_rank=2, lqer_top=2)
+    limit = len(export(model, args, tg.ARTIFACT_LIMIT, True, [])[0]) * 3 // 4  # a budget that binds
+    lines: list[str] = []
+    blob, stored = export(model, args, limit, True, lines)
+    assert len(blob) <= limit and any(ln.startswith("quant_budget: chosen") for ln in lines)
+    chosen = [ln for ln in lines if ln.startswith("lqer: ")][-1].split("tensors:")[1].split(",")
+    assert len(chosen) == 2 and all("lqer_a" in stored[n] for n in chosen)
+    assert sum("lqer_a" in s for s in stored.values()) == 2
+
+
 def test_budget_search_keeps_the_best_fit_when_an_estimate_overshoots():
     """A made-up size function: the estimate says 100/m, the real size is 10% larger. The search must end under the
     limit, within the slack, after a first try that missed."""
