@@ -137,7 +137,7 @@ class Hyperparameters:
     # test-time training: score-first LoRA on the artifact's model, after the sliding-window score (docs/TTT.md)
     ttt_enabled: bool = False
     ttt_lora_rank: int = 8
-    ttt_lora_targets: str = "q,v,head"  # comma list of q, k, v (every block's attention) and head (the final hidden state)
+    ttt_lora_targets: str = "q,v,head"  # comma list: q, k, v (every block's projections), head (final hidden state)
     ttt_lr: float = 0.003  # Adam on the adapters
     ttt_chunk: int = 256  # a document's targets are scored this many at a time, each chunk then trains its adapters
     ttt_batch_docs: int = 64  # lanes: runs of documents adapted side by side, each lane with its own adapters
@@ -284,7 +284,7 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
          f"must be a comma list of distinct names among {', '.join(TTT_TARGETS)}")
     a.ttt_lora_targets = ",".join(t for t in TTT_TARGETS if t in targets)
     need(a.ttt_phases == 1 or a.ttt_global_lr > 0, "TTT_PHASES",
-         "is above 1 but TTT_GLOBAL_LR=0: the phases' only purpose is the global update between them; set TTT_GLOBAL_LR")
+         "is above 1 but TTT_GLOBAL_LR=0: the phases exist for the global update between them; set TTT_GLOBAL_LR")
     return a
 
 
@@ -1297,7 +1297,8 @@ class TTTAdapters:
     def delta(self, name: str, x: Tensor) -> Tensor:
         if name not in self.a:
             return x.new_zeros(*x.shape[:-1], self.widths[name.split(".")[-1]])
-        return (x @ self.a[name][self.rows].transpose(1, 2).to(x.dtype)) @ self.b[name][self.rows].transpose(1, 2).to(x.dtype)
+        a, b = (t[name][self.rows].transpose(1, 2).to(x.dtype) for t in (self.a, self.b))
+        return (x @ a) @ b
 
     def qkv_delta(self, layer: int, x: Tensor) -> Tensor:
         return torch.cat([self.delta(f"{layer}.{t}", x) for t in "qkv"], dim=-1)

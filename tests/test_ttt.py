@@ -161,7 +161,7 @@ def test_lr0_scores_each_document_as_evaluate_scores_it_alone(model, seq_len, st
     tokens, luts = docs_stream(LENGTHS), synthetic_luts(1024)
     knobs = dict(TTT_LR=0, EVAL_SEQ_LEN=seq_len, EVAL_STRIDE=stride, TTT_CHUNK=chunk, TTT_BATCH_DOCS=3)
     out, scored = ttt(model, tokens, **knobs)
-    one_byte = (torch.ones(1024, dtype=torch.long), torch.zeros(1024, dtype=torch.bool), torch.zeros(1024, dtype=torch.bool))
+    one_byte = (torch.ones(1024, dtype=torch.long), *torch.zeros(2, 1024, dtype=torch.bool))
     for a, b in tg.document_spans(tokens):  # (one byte a token: a document of only a BOS has none otherwise)
         loss, _, count, _ = run_evaluate(model, tokens[a:b + 1], one_byte, seq_len, stride, 4)
         assert count == b - a and scored[a + 1:b + 1].all()
@@ -232,18 +232,25 @@ def test_ranks_share_the_documents_and_the_sums(model, monkeypatch, world):
     assert total[0] / total[1] == pytest.approx(loss1, rel=1e-6)
 
 
-@pytest.mark.parametrize("knob, value, words", [
-    ("TTT_LORA_TARGETS", "q,o", "TTT_LORA_TARGETS='q,o': must be a comma list of distinct names among q, k, v, head"),
-    ("TTT_LORA_TARGETS", "", "TTT_LORA_TARGETS='': must be a comma list"),
-    ("TTT_PHASES", "3", "TTT_PHASES=3: is above 1 but TTT_GLOBAL_LR=0"),
-    ("TTT_CHUNK", "0", "TTT_CHUNK=0: must be at least 1"),
-    ("TTT_LR", "-1", "TTT_LR=-1.0: must not be negative"),
-])
-def test_bad_ttt_knobs_name_the_fix(knob, value, words):
-    with pytest.raises(tg.ConfigError) as e:
-        tiny_args(**{knob: value})
-    assert str(e.value).startswith(words), str(e.value)
-    assert tiny_args(TTT_LORA_TARGETS=" head,q").ttt_lora_targets == "q,head"
+BAD_KNOBS = {  # knob=value: the start of resolve()'s message
+    "TTT_LORA_TARGETS=q,o": "TTT_LORA_TARGETS='q,o': must be a comma list of distinct names among q, k, v, head",
+    "TTT_LORA_TARGETS=q,q": "TTT_LORA_TARGETS='q,q': must be a comma list of distinct names",
+    "TTT_LORA_TARGETS=": "TTT_LORA_TARGETS='': must be a comma list",
+    "TTT_PHASES=3": "TTT_PHASES=3: is above 1 but TTT_GLOBAL_LR=0",
+    "TTT_CHUNK=0": "TTT_CHUNK=0: must be at least 1",
+    "TTT_BATCH_DOCS=0": "TTT_BATCH_DOCS=0: must be at least 1",
+    "TTT_LR=-1": "TTT_LR=-1.0: must not be negative",
+    "TTT_GLOBAL_LR=nan": "TTT_GLOBAL_LR=nan: must be a finite number",
+}
+
+
+def test_ttt_knobs_are_checked_at_start():
+    for case, words in BAD_KNOBS.items():
+        knob, value = case.split("=")
+        with pytest.raises(tg.ConfigError) as e:
+            tiny_args(**{knob: value})
+        assert str(e.value).startswith(words), (case, str(e.value))
+    assert tiny_args(TTT_LORA_TARGETS=" head,q").ttt_lora_targets == "q,head", "targets in their canonical order"
 
 
 # ----------------------------------------------------------------------------------------------------------------
