@@ -138,6 +138,17 @@ def test_reset_makes_a_document_independent_of_the_ones_before(model, lanes):
         torch.testing.assert_close(tail_a, tail_b, rtol=1e-6, atol=1e-6)
 
 
+def test_without_reset_a_document_starts_from_all_that_its_lane_learned(model):
+    """TTT_RESET=0: the first document is a single chunk (its last), and the step on it still happens, because the
+    next document reads it: that document's first chunk scores differently than under reset, the first document
+    the same."""
+    tokens = docs_stream([10, 40])
+    reset, _ = ttt(model, tokens, TTT_BATCH_DOCS=1)
+    carry, _ = ttt(model, tokens, TTT_BATCH_DOCS=1, TTT_RESET=0)
+    assert torch.equal(bits(carry[:11]), bits(reset[:11]))
+    assert (carry[11:23] != reset[11:23]).all()
+
+
 def test_adapting_helps_on_a_document_that_repeats_itself(model):
     """The adapters learn what a document says: a 12-token phrase repeated through a document scores better with TTT
     than without from its second chunk on (a step in the wrong direction, or no step, would fail this)."""
