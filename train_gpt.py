@@ -135,6 +135,16 @@ class Hyperparameters:
     eval_stride: int = 64
     eval_batch_seqs: int = 32
     eval_only: str = ""  # path of an artifact to score without training
+    # test-time training: score-first LoRA on the artifact's model, after the sliding-window score (docs/TTT.md)
+    ttt_enabled: bool = False
+    ttt_lora_rank: int = 8
+    ttt_lora_targets: str = "q,v,head"  # comma list: q, k, v (every block's projections), head (final hidden state)
+    ttt_lr: float = 0.003  # Adam on the adapters
+    ttt_chunk: int = 256  # a document's targets are scored this many at a time, each chunk then trains its adapters
+    ttt_batch_docs: int = 64  # lanes: runs of documents adapted side by side, each lane with its own adapters
+    ttt_reset: bool = True  # fresh adapters at every document start (0: they carry on through the lane's documents)
+    ttt_phases: int = 1  # consecutive parts of the documents; between two, SGD on the base weights over the part scored
+    ttt_global_lr: float = 0.0  # that SGD's learning rate (needed when TTT_PHASES > 1)
     # systems
     compile: bool = True  # torch.compile on CUDA (CPU always runs eager)
     fused_kernels: str = "mlp,qkv"  # Triton kernels on CUDA: none | all | a comma list of mlp, qkv, loss, norm
@@ -266,6 +276,16 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
     need(a.lqer_rank >= 0, "LQER_RANK", "must not be negative")
     need(a.lqer_rank == 0 or a.quant_mode == "sdclip", "LQER_RANK", "needs QUANT_MODE=sdclip (the budget pays for it)")
     need(not a.eval_only or Path(a.eval_only).is_file(), "EVAL_ONLY", "is not a file")
+    for name in ("TTT_LORA_RANK", "TTT_CHUNK", "TTT_BATCH_DOCS", "TTT_PHASES"):
+        need(getattr(a, name.lower()) >= 1, name, "must be at least 1")
+    for name in ("TTT_LR", "TTT_GLOBAL_LR"):
+        need(getattr(a, name.lower()) >= 0, name, "must not be negative")
+    targets = [t.strip() for t in a.ttt_lora_targets.split(",") if t.strip()]
+    need(bool(targets) and set(targets) <= set(TTT_TARGETS) and len(set(targets)) == len(targets), "TTT_LORA_TARGETS",
+         f"must be a comma list of distinct names among {', '.join(TTT_TARGETS)}")
+    a.ttt_lora_targets = ",".join(t for t in TTT_TARGETS if t in targets)
+    need(a.ttt_phases == 1 or a.ttt_global_lr > 0, "TTT_PHASES",
+         "is above 1 but TTT_GLOBAL_LR=0: the phases exist for the global update between them; set TTT_GLOBAL_LR")
     return a
 
 
@@ -724,6 +744,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(args.model_dim, args.model_dim, int6=True, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((self.num_heads,), args.qk_gain_init))
         self.xsa = xsa
+        self.lora = None  # test-time training: x -> the adapters' addition to the qkv output (TTTAdapters.attach)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], value_embed: Tensor | None, out_scale: Tensor,
                 kv_append=None) -> Tensor:
@@ -734,6 +755,8 @@ class CausalSelfAttention(nn.Module):
         # one matmul for q, k and v (three separate weights, so Muon and int6 still see three matrices)
         w = torch.cat([self.c_q.weight_in_use(), self.c_k.weight_in_use(), self.c_v.weight_in_use()])
         qkv = F.linear(x, w.to(x.dtype))
+        if self.lora is not None:
+            qkv = qkv + self.lora(x).to(qkv.dtype)
         q, k, v = QKV_HEADS(qkv, *rope, self.q_gain, None if value_embed is None else value_embed.to(qkv.dtype),
                             self.num_heads, self.num_kv_heads)
         y = ATTENTION(q, k, v) if kv_append is None else attend_to_cache(q, *kv_append(k, v))
@@ -1215,6 +1238,251 @@ def make_window_forward(model: GPT, stride: int, compile_it: bool):
         return model.token_losses(h, y[:, -stride:], "none")
 
     return torch.compile(forward, dynamic=False, fullgraph=True) if compile_it else forward
+
+
+# -----------------------------------------------------------------------------
+# Score-first test-time training (TTT_ENABLED; docs/TTT.md): the validation documents in stream order, each scored a
+# chunk at a time with evaluate()'s windows cut at its own start, every chunk adapting the document's LoRA adapters
+# only after all of its targets are scored. Phases: after each part of the documents, SGD on the base weights over
+# that part, which is scored by then. Every score comes from weights that saw only targets scored before it.
+
+TTT_TARGETS = ("q", "k", "v", "head")
+TTT_ADAM = (0.9, 0.999, 1e-8)  # the adapters' Adam: beta1, beta2, eps
+
+
+def document_spans(tokens: Tensor) -> list[tuple[int, int]]:
+    """(first, last) stream position of each document: from its BOS to the next document's BOS, which is its last
+    target (the end of a document is predicted from inside it). The spans' targets tile 1..n once."""
+    n = tokens.numel() - 1
+    starts = (tokens[:n] == BOS_ID).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts.insert(0, 0)
+    return list(zip(starts, starts[1:] + [n]))
+
+
+def contiguous_parts(spans: list[tuple[int, int]], parts: int) -> list[list[tuple[int, int]]]:
+    """`parts` contiguous runs of nearly equal numbers of documents. By count, not by tokens: a document's place in
+    the schedule (phase, rank, lane) then depends on no later document's length."""
+    return [spans[len(spans) * i // parts:len(spans) * (i + 1) // parts] for i in range(parts)]
+
+
+def scoring_window(p, seq_len: int, stride: int):
+    """Start of the evaluate() window that scores target p of a document (positions from its BOS; an int or a
+    tensor): the first window for p <= seq_len, else the one whose last `stride` targets hold p."""
+    return (p > seq_len) * stride * -((seq_len - p) // stride)
+
+
+class TTTAdapters:
+    """Rank-r LoRA adapters, one set per lane: target t adds (x A_t^T) B_t^T to its output, for q/k/v in every block
+    and on the final hidden state for head. B starts at zero (a fresh adapter changes nothing) and A at one seeded draw
+    that every document shares, so a document's fresh adapter never depends on which or how many came before it.
+    `rows` maps each sequence of the next forward to its lane."""
+
+    def __init__(self, model: GPT, args: Hyperparameters, lanes: int, device: torch.device):
+        attn, dim = model.blocks[0].attn, model.tok_emb.weight.size(1)
+        widths = {"q": attn.num_heads * attn.head_dim, "k": attn.num_kv_heads * attn.head_dim,
+                  "v": attn.num_kv_heads * attn.head_dim, "head": dim}
+        targets = args.ttt_lora_targets.split(",")
+        names = [f"{i}.{t}" for i in range(len(model.blocks)) for t in targets if t != "head"]
+        names += ["head"] if "head" in targets else []
+        g = torch.Generator().manual_seed(args.seed)
+        r = args.ttt_lora_rank
+        self.a0 = {n: ((torch.rand(r, dim, generator=g) * 2 - 1) / math.sqrt(dim)).to(device) for n in names}
+        self.a = {n: self.a0[n].expand(lanes, r, dim).clone().requires_grad_() for n in names}
+        self.b = {n: torch.zeros(lanes, widths[n.split(".")[-1]], r, device=device, requires_grad=True) for n in names}
+        self.params = [*self.a.values(), *self.b.values()]
+        self.moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in self.params]
+        self.steps = torch.zeros(lanes, device=device)
+        self.widths, self.lr, self.rows = widths, args.ttt_lr, torch.zeros(0, dtype=torch.long, device=device)
+
+    def delta(self, name: str, x: Tensor) -> Tensor:
+        if name not in self.a:
+            return x.new_zeros(*x.shape[:-1], self.widths[name.split(".")[-1]])
+        a, b = (t[name][self.rows].transpose(1, 2).to(x.dtype) for t in (self.a, self.b))
+        return (x @ a) @ b
+
+    def qkv_delta(self, layer: int, x: Tensor) -> Tensor:
+        return torch.cat([self.delta(f"{layer}.{t}", x) for t in "qkv"], dim=-1)
+
+    def attach(self, model: GPT) -> None:
+        for i, block in enumerate(model.blocks):
+            block.attn.lora = functools.partial(self.qkv_delta, i)
+
+    @staticmethod
+    def detach(model: GPT) -> None:
+        for block in model.blocks:
+            block.attn.lora = None
+
+    @torch.no_grad()
+    def reset(self, lanes: Tensor) -> None:
+        """Fresh adapters and Adam state for the lanes in the bool mask."""
+        for n in self.a:
+            self.a[n][lanes] = self.a0[n]
+            self.b[n][lanes] = 0
+        for m, v in self.moments:
+            m[lanes], v[lanes] = 0, 0
+        self.steps[lanes] = 0
+
+    @torch.no_grad()
+    def adam_step(self, lanes: Tensor) -> None:
+        """One Adam step of the lanes in the bool mask (the others keep adapters and state)."""
+        b1, b2, eps = TTT_ADAM
+        self.steps += lanes
+        t = self.steps.clamp_min(1)
+        for p, (m, v) in zip(self.params, self.moments, strict=True):
+            g, on = p.grad, lanes.view(-1, 1, 1)
+            m.copy_(torch.where(on, b1 * m + (1 - b1) * g, m))
+            v.copy_(torch.where(on, b2 * v + (1 - b2) * g * g, v))
+            step = (m / (1 - b1 ** t).view(-1, 1, 1)) / ((v / (1 - b2 ** t).view(-1, 1, 1)).sqrt() + eps)
+            p -= self.lr * on * step
+            p.grad = None
+
+
+def lane_windows(docs: list[tuple[int, int, int, int]], seq_len: int, stride: int) -> tuple[Tensor, ...]:
+    """The evaluate() windows that score the targets lo+1..hi of each (lane, first, lo, hi) document chunk, its BOS at
+    stream position `first`: (lane, first, start) of every window."""
+    rows = []
+    for lane, first, lo, hi in docs:
+        rows += [(lane, first, w, lo, hi) for w in range(scoring_window(lo + 1, seq_len, stride),
+                                                         scoring_window(hi, seq_len, stride) + 1, stride)]
+    return tuple(torch.tensor(c) for c in zip(*rows))
+
+
+def ttt_chunk_step(model: GPT, adapters: TTTAdapters, tokens: Tensor, docs, learn: Tensor, args: Hyperparameters,
+                   out: Tensor, scored: Tensor) -> int:
+    """Score the chunk of each (lane, first, last, lo) document chunk into out/scored (stream positions), then give
+    each lane in `learn` one Adam step on the mean loss of its own chunk: the scores are taken before the step.
+    Returns how many windows it ran."""
+    L, s, dev = args.eval_seq_len, args.eval_stride, tokens.device
+    lane, first, start, lo, hi = (t.to(dev) for t in lane_windows(
+        [(l, a, lo, min(lo + args.ttt_chunk, b - a)) for l, a, b, lo in docs], L, s))
+    length = torch.tensor([b - a for _, a, b, _ in docs], device=dev)
+    length = length[torch.searchsorted(torch.tensor([d[0] for d in docs], device=dev), lane)]
+    offsets = torch.arange(L + 1, device=dev)
+    idx = first[:, None] + torch.minimum(start[:, None] + offsets, length[:, None])  # never past the document's end
+    p = start[:, None] + offsets[None, 1:]  # each window position's target, from the document's BOS
+    mask = (scoring_window(p, L, s) == start[:, None]) & (p > lo[:, None]) & (p <= hi[:, None])
+    per_lane = torch.zeros(len(adapters.steps), device=dev).index_add_(0, lane, mask.sum(1).float())
+    weight = mask * (learn[lane] / per_lane[lane].clamp_min(1))[:, None]
+    for i in range(0, len(lane), args.eval_batch_seqs):
+        rows = slice(i, i + args.eval_batch_seqs)
+        adapters.rows = lane[rows]
+        window = tokens[idx[rows]]
+        grad = bool(weight[rows].any())
+        with torch.set_grad_enabled(grad):
+            h = model.hidden(window[:, :-1])
+            if "head" in adapters.a:
+                h = h + adapters.delta("head", h).to(h.dtype)
+            losses = model.token_losses(h, window[:, 1:], "none")
+        m = mask[rows]
+        out[(first[rows, None] + p[rows])[m]] = losses.detach()[m].float()
+        scored[(first[rows, None] + p[rows])[m]] = True
+        if grad:
+            (losses * weight[rows]).sum().backward()
+    if learn.any():
+        adapters.adam_step(learn)
+    return len(lane)
+
+
+def ttt_phase(model: GPT, tokens: Tensor, spans: list[tuple[int, int]], args: Hyperparameters, out: Tensor,
+              scored: Tensor, stats: dict) -> None:
+    """This rank's documents of one phase, in TTT_BATCH_DOCS lanes of contiguous documents, a chunk of every lane's
+    current document per step. A lane learns from a chunk unless nothing will read the update: it is its document's
+    last chunk and the next document resets (or none follows)."""
+    lanes = contiguous_parts(spans, args.ttt_batch_docs)
+    adapters = TTTAdapters(model, args, len(lanes), tokens.device)
+    adapters.attach(model)
+    doc, lo = [0] * len(lanes), [0] * len(lanes)
+    try:
+        while active := [k for k in range(len(lanes)) if doc[k] < len(lanes[k])]:
+            adapters.reset(torch.tensor([k in active and lo[k] == 0 and (args.ttt_reset or doc[k] == 0)
+                                         for k in range(len(lanes))], device=tokens.device))
+            docs, learn = [(k, *lanes[k][doc[k]], lo[k]) for k in active], [False] * len(lanes)
+            for k, a, b, start in docs:
+                last = start + args.ttt_chunk >= b - a
+                learn[k] = args.ttt_lr > 0 and not (last and (args.ttt_reset or doc[k] + 1 == len(lanes[k])))
+                doc[k], lo[k] = (doc[k] + 1, 0) if last else (doc[k], start + args.ttt_chunk)
+            stats["windows"] += ttt_chunk_step(model, adapters, tokens, docs, torch.tensor(learn, device=tokens.device),
+                                               args, out, scored)
+            stats["steps"] += 1
+    finally:
+        adapters.detach(model)
+
+
+def global_update(model: GPT, tokens: Tensor, phase: list[tuple[int, int]], args: Hyperparameters, rank: int,
+                  world: int) -> None:
+    """SGD on every base weight over the phase just scored (by all ranks: the first all_reduce waits for them):
+    sequences of EVAL_SEQ_LEN cut from its stream range, TRAIN_BATCH_TOKENS of them a step, each rank its contiguous
+    share in micro-batches of EVAL_BATCH_SEQS, the gradient the mean over the step's targets. Which sequences make a
+    step does not depend on the world size."""
+    L, dev = args.eval_seq_len, tokens.device
+    starts = list(range(phase[0][0], phase[-1][1] - L + 1, L)) if phase else []
+    per_step = max(1, args.train_batch_tokens // L)
+    params = [p.requires_grad_() for p in model.parameters()]
+    for i in range(0, len(starts), per_step):
+        step = starts[i:i + per_step]
+        mine = step[len(step) * rank // world:len(step) * (rank + 1) // world]
+        grads = [torch.zeros_like(p) for p in params]
+        for j in range(0, len(mine), args.eval_batch_seqs):
+            window = tokens[torch.tensor(mine[j:j + args.eval_batch_seqs], device=dev)[:, None]
+                            + torch.arange(L + 1, device=dev)]
+            with torch.enable_grad():
+                loss = model.token_losses(model.hidden(window[:, :-1]), window[:, 1:], "none").sum()
+                for g, d in zip(grads, torch.autograd.grad(loss, params, allow_unused=True), strict=True):
+                    if d is not None:
+                        g += d
+        flat = torch.cat([g.float().flatten() for g in grads])
+        if world > 1:
+            dist.all_reduce(flat)
+        with torch.no_grad():
+            for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+                p -= args.ttt_global_lr / (len(step) * L) * g.view_as(p)
+    for p in params:
+        p.requires_grad_(False)
+
+
+def synced_ms(t0: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 1000 * (time.perf_counter() - t0)
+
+
+def ttt_losses(model: GPT, tokens: Tensor, args: Hyperparameters, rank: int, world: int
+               ) -> tuple[Tensor, Tensor, dict]:
+    """Per-target TTT losses (float32, indexed by stream position), the mask of the targets this rank scored (its
+    contiguous share of each phase's documents) and this rank's counts and times. Leaves the model with the phases'
+    global updates applied."""
+    spans, n, dev = document_spans(tokens), tokens.numel() - 1, tokens.device
+    out, scored = torch.zeros(n + 1, device=dev), torch.zeros(n + 1, dtype=torch.bool, device=dev)
+    stats = dict(documents=0, windows=0, steps=0, adapt_ms=0.0, global_ms=0.0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    phases = contiguous_parts(spans, args.ttt_phases)
+    for k, phase in enumerate(phases):
+        t0, share = time.perf_counter(), contiguous_parts(phase, world)[rank]
+        ttt_phase(model, tokens, share, args, out, scored, stats)
+        stats["documents"] += len(share)
+        stats["adapt_ms"] += synced_ms(t0, dev)
+        if k + 1 < len(phases):
+            t0 = time.perf_counter()
+            global_update(model, tokens, phase, args, rank, world)
+            stats["global_ms"] += synced_ms(t0, dev)
+    return out, scored, stats
+
+
+def ttt_evaluate(model: GPT, tokens: Tensor, luts, args: Hyperparameters, rank: int, world: int,
+                 device: torch.device) -> tuple[float, float, int, int, dict]:
+    """evaluate()'s (val_loss, val_bpb, tokens, bytes) of the score-first TTT losses, summed over all ranks, and
+    this rank's counts and times (ttt_losses)."""
+    tokens = tokens.to(device)
+    out, scored, stats = ttt_losses(model, tokens, args, rank, world)
+    nbytes = target_bytes(tokens[:-1], tokens[1:], tuple(t.to(device) for t in luts))
+    sums = torch.stack([(out.double() * scored)[1:].sum(), scored[1:].double().sum(),
+                        (nbytes * scored[1:]).double().sum()])
+    if world > 1:
+        dist.all_reduce(sums)
+    loss_sum, count, total = sums.tolist()
+    return loss_sum / count, loss_sum / count / math.log(2) * count / total, int(count), int(total), stats
 
 
 # -----------------------------------------------------------------------------
@@ -2475,11 +2743,19 @@ def main(opened: list[Logger] | None = None) -> None:
 
     def score_plain(model: GPT) -> tuple[float, float]:
         return score(model, args.train_seq_len, args.train_seq_len, plain_batch)[:2]
+
+    def score_ttt(model: GPT) -> tuple[float, float, float, dict]:
+        t0 = time.perf_counter()
+        model.eval()
+        with autocast():
+            loss, bpb, _, _, stats = ttt_evaluate(model, val_tokens, luts, args, rank, world, device)
+        return loss, bpb, 1000 * (time.perf_counter() - t0), stats
     if artifact is not None:
         log(f"eval_only: {artifact.path} bytes:{artifact.nbytes} sha256:{artifact.sha256} "
             f"compressor:{artifact.compressor} run_id:{artifact.meta.get('run_id') or 'unknown'} "
             f"config_sha256:{artifact.meta.get('config_sha256') or 'unknown'}")
-        finish(log, args, model_from_artifact(artifact, args, device), score, plain_batch, artifact.nbytes, code_bytes)
+        finish(log, args, model_from_artifact(artifact, args, device), score, plain_batch, artifact.nbytes, code_bytes,
+               score_ttt)
         return
 
     model, train_model, optimizers, loader = build_training(args, device, rank, world, local_rank)
@@ -2532,7 +2808,7 @@ def main(opened: list[Logger] | None = None) -> None:
     if world > 1:
         dist.barrier()
     roundtrip = model_from_artifact(artifact_path, args, device)
-    finish(log, args, roundtrip, score, plain_batch, artifact_path.stat().st_size, code_bytes)
+    finish(log, args, roundtrip, score, plain_batch, artifact_path.stat().st_size, code_bytes, score_ttt)
 
 
 def keep_averaged_weights(model: GPT, averages: WeightAverages, args: Hyperparameters, score_plain, log) -> None:
@@ -2557,8 +2833,9 @@ def keep_averaged_weights(model: GPT, averages: WeightAverages, args: Hyperparam
 
 
 def finish(log: Logger, args: Hyperparameters, model: GPT, score, plain_batch: int, model_bytes: int,
-           code_bytes: int) -> None:
-    """Score the artifact's model (plain, then sliding window) and account for the submission's bytes."""
+           code_bytes: int, score_ttt=None) -> None:
+    """Score the artifact's model (plain, then sliding window, then with TTT_ENABLED score-first test-time training,
+    whose score is the run's) and account for the submission's bytes."""
     total = model_bytes + code_bytes
     log(f"Serialized model int6+{args.compressor}: {model_bytes} bytes")
     log(f"Code size: {code_bytes} bytes")
@@ -2572,6 +2849,15 @@ def finish(log: Logger, args: Hyperparameters, model: GPT, score, plain_batch: i
     if not all(map(math.isfinite, (rt_loss, rt_bpb, loss, bpb))):  # no `val_bpb:` line: nothing to submit
         raise FloatingPointError(f"the artifact's model scores val_bpb {rt_bpb} (roundtrip) and {bpb} (sliding "
                                  f"window), not finite numbers: its weights are broken; retrain it")
+    if args.ttt_enabled:  # last: its phases' global updates change the model
+        loss, bpb, ms, stats = score_ttt(model)
+        log(f"ttt_rank0 documents:{stats['documents']} windows:{stats['windows']} steps:{stats['steps']} "
+            f"adapt_ms:{stats['adapt_ms']:.0f} global_ms:{stats['global_ms']:.0f}")
+        log(f"final_ttt val_loss:{loss:.8f} val_bpb:{bpb:.8f} chunk:{args.ttt_chunk} lora_rank:{args.ttt_lora_rank} "
+            f"phases:{args.ttt_phases} eval_time:{ms:.0f}ms")
+        if not math.isfinite(bpb):
+            raise FloatingPointError(f"score-first TTT scores val_bpb {bpb}, not a finite number: lower TTT_LR "
+                                     f"(now {args.ttt_lr}) or TTT_GLOBAL_LR (now {args.ttt_global_lr})")
     log(f"val_bpb: {bpb:.8f}")
     log(f"artifact_bytes: {total}")
     if dist.is_initialized():
