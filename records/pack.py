@@ -81,6 +81,7 @@ ROUNDTRIP_RE = re.compile(
 SLIDING_RE = re.compile(
     rf"^final_(?P<format>\w+)_sliding_window_exact val_loss:(?P<loss>{NUM}) val_bpb:(?P<bpb>{NUM}) "
     rf"stride:(?P<stride>\d+){TAIL}$")
+TTT_RE = re.compile(rf"^final_ttt val_loss:(?P<loss>{NUM}) val_bpb:(?P<bpb>{NUM}){TAIL}$")
 FINAL_BPB_RE = re.compile(rf"^val_bpb: (?P<bpb>{NUM})$")
 ARTIFACT_BYTES_RE = re.compile(r"^artifact_bytes: (?P<bytes>\d+)$")
 OVER_LIMIT_RE = re.compile(r"^artifact_over_limit: (?P<over>\d+) bytes over (?P<limit>\d+)$")
@@ -116,7 +117,9 @@ class RunLog:
     sliding_loss: float | None
     sliding_bpb: float | None
     sliding_stride: int | None
-    eval_time_ms: float | None                  # of the scored (final) evaluation
+    ttt_loss: float | None                      # score-first test-time training (TTT_ENABLED), when it ran
+    ttt_bpb: float | None
+    eval_time_ms: float | None                  # of the final evaluations together: roundtrip, sliding, TTT
     val_tokens: int
     val_bytes: int
     model_bytes: int
@@ -129,12 +132,12 @@ class RunLog:
 
     @property
     def scored_loss(self) -> float:
-        """The official score's loss: the sliding-window eval, or the plain roundtrip when none ran."""
-        return self.sliding_loss if self.sliding_loss is not None else self.roundtrip_loss
+        """The official score's loss: the TTT eval when it ran, else the sliding-window eval, else the roundtrip."""
+        return next(v for v in (self.ttt_loss, self.sliding_loss, self.roundtrip_loss) if v is not None)
 
     @property
     def scored_bpb(self) -> float:
-        return self.sliding_bpb if self.sliding_bpb is not None else self.roundtrip_bpb
+        return next(v for v in (self.ttt_bpb, self.sliding_bpb, self.roundtrip_bpb) if v is not None)
 
     @property
     def code_bytes(self) -> int:
@@ -218,8 +221,8 @@ def parse_log(path: str | Path) -> RunLog:
     versions = last_match(VERSIONS_RE, lines)
     averaging = need(AVERAGING_RE, "averaging:<kind> val_loss:... val_bpb:...")
     roundtrip = need(ROUNDTRIP_RE, "final_<format>_roundtrip_exact val_loss:... val_bpb:...")
-    sliding = last_match(SLIDING_RE, lines)
-    eval_time = EVAL_TIME_RE.search((sliding or roundtrip).group(0))
+    sliding, ttt = last_match(SLIDING_RE, lines), last_match(TTT_RE, lines)
+    eval_times = [EVAL_TIME_RE.search(m.group(0)) for m in (roundtrip, sliding, ttt) if m]
     val_set = need(VAL_TOKENS_RE, "val_tokens:N val_bytes:M")
     over = last_match(OVER_LIMIT_RE, lines)
     scores = {"`averaging:` val_loss": averaging["loss"], "pre-quant val_bpb": averaging["bpb"],
@@ -227,6 +230,8 @@ def parse_log(path: str | Path) -> RunLog:
               "closing `val_bpb:`": final_bpb["bpb"]}
     if sliding:
         scores.update({"sliding-window val_loss": sliding["loss"], "sliding-window val_bpb": sliding["bpb"]})
+    if ttt:
+        scores.update({"TTT val_loss": ttt["loss"], "TTT val_bpb": ttt["bpb"]})
     broken = [f"{what} {value}" for what, value in scores.items() if not math.isfinite(float(value))]
     if broken:
         raise PackError(f"{path}: non-finite scores ({', '.join(broken)}); a run that scores NaN or inf cannot be "
@@ -254,7 +259,9 @@ def parse_log(path: str | Path) -> RunLog:
         sliding_loss=float(sliding["loss"]) if sliding else None,
         sliding_bpb=float(sliding["bpb"]) if sliding else None,
         sliding_stride=int(sliding["stride"]) if sliding else None,
-        eval_time_ms=float(eval_time["ms"]) if eval_time else None,
+        ttt_loss=float(ttt["loss"]) if ttt else None,
+        ttt_bpb=float(ttt["bpb"]) if ttt else None,
+        eval_time_ms=sum(float(t["ms"]) for t in eval_times if t) if any(eval_times) else None,
         val_tokens=int(val_set["tokens"]),
         val_bytes=int(val_set["bytes"]),
         model_bytes=int(need(SERIALIZED_RE, "Serialized model <format>: N bytes")["bytes"]),
@@ -362,7 +369,7 @@ def consistency_warnings(runs: list[RunLog], track: str) -> list[str]:
             if run.train_time_ms > TRAIN_CAP_MS + run.step_avg_ms:
                 warnings.append(f"{name}: trained {run.train_time_ms / 1000:.1f} s, past the 600 s cap")
             if run.eval_time_ms is not None and run.eval_time_ms > TRAIN_CAP_MS:
-                warnings.append(f"{name}: the final eval took {run.eval_time_ms / 1000:.1f} s, past the 600 s "
+                warnings.append(f"{name}: the final evals took {run.eval_time_ms / 1000:.1f} s, past the 600 s "
                                 f"evaluation cap")
             if "8xNVIDIA H100" not in run.versions:
                 warnings.append(f"{name}: ran on '{run.versions.split('device:')[-1]}', not 8xH100 as the "
@@ -527,29 +534,27 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 
 
 def results_table(runs: list[RunLog]) -> str:
-    header = ("| seed | steps | ms/step | pre-quant bpb | post-quant (int6 roundtrip) bpb | sliding bpb "
-              "| artifact bytes |\n|---:|---:|---:|---:|---:|---:|---:|\n")
-    rows = [f"| {r.seed} | {r.steps} | {r.step_avg_ms:.2f} | {fmt_bpb(r.pre_quant_bpb)} | "
-            f"{fmt_bpb(r.roundtrip_bpb)} | {fmt_bpb(r.sliding_bpb)} | {r.total_bytes:,} |" for r in runs]
-    columns = {
-        "steps": [float(r.steps) for r in runs],
-        "ms": [r.step_avg_ms for r in runs],
-        "pre": [r.pre_quant_bpb for r in runs],
-        "rt": [r.roundtrip_bpb for r in runs],
-        "sl": [r.sliding_bpb for r in runs] if all(r.sliding_bpb is not None for r in runs) else None,
-        "bytes": [float(r.total_bytes) for r in runs],
-    }
-    stats = {k: (mean_std(v) if v is not None else (None, None)) for k, v in columns.items()}
-    mean = {k: s[0] for k, s in stats.items()}
-    std = {k: s[1] for k, s in stats.items()}
-    rows.append(f"| **mean** | {mean['steps']:.1f} | {mean['ms']:.2f} | {fmt_bpb(mean['pre'])} | "
-                f"{fmt_bpb(mean['rt'])} | {fmt_bpb(mean['sl'])} | {mean['bytes']:,.0f} |")
-    if len(runs) > 1:
-        rows.append(f"| **std** | {std['steps']:.1f} | {std['ms']:.2f} | {fmt_std(std['pre'])} | "
-                    f"{fmt_std(std['rt'])} | {fmt_std(std['sl'])} | {std['bytes']:,.0f} |")
-    else:
-        rows.append("| **std** | — | — | — | — | — | — |")
-    return header + "\n".join(rows) + "\n"
+    """Per seed, mean and std; the sliding and TTT columns where every run has that eval."""
+    count, ms, nbytes = (lambda x: f"{x:.0f}"), (lambda x: f"{x:.2f}"), (lambda x: f"{x:,.0f}")
+    tenth = lambda x: f"{x:.1f}"  # noqa: E731
+    cols = [("steps", lambda r: float(r.steps), count, tenth, tenth), ("ms/step", lambda r: r.step_avg_ms, ms, ms, ms),
+            ("pre-quant bpb", lambda r: r.pre_quant_bpb, fmt_bpb, fmt_bpb, fmt_std),
+            ("post-quant (int6 roundtrip) bpb", lambda r: r.roundtrip_bpb, fmt_bpb, fmt_bpb, fmt_std),
+            ("sliding bpb", lambda r: r.sliding_bpb, fmt_bpb, fmt_bpb, fmt_std),
+            ("TTT bpb", lambda r: r.ttt_bpb, fmt_bpb, fmt_bpb, fmt_std),
+            ("artifact bytes", lambda r: float(r.total_bytes), nbytes, nbytes, nbytes)]
+    cols = [c for c in cols if c[0] != "TTT bpb" or all(r.ttt_bpb is not None for r in runs)]
+    values = [[c[1](r) for r in runs] for c in cols]
+    stats = [(None, None) if None in vs else mean_std(vs) for vs in values]
+
+    def row(label: str, cells) -> str:
+        return f"| {label} | " + " | ".join("—" if v is None else fmt(v) for fmt, v in cells) + " |"
+
+    lines = ["| seed | " + " | ".join(c[0] for c in cols) + " |", "|---:|" + "---:|" * len(cols)]
+    lines += [row(str(r.seed), [(c[2], vs[i]) for c, vs in zip(cols, values)]) for i, r in enumerate(runs)]
+    lines.append(row("**mean**", [(c[3], m) for c, (m, _) in zip(cols, stats)]))
+    lines.append(row("**std**", [(c[4], sd) for c, (_, sd) in zip(cols, stats)]))
+    return "\n".join(lines) + "\n"
 
 
 def reproduce_paths(config: dict, code_dir: Path, folder: Path) -> dict[str, str]:

@@ -81,7 +81,7 @@ def code_file_lines(code: dict[str, bytes]) -> list[str]:
 
 def make_log(path: Path, code: dict[str, bytes], seed: int, steps: int, step_avg: float, pre: float, rt: float,
              sl_loss: float, sl_bpb: float, model_bytes: int, *, config_extra: dict | None = None,
-             truncate: bool = False, over_limit: bool = False, sliding: bool = True) -> Path:
+             truncate: bool = False, over_limit: bool = False, sliding: bool = True, ttt: float | None = None) -> Path:
     code_bytes = sum(len(d) for d in code.values())
     total = model_bytes + code_bytes
     config = {"RUN_ID": path.stem, "SEED": seed, "NUM_LAYERS": 11, "MODEL_DIM": 576, "MATRIX_LR": 0.025,
@@ -118,7 +118,10 @@ def make_log(path: Path, code: dict[str, bytes], seed: int, steps: int, step_avg
     if sliding:
         lines.append(f"final_int6_sliding_window_exact val_loss:{sl_loss:.4f} val_bpb:{sl_bpb:.4f} stride:64 "
                      f"eval_time:73000ms")
-    lines += [f"val_bpb: {sl_bpb if sliding else rt:.4f}", f"artifact_bytes: {total}"]
+    if ttt is not None:
+        lines += ["ttt_rank0 documents:50000 windows:900000 steps:40 adapt_ms:301000 global_ms:20000",
+                  f"final_ttt val_loss:1.8900 val_bpb:{ttt:.4f} chunk:256 lora_rank:8 phases:1 eval_time:321000ms"]
+    lines += [f"val_bpb: {ttt if ttt is not None else sl_bpb if sliding else rt:.4f}", f"artifact_bytes: {total}"]
     if over_limit:
         lines.append(f"artifact_over_limit: {total - 16_000_000} bytes over 16000000")
     return write(path, lines)
@@ -298,6 +301,19 @@ def test_roundtrip_only_log_scores_the_roundtrip(repo):
     assert sub["val_bpb"] == pytest.approx((1.1466 + 1.1470) / 2)
     readme = (result.folder / "README.md").read_text()
     assert "could not be read (no Hyperparameters yet)" in readme and '"MODEL_DIM": 576' in readme
+
+
+def test_a_ttt_run_is_scored_by_its_ttt_eval_and_timed_by_all_its_final_evals(repo):
+    ttts = [1.1101, 1.1109]
+    logs = [make_log(repo.tmp / "ttt" / f"ttt_s{s[0]}.txt", repo.code, *s, ttt=t) for s, t in zip(SEEDS[:2], ttts)]
+    run = pack.parse_log(logs[0])
+    assert (run.scored_bpb, run.sliding_bpb, run.ttt_loss) == (1.1101, SEEDS[0][6], 1.89)
+    assert run.eval_time_ms == 2100 + 73000 + 321000  # roundtrip + sliding + TTT, hand-summed
+    result = run_pack(repo, logs=logs, track="non_record_16mb", name="TTT")
+    assert json.loads((result.folder / "submission.json").read_text())["val_bpb"] == pytest.approx(sum(ttts) / 2)
+    readme = (result.folder / "README.md").read_text()
+    assert "| TTT bpb |" in readme and f"| {mean(ttts):.4f} |" in readme
+    assert not any("differs from the final eval" in w for w in result.warnings)
 
 
 def test_suspicious_but_valid_runs_are_packed_with_warnings(repo):
