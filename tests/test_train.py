@@ -793,6 +793,19 @@ def test_bigram_buckets_range_and_dependence_on_the_pair_only():
     torch.testing.assert_close(mod(ids).double(), expect, rtol=1e-5, atol=1e-6)
 
 
+def test_bigram_buckets_at_vocab_8192_are_the_exact_hash_and_even():
+    """At sp8192 the int32 products stay below 2**31 (no wrap): the buckets are the formula in exact integers, and
+    the 2047 pair buckets are evenly used (2.1 M pairs: every id after 256 random previous ones)."""
+    assert 36313 * 8191 < 2**31 and 27191 * 8191 < 2**31
+    g = torch.Generator().manual_seed(16)
+    prev = torch.randint(0, 8192, (256,), generator=g).repeat_interleave(8192)
+    cur = torch.arange(8192).repeat(256)
+    got = tg.bigram_bucket(torch.stack([prev, cur], 1), 2048)[:, 1]
+    assert torch.equal(got, torch.bitwise_xor(36313 * cur, 27191 * prev) % 2047)  # int64: exact
+    counts = torch.bincount(got, minlength=2048).float()
+    assert counts[2047] == 0 and counts[:2047].std() / counts[:2047].mean() < 0.1
+
+
 def test_bigram_with_one_bucket_is_rejected_by_resolve():
     """BIGRAM_VOCAB_SIZE=1 leaves no bucket in [1, buckets) for real pairs: bigram_bucket takes `% 0`. resolve
     must reject it, naming the knob, instead of the first forward failing with an integer division by zero."""
