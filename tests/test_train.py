@@ -147,6 +147,23 @@ def test_a_short_trial_with_the_records_schedule_knobs_learns(tiny_env, tmp_path
     assert ema < vals[0] - 0.3, f"the EMA weights ({ema:.4f}) did not learn from the untrained {vals[0]:.4f}"
 
 
+FRONTIER_OPTIMISER = dict(MUON_NS_COEFFS="polar", MUON_ROW_NORMALIZE="1", MUON_MOMENTUM="0.97", BETA2="0.99",
+                          MIN_LR="0.1", WARMDOWN_ITERS="-1", WARMDOWN_FRAC="0.72", EMA_DECAY="0.9965",
+                          WD_TAPER_START_FRAC="0.7", WD_TAPER_FINAL_MULT="0.5")
+
+
+def test_a_short_trial_with_the_frontier_optimiser_knobs_learns(tiny_env, tmp_path):
+    """All of items 7's knobs at once (SPEC §5's values): the run trains, finishes, and logs them as resolved."""
+    env = dict(tiny_env, ITERATIONS="20", RUN_ID="frontier", **FRONTIER_OPTIMISER)
+    r = run([sys.executable, SCRIPT], env, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = log_body(tmp_path / "logs" / "frontier.txt")
+    config = json.loads(next(ln for ln in lines if ln.startswith("config: "))[len("config: "):])
+    assert {k: str(config[k]).replace("True", "1") for k in FRONTIER_OPTIMISER} == FRONTIER_OPTIMISER
+    losses = train_losses(lines)
+    assert np.mean([losses[16], losses[20]]) < losses[1] - 0.7, losses
+
+
 def test_tiny_run_trains_and_finishes(tiny_env, tmp_path):
     env = dict(tiny_env, ITERATIONS="30", WARMDOWN_ITERS="10", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="15",
                LATE_QAT_THRESHOLD="0.15")
