@@ -62,8 +62,9 @@ class Hyperparameters:
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0  # 0 = no cap
     warmup_steps: int = 20  # compile/warm-up steps, undone before the timed run
-    warmdown_iters: int = 3500
+    warmdown_iters: int = 3500  # 0 = no warmdown; -1 = no step bound: the warmdown is WARMDOWN_FRAC of the run
     warmdown_frac: float = 0.5  # ... but at most this fraction of the run
+    min_lr: float = 0.0  # the LR scale never drops below this floor (the warmdown ends at MIN_LR, not 0)
     train_batch_tokens: int = 786_432
     train_seq_len: int = 2048
     grad_accum_steps: int = 0  # 0 = 8 // WORLD_SIZE, so the global batch never depends on the world size
@@ -96,7 +97,11 @@ class Hyperparameters:
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_steps: int = 1500
     muon_backend_steps: int = 5
+    muon_ns_coeffs: str = "quintic"  # quintic: the card's fixed (a, b, c) every step | polar: Polar Express per step
+    muon_row_normalize: bool = False  # MuonEq-R: each row of the momentum update scaled to unit norm before NS
     muon_weight_decay: float = 0.04
+    wd_taper_start_frac: float = 1.0  # Muon's weight decay tapers linearly from this fraction of the run ...
+    wd_taper_final_mult: float = 1.0  # ... to WD x this at its end (1 = no taper)
     adam_weight_decay: float = 0.04
     beta1: float = 0.9
     beta2: float = 0.95
@@ -210,7 +215,7 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
                  "TRAIN_BATCH_TOKENS", "GRAD_ACCUM_STEPS", "VOCAB_SIZE", "EVAL_STRIDE", "EVAL_BATCH_SEQS",
                  "MUON_BACKEND_STEPS", "SWA_EVERY", "TRAIN_LOG_EVERY"):
         need(getattr(a, name.lower()) >= 1, name, "must be at least 1")
-    for name in ("WARMUP_STEPS", "WARMDOWN_ITERS", "VAL_LOSS_EVERY", "MAX_WALLCLOCK_SECONDS", "LOGIT_SOFTCAP",
+    for name in ("WARMUP_STEPS", "VAL_LOSS_EVERY", "MAX_WALLCLOCK_SECONDS", "LOGIT_SOFTCAP",
                  "GRAD_CLIP_NORM", "BIGRAM_VOCAB_SIZE", "MUON_MOMENTUM_WARMUP_STEPS", "XSA_LAST_N", "ROPE_DIMS",
                  "MATRIX_LR", "TIED_EMBED_LR", "SCALAR_LR", "MUON_WEIGHT_DECAY", "ADAM_WEIGHT_DECAY"):
         need(getattr(a, name.lower()) >= 0, name, "must not be negative")
@@ -244,6 +249,17 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
          f"({a.train_seq_len}) = multiples of {micro}")
     need(0 < a.eval_stride <= a.eval_seq_len, "EVAL_STRIDE", f"must lie in [1, EVAL_SEQ_LEN={a.eval_seq_len}]")
     need(0 < a.warmdown_frac <= 1, "WARMDOWN_FRAC", "must lie in (0, 1]")
+    need(a.warmdown_iters >= -1, "WARMDOWN_ITERS", "must be -1 (WARMDOWN_FRAC of the run), 0 (no warmdown) or a step count")
+    need(0 <= a.min_lr <= 1, "MIN_LR", "must lie in [0, 1]: it is a floor on the LR scale")
+    need(a.averaging != "swa" or a.min_lr < a.swa_start_scale, "MIN_LR",
+         f"must be below SWA_START_SCALE={a.swa_start_scale} with AVERAGING=swa, else SWA never starts")
+    need(a.late_qat_threshold == 0 or a.min_lr < a.late_qat_threshold, "MIN_LR",
+         f"must be below LATE_QAT_THRESHOLD={a.late_qat_threshold}, else late QAT never switches on")
+    need(a.muon_ns_coeffs in NS_COEFFS, "MUON_NS_COEFFS", f"must be one of {', '.join(NS_COEFFS)}")
+    need(a.muon_ns_coeffs != "polar" or a.muon_backend_steps <= len(POLAR_EXPRESS), "MUON_BACKEND_STEPS",
+         f"must be at most {len(POLAR_EXPRESS)} with MUON_NS_COEFFS=polar: Polar Express has a coefficient triple per step")
+    need(0 <= a.wd_taper_start_frac <= 1, "WD_TAPER_START_FRAC", "must lie in [0, 1]: a fraction of the run")
+    need(a.wd_taper_final_mult >= 0, "WD_TAPER_FINAL_MULT", "must not be negative: it multiplies the weight decay")
     need(0 <= a.late_qat_threshold <= 1, "LATE_QAT_THRESHOLD", "must lie in [0, 1]")
     need(0 <= a.ema_decay < 1, "EMA_DECAY", "must lie in [0, 1)")
     need(0 <= a.swa_start_scale <= 1, "SWA_START_SCALE", "must lie in [0, 1]")
@@ -1034,18 +1050,42 @@ def select_attention(choice: str, device: torch.device, heads: int, kv_heads: in
 # Optimisers: Muon (orthogonalised momentum) for the linear layers' matrices, Adam for embeddings and control tensors.
 
 
-def newton_schulz5(g: Tensor, steps: int) -> Tensor:
-    """Approximately orthogonalise a stack of matrices (..., m, n) with the quintic Newton-Schulz iteration."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+# The card's quintic (Keller Jordan's Muon): one (a, b, c) for every step, chosen for a steep slope at 0.
+NS_QUINTIC = (3.4445, -4.7750, 2.0315)
+# Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv 2505.16932; PR #1344 -> #1787 of the challenge): step i
+# uses the odd quintic that is minimax-optimal for the singular values left by steps < i, so the early steps grow
+# small singular values fast and the late ones settle all of them near 1. The published 5-step table, made for
+# inputs scaled into [0, 1/1.02] (the 2% margin keeps bf16 rounding from pushing a value past the fitted interval).
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+POLAR_MARGIN = 1.02
+NS_COEFFS = ("quintic", "polar")
+
+
+def newton_schulz5(g: Tensor, steps: int, polar: bool = False) -> Tensor:
+    """Approximately orthogonalise a stack of matrices (..., m, n) with quintic Newton-Schulz steps
+    X <- aX + (b S + c S^2) X, S = X X^T: the card's fixed coefficients, or Polar Express's per-step ones."""
     x = g.bfloat16()
     transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    if polar:
+        x = x / (x.norm(dim=(-2, -1), keepdim=True) * POLAR_MARGIN + 1e-6)
+    else:
+        x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for a, b, c in POLAR_EXPRESS[:steps] if polar else (NS_QUINTIC,) * steps:
         s = x @ x.mT
         x = a * x + (b * s + c * s @ s) @ x
     return x.mT if transposed else x
+
+
+def row_normalize(x: Tensor) -> Tensor:
+    """MuonEq-R (arXiv 2603.28254; PR #1217 of the challenge, in every sp8192 record since #1394): each row of each
+    matrix scaled to unit L2 norm, so that rows with large gradients do not dominate the orthogonalisation."""
+    return x / x.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(x.dtype)
 
 
 class Muon(torch.optim.Optimizer):
@@ -1053,9 +1093,10 @@ class Muon(torch.optim.Optimizer):
     ranks, each rank orthogonalises its share of every shape group and the results are all-gathered, so all ranks
     apply identical updates."""
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float):
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
+                 polar: bool = False, row_normalize: bool = False):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
-                                            weight_decay=weight_decay))
+                                            weight_decay=weight_decay, polar=polar, row_normalize=row_normalize))
 
     @torch.no_grad()
     def step(self) -> None:
@@ -1074,7 +1115,10 @@ class Muon(torch.optim.Optimizer):
                 nesterov = list(torch._foreach_add(grads, bufs, alpha=group["momentum"]))
                 per_rank = -(-len(params) // world)
                 stacked = torch.stack(nesterov + [torch.zeros_like(grads[0])] * (per_rank * world - len(params)))
-                mine = newton_schulz5(stacked[rank * per_rank:(rank + 1) * per_rank], group["backend_steps"])
+                mine = stacked[rank * per_rank:(rank + 1) * per_rank]
+                if group["row_normalize"]:
+                    mine = row_normalize(mine)
+                mine = newton_schulz5(mine, group["backend_steps"], group["polar"])
                 if world > 1:
                     gathered = torch.empty((per_rank * world, *shape), dtype=mine.dtype, device=mine.device)
                     dist.all_gather_into_tensor(gathered, mine.contiguous())
@@ -1098,26 +1142,48 @@ def build_optimizers(model: GPT, args: Hyperparameters) -> list[torch.optim.Opti
         betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.adam_weight_decay,
         fused=next(model.parameters()).is_cuda)
     muon = Muon(matrices, lr=args.matrix_lr, momentum=args.muon_momentum, backend_steps=args.muon_backend_steps,
-                weight_decay=args.muon_weight_decay)
+                weight_decay=args.muon_weight_decay, polar=args.muon_ns_coeffs == "polar",
+                row_normalize=args.muon_row_normalize)
     for group in muon.param_groups:
-        group["base_lr"] = args.matrix_lr
+        group["base_lr"], group["base_weight_decay"] = args.matrix_lr, args.muon_weight_decay
     return [muon, adam]
 
 
 def lr_scale(step: int, elapsed_ms: float, args: Hyperparameters) -> float:
-    """1 until the warmdown, then linear to 0 at the end. The warmdown is the last WARMDOWN_ITERS steps, but at most
-    WARMDOWN_FRAC of the run: at full length that is the record's 3,500 steps (under the 600 s cap, 3,500 steps'
-    worth of time, from the average step time so far); a short trial still trains at full LR first."""
+    """1 until the warmdown, then linear to 0 at the end (or to the floor MIN_LR, kept from there on). The warmdown
+    is the last WARMDOWN_ITERS steps, but at most WARMDOWN_FRAC of the run: at full length that is the record's
+    3,500 steps (under the 600 s cap, 3,500 steps' worth of time, from the average step time so far); a short trial
+    still trains at full LR first. WARMDOWN_ITERS=-1 drops the step bound: the frontier's warmdown of a fraction."""
     if args.warmdown_iters == 0:
         return 1.0
-    warmdown_steps = min(args.warmdown_iters, args.warmdown_frac * args.iterations)
+    bound = math.inf if args.warmdown_iters < 0 else args.warmdown_iters
+    warmdown_steps = min(bound, args.warmdown_frac * args.iterations)
     by_steps = max(args.iterations - step, 0) / max(warmdown_steps, 1e-9)
     if args.max_wallclock_seconds <= 0:
-        return min(1.0, by_steps)
-    warmdown_ms = min(args.warmdown_iters * elapsed_ms / max(step, 1),
-                      args.warmdown_frac * 1000 * args.max_wallclock_seconds)
+        return max(min(1.0, by_steps), args.min_lr)
+    warmdown_ms = args.warmdown_frac * 1000 * args.max_wallclock_seconds
+    if bound < math.inf:
+        warmdown_ms = min(bound * elapsed_ms / max(step, 1), warmdown_ms)
     remaining_ms = max(1000 * args.max_wallclock_seconds - elapsed_ms, 0.0)
-    return min(1.0, remaining_ms / max(warmdown_ms, 1e-9), by_steps)
+    return max(min(1.0, remaining_ms / max(warmdown_ms, 1e-9), by_steps), args.min_lr)
+
+
+def run_fraction(step: int, elapsed_ms: float, args: Hyperparameters) -> float:
+    """How far the run is, in [0, 1]: the larger of steps / ITERATIONS and training time / the wallclock cap."""
+    frac = step / args.iterations
+    if args.max_wallclock_seconds > 0:
+        frac = max(frac, elapsed_ms / (1000 * args.max_wallclock_seconds))
+    return min(frac, 1.0)
+
+
+def wd_taper(frac: float, args: Hyperparameters) -> float:
+    """Muon's weight-decay multiplier at run fraction frac: 1 until WD_TAPER_START_FRAC, then linear to
+    WD_TAPER_FINAL_MULT at the end (PR #1729: decay keeps weights small, hence cheap to store, early on; late, the
+    settled weights gain more from optimisation). It multiplies the decay on top of the LR's own schedule (the
+    decay per step is lr * wd)."""
+    if frac <= args.wd_taper_start_frac:
+        return 1.0
+    return 1.0 - (1.0 - args.wd_taper_final_mult) * (frac - args.wd_taper_start_frac) / (1.0 - args.wd_taper_start_frac)
 
 
 def ema_decay(run_steps: float, args: Hyperparameters) -> float:
@@ -2495,8 +2561,9 @@ def log_header(log: Logger, args: Hyperparameters) -> None:
 
 
 def train_step(model, loader: TrainLoader, optimizers, args: Hyperparameters, scale: float, momentum: float,
-               autocast) -> Tensor:
-    """One optimiser step over GRAD_ACCUM_STEPS micro-batches; returns the mean loss (on device, no sync)."""
+               autocast, wd_mult: float = 1.0) -> Tensor:
+    """One optimiser step over GRAD_ACCUM_STEPS micro-batches at LR scale `scale` and Muon's weight decay times
+    wd_mult; returns the mean loss (on device, no sync)."""
     total = torch.zeros((), device=loader.device)
     batches = loader.next_batch()
     for i, (x, y) in enumerate(batches):
@@ -2510,6 +2577,8 @@ def train_step(model, loader: TrainLoader, optimizers, args: Hyperparameters, sc
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
+            if "base_weight_decay" in group:  # Muon's groups: the taper (Adam's decay stays constant)
+                group["weight_decay"] = group["base_weight_decay"] * wd_mult
     optimizers[0].param_groups[0]["momentum"] = momentum
     if args.grad_clip_norm > 0:
         torch.nn.utils.clip_grad_norm_([p for opt in optimizers for g in opt.param_groups for p in g["params"]],
@@ -2680,7 +2749,8 @@ def train(model: GPT, train_model, loader: TrainLoader, optimizers, averages: We
             log(f"late_qat:on step:{step} lr_scale:{scale:.4f}")
             if args.quant_mode == "sdclip":
                 log(f"late_qat_grid: sdclip multiplier:{multiplier:.5f} (the byte budget's prediction for these weights)")
-        loss = train_step(train_model, loader, optimizers, args, scale, muon_momentum(step, args), autocast)
+        wd_mult = wd_taper(run_fraction(step, expected_ms(step), args), args)
+        loss = train_step(train_model, loader, optimizers, args, scale, muon_momentum(step, args), autocast, wd_mult)
         step += 1
         run_steps = min(args.iterations, max_ms * step / max(expected_ms(step), 1e-9)) if known[0] else args.iterations
         if averages.update(step, scale, run_steps):

@@ -706,15 +706,22 @@ def test_eval_batch_padding_does_not_change_results(eval_model):
 # 5./6. byte accounting and val_bpb on real FineWeb text with the sp1024 tokenizer
 
 
-@pytest.fixture(scope="module")
-def real_text():
+def tokenized_fineweb(model: Path) -> types.SimpleNamespace:
     need_shared_data()
+    if not model.is_file():
+        pytest.skip(f"tokenizer {model} not found")
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=str(SP1024))
+    sp = spm.SentencePieceProcessor(model_file=str(model))
     docs = fineweb_texts()
     per_doc_bytes = [len(sp.decode(sp.encode(d)).encode("utf-8")) for d in docs]
-    return types.SimpleNamespace(sp=sp, docs=docs, per_doc_bytes=per_doc_bytes, luts=tg.byte_luts(sp, 1024))
+    return types.SimpleNamespace(sp=sp, docs=docs, per_doc_bytes=per_doc_bytes,
+                                 luts=tg.byte_luts(sp, sp.vocab_size()))
+
+
+@pytest.fixture(scope="module")
+def real_text():
+    return tokenized_fineweb(SP1024)
 
 
 class _ConstantModel:
@@ -727,10 +734,12 @@ class _ConstantModel:
         return torch.zeros(targets.numel())
 
 
-def test_byte_luts_count_the_decoded_utf8_bytes(real_text):
+@pytest.mark.parametrize("vocab", [1024, 8192])
+def test_byte_luts_count_the_decoded_utf8_bytes(vocab):
     """Sum over every target of bytes(t) == UTF-8 length of the decoded documents, exactly (BOS counts 0 bytes and no
-    space is counted for the first piece of a document)."""
-    rt = real_text
+    space is counted for the first piece of a document), for the challenge's sp1024 and sp8192 tokenizers."""
+    rt = tokenized_fineweb(SP1024.with_name(f"fineweb_{vocab}_bpe.model"))
+    assert rt.sp.vocab_size() == vocab and sum(rt.per_doc_bytes) == 1_489_418  # PROVENANCE.md: the NFKC bytes
     stream = torch.tensor(encode_stream(rt.sp, rt.docs))
     assert int(tg.target_bytes(stream[:-1], stream[1:], rt.luts).sum()) == sum(rt.per_doc_bytes)
     for doc, nb in list(zip(rt.docs, rt.per_doc_bytes))[:25]:  # per document too

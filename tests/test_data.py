@@ -24,6 +24,7 @@ SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "data"))  # the data scripts are run as files, so they are imported by module name
 
+import build_qs2  # noqa: E402
 import build_shards as bs  # noqa: E402
 import cached_challenge_fineweb as dl  # noqa: E402
 import sentencepiece as spm  # noqa: E402
@@ -213,6 +214,21 @@ def test_builder_fineweb_token_count_matches_provenance(tmp_path):
     """PROVENANCE.md: the 200 docs are 628,457 sp1024 tokens including one BOS per document."""
     manifest = bs.build_shards([need(FINEWEB_DOCS)], tmp_path / "o", val_docs=50, tokenizer=need(SP1024), log=quiet)
     assert manifest["tokens_total"] == 628_457 and manifest["docs_total"] == 200
+
+
+def test_qs2_builder_splits_the_last_val_docs_off_in_any_tokenizer(tmp_path):
+    """QS-2's split (the last VAL_DOCS documents of english_mix are val) with the sp8192 tokenizer, on a small
+    stand-in corpus: each shard is BOS + sp.encode(doc) per document, read back by the training script's reader."""
+    sp8192 = need(SHARED / "tokenizers" / "fineweb_8192_bpe.model")
+    sp = spm.SentencePieceProcessor(model_file=str(sp8192))
+    mix, fineweb = synthetic_docs(30, seed=4), synthetic_docs(5, seed=5)
+    counts = build_qs2.build(tmp_path, sp8192, mix, fineweb, val_docs=12)
+    for name, docs in (("fineweb_train_000000.bin", mix[:18]), ("fineweb_val_000000.bin", mix[18:]),
+                       ("fw/fineweb_val_000000.bin", fineweb)):
+        want = reference_stream(sp, docs)
+        assert np.array_equal(load_shard(tmp_path / name, 8192), want) and counts[name] == len(want), name
+    assert (tmp_path / "fw" / "fineweb_train_000000.bin").resolve() == (tmp_path / "fineweb_train_000000.bin")
+    assert (tmp_path / "tokenizer.model").read_bytes() == sp8192.read_bytes()
 
 
 def test_workers_1_and_2_give_identical_bytes(tmp_path):

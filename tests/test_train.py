@@ -8,6 +8,7 @@ runs (train_gpt.py itself, or tests/dist_driver.py which drives train_gpt's own 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -144,6 +145,23 @@ def test_a_short_trial_with_the_records_schedule_knobs_learns(tiny_env, tmp_path
     assert qat == ["late_qat:on step:19 lr_scale:0.1000"], qat
     ema = float(re.search(r"^averaging:ema val_loss:\S+ val_bpb:(\S+)", "\n".join(lines), re.M)[1])
     assert ema < vals[0] - 0.3, f"the EMA weights ({ema:.4f}) did not learn from the untrained {vals[0]:.4f}"
+
+
+FRONTIER_OPTIMISER = dict(MUON_NS_COEFFS="polar", MUON_ROW_NORMALIZE="1", MUON_MOMENTUM="0.97", BETA2="0.99",
+                          MIN_LR="0.1", WARMDOWN_ITERS="-1", WARMDOWN_FRAC="0.72", EMA_DECAY="0.9965",
+                          WD_TAPER_START_FRAC="0.7", WD_TAPER_FINAL_MULT="0.5")
+
+
+def test_a_short_trial_with_the_frontier_optimiser_knobs_learns(tiny_env, tmp_path):
+    """All of items 7's knobs at once (SPEC §5's values): the run trains, finishes, and logs them as resolved."""
+    env = dict(tiny_env, ITERATIONS="20", RUN_ID="frontier", **FRONTIER_OPTIMISER)
+    r = run([sys.executable, SCRIPT], env, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = log_body(tmp_path / "logs" / "frontier.txt")
+    config = json.loads(next(ln for ln in lines if ln.startswith("config: "))[len("config: "):])
+    assert {k: str(config[k]).replace("True", "1") for k in FRONTIER_OPTIMISER} == FRONTIER_OPTIMISER
+    losses = train_losses(lines)
+    assert np.mean([losses[16], losses[20]]) < losses[1] - 0.7, losses
 
 
 def test_tiny_run_trains_and_finishes(tiny_env, tmp_path):
@@ -793,6 +811,19 @@ def test_bigram_buckets_range_and_dependence_on_the_pair_only():
     torch.testing.assert_close(mod(ids).double(), expect, rtol=1e-5, atol=1e-6)
 
 
+def test_bigram_buckets_at_vocab_8192_are_the_exact_hash_and_even():
+    """At sp8192 the int32 products stay below 2**31 (no wrap): the buckets are the formula in exact integers, and
+    the 2047 pair buckets are evenly used (2.1 M pairs: every id after 256 random previous ones)."""
+    assert 36313 * 8191 < 2**31 and 27191 * 8191 < 2**31
+    g = torch.Generator().manual_seed(16)
+    prev = torch.randint(0, 8192, (256,), generator=g).repeat_interleave(8192)
+    cur = torch.arange(8192).repeat(256)
+    got = tg.bigram_bucket(torch.stack([prev, cur], 1), 2048)[:, 1]
+    assert torch.equal(got, torch.bitwise_xor(36313 * cur, 27191 * prev) % 2047)  # int64: exact
+    counts = torch.bincount(got, minlength=2048).float()
+    assert counts[2047] == 0 and counts[:2047].std() / counts[:2047].mean() < 0.1
+
+
 def test_bigram_with_one_bucket_is_rejected_by_resolve():
     """BIGRAM_VOCAB_SIZE=1 leaves no bucket in [1, buckets) for real pairs: bigram_bucket takes `% 0`. resolve
     must reject it, naming the knob, instead of the first forward failing with an integer division by zero."""
@@ -1085,6 +1116,140 @@ def test_muon_momentum_warmup_endpoints():
     assert tg.muon_momentum(0, dataclasses.replace(a, muon_momentum_warmup_steps=0)) == pytest.approx(0.99)
 
 
+@pytest.mark.parametrize("shape", [(8, 32), (32, 8)])
+def test_polar_express_is_its_per_step_quintics_on_singular_values(shape, monkeypatch):
+    """Step i of Polar Express applies p_i(t) = a_i t + b_i t^3 + c_i t^5 to each singular value, from
+    X = G / (1.02 |G|_F): checked on the singular values in float64 (the function run in float64 too, to 2e-4, the
+    1e-6 guard of its scaling being what is left; in its bf16 only its singular values are checked, bf16 rounding
+    being amplified by coefficients up to 22). The composition lifts singular values 1e-3 of the largest into [0.79, 1.15], where the
+    card's quintic leaves them below 0.5."""
+    g = torch.Generator().manual_seed(13)
+    m, n = shape
+    k = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    s = torch.logspace(0, -3, k, dtype=torch.float64)
+    coeffs = [(8.156554524902461, -22.48329292557795, 15.878769915207462),  # the paper's table, written out again
+              (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+              (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+              (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+              (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
+
+    def gains(steps):
+        t = s / (s.norm() * 1.02)
+        for a, b, c in coeffs[:steps]:
+            t = a * t + b * t**3 + c * t**5
+        return t
+
+    def measured(out):
+        return torch.diagonal(u.T @ out.double() @ v)  # the output's gain along each input singular direction
+
+    bf16 = tg.newton_schulz5((u * s) @ v.T, 5, polar=True)
+    sv = torch.linalg.svdvals(bf16.double())
+    assert sv.min() > 0.7 and sv.max() < 1.2, sv
+    monkeypatch.setattr(torch.Tensor, "bfloat16", lambda x: x)  # the same code in float64
+    for steps in (5, 3):
+        torch.testing.assert_close(measured(tg.newton_schulz5((u * s) @ v.T, steps, polar=True)), gains(steps),
+                                   rtol=0, atol=2e-4)
+    quintic = s / s.norm()
+    for _ in range(5):
+        quintic = 3.4445 * quintic - 4.7750 * quintic**3 + 2.0315 * quintic**5
+    assert gains(5).min() > 0.79 and gains(5).max() < 1.15 and quintic.min() < 0.5
+
+
+def test_muon_eq_r_and_polar_step_matches_hand_update():
+    """MUON_ROW_NORMALIZE=1: the Nesterov update's rows are scaled to unit L2 norm (float64, by hand here) before
+    the orthogonalisation; on a first step the update then ignores how large each gradient row is."""
+    torch.manual_seed(14)
+    p = torch.nn.Parameter(torch.randn(32, 64))
+    lr, mom, wd = 0.02, 0.9, 0.1
+    opt = tg.Muon([p], lr=lr, momentum=mom, backend_steps=5, weight_decay=wd, polar=True, row_normalize=True)
+    w, buf = p.detach().clone(), torch.zeros(32, 64)
+    for _ in range(2):
+        g = torch.randn(32, 64)
+        p.grad = g.clone()
+        opt.step()
+        buf = mom * buf + g
+        nesterov = (g + mom * buf).double()
+        rows = (nesterov / nesterov.norm(dim=1, keepdim=True)).float()
+        w = w * (1 - lr * wd) - lr * tg.newton_schulz5(rows, 5, polar=True).float()
+        torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-6)
+
+    def first_update(grad, row_normalize):
+        q = torch.nn.Parameter(torch.zeros(32, 64))
+        q.grad = grad
+        tg.Muon([q], lr=1.0, momentum=mom, backend_steps=5, weight_decay=0.0, row_normalize=row_normalize).step()
+        return q.detach()
+
+    g = torch.randn(32, 64)
+    scaled = g * torch.logspace(-2, 2, 32).unsqueeze(1)  # rows 100x apart
+    torch.testing.assert_close(first_update(scaled, True), first_update(g, True), rtol=0, atol=2e-2)
+    assert (first_update(scaled, False) - first_update(g, False)).abs().max() > 0.1
+
+
+def test_lr_floor_and_warmdown_as_a_fraction_hand_computed():
+    # WARMDOWN_ITERS=-1: the warmdown is WARMDOWN_FRAC of the run, by steps ...
+    a = dataclasses.replace(tg.Hyperparameters(), iterations=100, warmdown_iters=-1, warmdown_frac=0.8,
+                            max_wallclock_seconds=0)
+    got = [tg.lr_scale(s, 0.0, a) for s in (0, 20, 60, 92, 96, 100)]
+    assert got == pytest.approx([1, 1, 0.5, 0.1, 0.05, 0])
+    floored = dataclasses.replace(a, min_lr=0.1)
+    assert [tg.lr_scale(s, 0.0, floored) for s in (0, 60, 92, 96, 100, 150)] == pytest.approx([1, 0.5, 0.1, 0.1, 0.1, 0.1])
+    # ... and by time under the cap, whatever the step time (no step bound)
+    c = dataclasses.replace(floored, iterations=10**6, warmdown_frac=0.72, max_wallclock_seconds=10)
+    assert tg.lr_scale(100, 2800.0, c) == pytest.approx(1.0)  # the warmdown starts at 28% of the 10 s
+    assert tg.lr_scale(100, 6400.0, c) == pytest.approx(0.5)  # 3.6 s of its 7.2 s left
+    assert tg.lr_scale(10, 6400.0, c) == pytest.approx(0.5)  # 640 ms/step changes nothing
+    assert tg.lr_scale(100, 9500.0, c) == pytest.approx(0.1) and tg.lr_scale(100, 12000.0, c) == pytest.approx(0.1)
+    # the floor on the card's schedule: the record's full run at its end
+    assert tg.lr_scale(7000, 600_000.0, dataclasses.replace(tg.Hyperparameters(), min_lr=0.1)) == pytest.approx(0.1)
+
+
+def test_run_fraction_and_wd_taper_hand_computed():
+    a = dataclasses.replace(tg.Hyperparameters(), iterations=1000, max_wallclock_seconds=0)
+    assert [tg.run_fraction(s, 1e9, a) for s in (0, 250, 1000, 1200)] == [0, 0.25, 1, 1]
+    c = dataclasses.replace(a, max_wallclock_seconds=100)
+    assert tg.run_fraction(100, 50_000.0, c) == 0.5 and tg.run_fraction(800, 50_000.0, c) == 0.8
+    assert tg.run_fraction(100, 150_000.0, c) == 1.0
+    t = dataclasses.replace(a, wd_taper_start_frac=0.7, wd_taper_final_mult=0.5)  # PR #1729's setting
+    assert [tg.wd_taper(f, t) for f in (0, 0.5, 0.7, 0.85, 1.0)] == pytest.approx([1, 1, 1, 0.75, 0.5])
+    assert {tg.wd_taper(f, tg.Hyperparameters()) for f in (0, 0.5, 1.0)} == {1.0}  # the card: no taper
+    assert tg.wd_taper(1.0, dataclasses.replace(t, wd_taper_start_frac=1.0)) == 1.0
+
+
+class OneBatch:
+    """A loader that always yields the same single micro-batch."""
+
+    def __init__(self, x, y):
+        self.batch, self.device = [(x, y)], x.device
+
+    def next_batch(self):
+        return self.batch
+
+
+def test_train_step_sets_every_groups_lr_and_only_muons_weight_decay():
+    args = tiny_args(MUON_WEIGHT_DECAY="0.04", ADAM_WEIGHT_DECAY="0.02")
+    torch.manual_seed(15)
+    model = tg.GPT(args)
+    muon, adam = tg.build_optimizers(model, args)
+    x = torch.randint(0, args.vocab_size, (2, 16))
+    tg.train_step(model, OneBatch(x, x.roll(-1, 1)), [muon, adam], args, 0.5, 0.95, contextlib.nullcontext, 0.25)
+    assert [g["lr"] for g in muon.param_groups] == pytest.approx([args.matrix_lr * 0.5])
+    assert [g["lr"] for g in adam.param_groups] == pytest.approx([args.tied_embed_lr * 0.5, args.scalar_lr * 0.5])
+    assert [g["weight_decay"] for g in muon.param_groups] == pytest.approx([0.01])
+    assert [g["weight_decay"] for g in adam.param_groups] == [0.02, 0.02]
+    assert muon.param_groups[0]["momentum"] == 0.95
+
+
+def test_optimiser_defaults_are_the_cards():
+    a = tg.Hyperparameters()
+    assert (a.muon_ns_coeffs, a.muon_row_normalize, a.min_lr, a.wd_taper_start_frac, a.wd_taper_final_mult) == \
+        ("quintic", False, 0.0, 1.0, 1.0)
+    assert (a.muon_momentum, a.beta2, a.ema_decay, a.warmdown_iters, a.warmdown_frac) == (0.99, 0.95, 0.997, 3500, 0.5)
+    muon = tg.build_optimizers(tg.GPT(tiny_args()), tiny_args())[0]
+    assert not muon.param_groups[0]["polar"] and not muon.param_groups[0]["row_normalize"]
+
+
 def test_weight_averages_ema_and_swa_hand_computed():
     torch.manual_seed(11)
     model = torch.nn.Linear(3, 2)
@@ -1171,6 +1336,14 @@ def test_warm_up_leaves_no_trace(tiny_shards):
     ({"EMA_DECAY": "1"}, ["EMA_DECAY=1.0", "[0, 1)"]),
     ({"COMPRESSOR": "gzip"}, ["COMPRESSOR='gzip'", "zstd"]),
     ({"ITERATIONS": "0"}, ["ITERATIONS=0", "at least 1"]),
+    ({"MUON_NS_COEFFS": "cubic"}, ["MUON_NS_COEFFS='cubic'", "quintic, polar"]),
+    ({"MUON_NS_COEFFS": "polar", "MUON_BACKEND_STEPS": "6"}, ["MUON_BACKEND_STEPS=6", "at most 5"]),
+    ({"MIN_LR": "1.5"}, ["MIN_LR=1.5", "[0, 1]"]),
+    ({"MIN_LR": "0.2", "AVERAGING": "swa"}, ["MIN_LR=0.2", "SWA_START_SCALE=0.2", "never starts"]),
+    ({"MIN_LR": "0.2", "LATE_QAT_THRESHOLD": "0.15"}, ["MIN_LR=0.2", "LATE_QAT_THRESHOLD=0.15"]),
+    ({"WARMDOWN_ITERS": "-2"}, ["WARMDOWN_ITERS=-2", "-1"]),
+    ({"WD_TAPER_START_FRAC": "1.5"}, ["WD_TAPER_START_FRAC=1.5", "[0, 1]"]),
+    ({"WD_TAPER_FINAL_MULT": "-1"}, ["WD_TAPER_FINAL_MULT=-1.0", "negative"]),
 ])
 def test_bad_knob_message(env, words):
     with pytest.raises(tg.ConfigError) as e:
