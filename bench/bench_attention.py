@@ -1,6 +1,6 @@
 """Causal GQA attention backends at the model's shapes: correctness against a float32 reference, then speed.
 
-    python bench/bench_attention.py                  # GPU: B=48 (the per-GPU micro-batch), T=2048, 8 q / 4 kv heads, dim 64
+    python bench/bench_attention.py                  # GPU: B=48 (per-GPU micro-batch), T=2048, 8 q / 4 kv heads, dim 64
     python bench/bench_attention.py --batch 16 --iters 20 --json $OUT/attention.json
     python bench/bench_attention.py --cpu-smoke      # CPU, tiny shapes: the script's own logic, no GPU backends
 
@@ -187,15 +187,16 @@ class Backend:
     sdpa: str | None = None  # the one SDPA backend to enable, if any
     compile: bool = False
     ops: tuple = ()  # custom ops to opcheck
+    yardstick: bool = False  # materialises the scores: checked, timed only on CPU, never "fastest"
     result: dict = field(default_factory=dict)
 
 
 def build_backends(device: torch.device, wanted: set[str] | None) -> tuple[list[Backend], list[tuple[str, str]]]:
     backends, skipped = [], []
     ref_op = attention_op("reference", reference_forward, reference_backward)
-    backends.append(Backend("sdpa-math", sdpa, sdpa="math"))
-    backends.append(Backend("reference[op]", ref_op, ops=ref_op.ops))
-    backends.append(Backend("reference[op]+compile", ref_op, compile=True))
+    backends.append(Backend("sdpa-math", sdpa, sdpa="math", yardstick=True))
+    backends.append(Backend("reference[op]", ref_op, ops=ref_op.ops, yardstick=True))
+    backends.append(Backend("reference[op]+compile", ref_op, compile=True, yardstick=True))
     if device.type == "cpu":
         backends.append(Backend("sdpa", sdpa))
         backends.append(Backend("sdpa+compile", sdpa, compile=True))
@@ -237,7 +238,8 @@ def make_inputs(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, 
     def rand(*shape):
         return torch.randn(*shape, generator=g).to(device=device, dtype=torch.bfloat16).requires_grad_()
 
-    q, k, v = rand(batch, seq, heads, head_dim), rand(batch, seq, kv_heads, head_dim), rand(batch, seq, kv_heads, head_dim)
+    q = rand(batch, seq, heads, head_dim)
+    k, v = rand(batch, seq, kv_heads, head_dim), rand(batch, seq, kv_heads, head_dim)
     dout = torch.randn(batch, seq, heads, head_dim, generator=g).to(device=device, dtype=torch.bfloat16)
     return q, k, v, dout
 
@@ -266,42 +268,31 @@ def rel_errors(got: list[Tensor], ref: list[Tensor]) -> list[float]:
     return errs
 
 
-def compiled(b: Backend) -> Attention:
+def prepared(b: Backend, cuda: bool) -> Attention:
+    """The callable to run for b, with its SDPA backend switched on. Several backends compile the same Python function
+    (sdpa, the custom-op wrapper), so dynamo's cache, which lives on the function's code, is reset for each."""
+    if cuda:
+        only_sdpa(b.sdpa)
     if not b.compile:
         return b.fn
-    if "fn_compiled" not in b.result:
-        b.result["fn_compiled"] = torch.compile(b.fn, fullgraph=True, dynamic=False)
-    return b.result["fn_compiled"]
+    torch._dynamo.reset()
+    return torch.compile(b.fn, fullgraph=True, dynamic=False)
 
 
-def check(backends: list[Backend], inputs, skipped: list[tuple[str, str]]) -> list[Backend]:
-    q, k, v, dout = inputs
-    ref = fp32_reference(q, k, v, dout)
-    kept = []
+def check(b: Backend, fn: Attention, inputs, ref: list[Tensor]) -> None:
+    """Errors of out, dq, dk, dv against the fp32 reference (and opcheck for custom ops) into b.result."""
+    got = run_once(fn, *inputs)
+    b.result["err"] = rel_errors(got, ref)
+    if b.ops:
+        b.result["opcheck"] = opcheck(b.ops, *inputs)
+
+
+def judge(backends: list[Backend]) -> None:
+    """ok: every tensor within 3x the bf16 math backend's relative error + 1e-3, and opcheck passed."""
+    base = next((b.result["err"] for b in backends if b.name == "sdpa-math"), None)
     for b in backends:
-        if q.is_cuda:
-            only_sdpa(b.sdpa)
-        try:
-            got = run_once(compiled(b), q, k, v, dout)
-        except Exception as e:  # noqa: BLE001
-            skipped.append((b.name, f"first call failed: {type(e).__name__}: {first_line(e)}"))
-            if "-v" in sys.argv:
-                traceback.print_exc()
-            continue
-        b.result["err"] = rel_errors(got, ref)
-        if b.ops:
-            b.result["opcheck"] = opcheck(b.ops, q, k, v, dout)
-        kept.append(b)
-    if q.is_cuda:
-        only_sdpa(None)
-    base = next((b.result["err"] for b in kept if b.name == "sdpa-math"), None)
-    for b in kept:
-        errs = b.result["err"]
-        b.result["ok"] = base is not None and all(
-            math.isfinite(e) and e <= 3 * be + 1e-3 for e, be in zip(errs, base, strict=True))
-        if b.result.get("opcheck", "ok") != "ok":
-            b.result["ok"] = False
-    return kept
+        b.result["ok"] = base is not None and b.result.get("opcheck", "ok") == "ok" and all(
+            math.isfinite(e) and e <= 3 * be + 1e-3 for e, be in zip(b.result["err"], base, strict=True))
 
 
 def opcheck(ops: tuple, q: Tensor, k: Tensor, v: Tensor, dout: Tensor) -> str:
@@ -348,30 +339,46 @@ def median_ms(step: Callable[[], None], warmup: int, iters: int, cuda: bool) -> 
     return statistics.median(times)
 
 
-def time_backends(backends: list[Backend], inputs, warmup: int, iters: int, skipped: list[tuple[str, str]]) -> None:
+def time_backend(b: Backend, fn: Attention, inputs, warmup: int, iters: int) -> None:
     q, k, v, dout = inputs
-    cuda = q.is_cuda
+
+    def fwd():
+        fn(q, k, v)
+
+    def fwd_bwd():
+        q.grad = k.grad = v.grad = None
+        fn(q, k, v).backward(dout)
+
+    b.result["fwd_ms"] = median_ms(fwd, warmup, iters, q.is_cuda)
+    b.result["fwd_bwd_ms"] = median_ms(fwd_bwd, warmup, iters, q.is_cuda)
+
+
+def run_all(backends: list[Backend], check_inputs, time_inputs, warmup: int, iters: int,
+            skipped: list[tuple[str, str]], verbose: bool) -> list[Backend]:
+    """Check, then time, one backend at a time; returns those whose first call worked."""
+    cuda = check_inputs[0].is_cuda
+    ref = fp32_reference(*check_inputs)
+    kept = []
     for b in backends:
-        if cuda and b.name == "sdpa-math":
-            continue  # the yardstick only: its B x H x T x T scores do not belong in a speed table
-        if cuda:
-            only_sdpa(b.sdpa)
-        fn = compiled(b)
-
-        def fwd():
-            fn(q, k, v)
-
-        def fwd_bwd():
-            q.grad = k.grad = v.grad = None
-            fn(q, k, v).backward(dout)
-
+        stage = "first call"
         try:
-            b.result["fwd_ms"] = median_ms(fwd, warmup, iters, cuda)
-            b.result["fwd_bwd_ms"] = median_ms(fwd_bwd, warmup, iters, cuda)
-        except Exception as e:  # noqa: BLE001
-            skipped.append((b.name, f"timing failed: {type(e).__name__}: {first_line(e)}"))
-    if cuda:
-        only_sdpa(None)
+            fn = prepared(b, cuda)
+            check(b, fn, check_inputs, ref)
+            kept.append(b)
+            if cuda and b.yardstick:
+                continue  # correctness only: their B x H x T x T fp32 scores do not belong in a speed table
+            stage = "timing"
+            time_backend(b, fn, time_inputs, warmup, iters)
+        except Exception as e:  # noqa: BLE001 - a backend that fails is reported, the others still run
+            skipped.append((b.name, f"{stage} failed: {type(e).__name__}: {first_line(e)}"))
+            if verbose:
+                traceback.print_exc()
+        finally:
+            if cuda:
+                only_sdpa(None)
+                torch.cuda.empty_cache()
+    judge(kept)
+    return kept
 
 
 # -----------------------------------------------------------------------------
@@ -437,19 +444,17 @@ def main(argv: list[str] | None = None) -> int:
     wanted = {n.strip() for n in a.backends.split(",") if n.strip()} or None
     backends, skipped = build_backends(device, wanted)
     shape = (a.batch, a.seq, a.heads, a.kv_heads, a.head_dim)
-    checked = check(backends, make_inputs(a.check_batch, *shape[1:], device, seed=0), skipped)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    time_backends(checked, make_inputs(*shape, device, seed=1), a.warmup, a.iters, skipped)
+    check_inputs = make_inputs(a.check_batch, *shape[1:], device, seed=0)
+    checked = run_all(backends, check_inputs, make_inputs(*shape, device, seed=1), a.warmup, a.iters, skipped, a.v)
     print(table(checked, shape, a.check_batch))
     for name, why in skipped:
         print(f"skipped {name}: {why}")
-    timed = [b for b in checked if b.result["ok"] and b.result.get("fwd_bwd_ms") and b.compile]
+    timed = [b for b in checked if b.result["ok"] and b.result.get("fwd_bwd_ms") and b.compile and not b.yardstick]
     if timed:
         best = min(timed, key=lambda b: b.result["fwd_bwd_ms"])
         print(f"fastest correct fwd+bwd under torch.compile: {best.name} ({best.result['fwd_bwd_ms']:.3f} ms)")
     if a.json:
-        rows = {b.name: {k: v for k, v in b.result.items() if k != "fn_compiled"} for b in checked}
+        rows = {b.name: b.result for b in checked}
         with open(a.json, "w") as f:
             json.dump({"shape": shape, "environment": environment(device), "results": rows,
                        "skipped": dict(skipped)}, f, indent=1)

@@ -110,7 +110,8 @@ import flash_attn.cute as fa4
 from flash_attn.cute.interface import _flash_attn_bwd  # noqa: F401 - the backward the custom op calls
 import cutlass
 print(f"import flash_attn.cute ok ({time.time() - t0:.1f} s): flash_attn_func from {fa4.flash_attn_func.__module__}; "
-      f"cutlass from {cutlass.__file__}; torch DLPack exchange API: {hasattr(torch.Tensor, '__dlpack_c_exchange_api__')}")
+      f"cutlass from {cutlass.__file__}; torch's own DLPack exchange API: "
+      f"{hasattr(torch.Tensor, '__dlpack_c_exchange_api__')}")
 EOF
 }
 
@@ -120,7 +121,8 @@ case "${1:-}" in
     work=$(mktemp -d)
     rm -rf "$CARRY_A" "$CARRY_B" && mkdir -p "$CARRY_A" "$CARRY_B"
     (cd "$work" && unzip -q "$wheels"/nvidia_cutlass_dsl_libs_cu13-4.8.1-*.whl && find . -type f | sort >all.txt \
-      && grep -v '^./all.txt$' all.txt | grep _cutlass_ir >ir.txt && grep -v -e _cutlass_ir -e '^./all.txt$' all.txt >rest.txt)
+      && grep -v '^./all.txt$' all.txt | grep _cutlass_ir >ir.txt \
+      && grep -v -e _cutlass_ir -e '^./all.txt$' all.txt >rest.txt)
     # xz's x86 filter (BCJ) makes machine code compress better; -9e, one thread: the smallest output
     # (XZ_PRESET=0 for a quick trial of this stage: its output is too large to carry)
     (cd "$work" && tar cf - -T ir.txt) | xz -T1 --x86 --lzma2=preset="${XZ_PRESET:-9e}" >"$CARRY_A/$IR_TAR" &
@@ -139,7 +141,7 @@ case "${1:-}" in
     done
     ;;
   partA)
-    [ -f "$CARRY_A/$IR_TAR" ] || { echo "no $CARRY_A/$IR_TAR here: this command needs carry: [\"$CARRY_A\"]" >&2; exit 1; }
+    [ -f "$CARRY_A/$IR_TAR" ] || { echo "no $CARRY_A/$IR_TAR: this command needs carry: [\"$CARRY_A\"]" >&2; exit 1; }
     site_dir
     untar "$CARRY_A/$IR_TAR" "$SITE"
     check_ir
