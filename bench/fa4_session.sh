@@ -8,7 +8,8 @@
 #                 torch_c_dlpack_ext, einops (installed only if the image lacks it)
 # Both are git-ignored; `prepare` builds them here from downloaded wheels. What the stages unpack goes into the
 # machine's python (its venv site-packages, or /tmp/fa4site when that is not writable), outside the repo copy, so it
-# survives from one command to the next while the machine is warm (~30 s after a command returns).
+# survives from one command to the next while the machine is warm (~30 s after a command returns). FA4_SITE=DIR
+# installs into DIR instead (a --target folder put on PYTHONPATH), for both stages alike.
 #
 #   bash bench/fa4_session.sh prepare [WHEEL_DIR]   # here, once (xz -9e: ~25 min on 2 cores); WHEEL_DIR=/tmp/fa4
 #   bash bench/fa4_session.sh partA                 # GPU, device tool carry: [".carry_fa4a"]
@@ -30,15 +31,14 @@ IR_SHA256=da0407f709df82a2ae87eea7deadb15abadbd847b8ab5db7b8ee399a8c80557d  # li
 MAX_BYTES=$((60 * 1024 * 1024))  # per folder: the 64 MiB limit of a command, less the repo's own files
 
 site_dir() {  # where the packages go on this machine, and the PYTHONPATH that makes it visible
-  local purelib
-  purelib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  if [ -w "$purelib" ]; then
-    SITE=$purelib
+  PURELIB=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  if [ -z "${FA4_SITE:-}" ] && [ -w "$PURELIB" ]; then
+    SITE=$PURELIB
   else  # a --target folder does not run the DSL's .pth, so its dsl_packages folder goes on the path too
-    SITE=/tmp/fa4site
+    SITE=${FA4_SITE:-/tmp/fa4site}
     mkdir -p "$SITE"
     export PYTHONPATH="$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}"
-    echo "$purelib is not writable; later commands need PYTHONPATH=$PYTHONPATH"
+    echo "installing into $SITE, not $PURELIB; later commands need PYTHONPATH=$PYTHONPATH"
   fi
   echo "site: $SITE"
 }
@@ -87,10 +87,17 @@ install_rest() {
     esac
     wheels+=("$w")
   done
-  local target=()
-  [ "$SITE" = /tmp/fa4site ] && target=(--target "$SITE" --upgrade)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "${target[@]}" "${wheels[@]}"
+  local pip=(python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir)
+  if [ "$SITE" = "$PURELIB" ]; then
+    "${pip[@]}" "${wheels[@]}"
+  else  # pip --target --upgrade replaces whole top-level folders (nvidia_cutlass_dsl/ with the cu13 files in it): merge
+    local tmp
+    tmp=$(mktemp -d)
+    "${pip[@]}" --target "$tmp" "${wheels[@]}"
+    cp -a "$tmp"/. "$SITE"/ && rm -rf "$tmp"
+  fi
   printf 'installed: %s\n' "${wheels[@]##*/}"
+  check_ir
   # what FA4 needs from the image (cuda-bindings >= 12.8, protobuf, typing-extensions): version or "missing"
   python3 - <<'EOF'
 from importlib.metadata import version, PackageNotFoundError
