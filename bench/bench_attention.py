@@ -16,6 +16,8 @@ the model's 4 KV heads):
                   also on CPU
   ...+compile     the backend inside torch.compile(fullgraph=True); `fa4+compile` compiles FA4's own autograd.Function
                   directly (does it trace?), `fa4[op]+compile` the custom-op wrapper
+A line per backend is printed as it finishes (with the seconds it took: FA4's first call includes its JIT compile),
+then the table.
 
 Correctness (at --check-batch, default 4, same T and heads): out, dq, dk, dv of each backend against float32
 attention computed from the same bf16 inputs (autograd for the gradients). The figure per tensor is the relative L2
@@ -222,8 +224,10 @@ def build_backends(device: torch.device, wanted: set[str] | None) -> tuple[list[
                 return interface._flash_attn_bwd(q, k, v, out, dout, lse, scale, True)[:3]
 
             fa4_op = attention_op("fa4", fa4_fwd, fa4_bwd)
-            backends += [Backend("fa4", fa4_plain), Backend("fa4+compile", fa4_plain, compile=True),
-                         Backend("fa4[op]", fa4_op, ops=fa4_op.ops), Backend("fa4[op]+compile", fa4_op, compile=True)]
+            # fa4+compile last: dynamo tracing into the CuTe DSL may take long before it gives up
+            backends += [Backend("fa4", fa4_plain), Backend("fa4[op]", fa4_op, ops=fa4_op.ops),
+                         Backend("fa4[op]+compile", fa4_op, compile=True),
+                         Backend("fa4+compile", fa4_plain, compile=True)]
     if wanted:
         backends = [b for b in backends if b.name in wanted or b.name == "sdpa-math"]
     return backends, skipped
@@ -285,6 +289,14 @@ def check(b: Backend, fn: Attention, inputs, ref: list[Tensor]) -> None:
     b.result["err"] = rel_errors(got, ref)
     if b.ops:
         b.result["opcheck"] = opcheck(b.ops, *inputs)
+
+
+def progress(b: Backend, seconds: float) -> None:
+    """One line per backend as it finishes, so a run cut short by a time limit still says what it found."""
+    r = b.result
+    errs = " / ".join(f"{e:.1e}" for e in r.get("err", []))
+    times = f"fwd {fmt(r.get('fwd_ms'))} ms, fwd+bwd {fmt(r.get('fwd_bwd_ms'))} ms" if "fwd_ms" in r else "not timed"
+    print(f"[{seconds:5.1f} s] {b.name}: rel err {errs or '-'}; {times}", flush=True)
 
 
 def judge(backends: list[Backend]) -> None:
@@ -360,7 +372,7 @@ def run_all(backends: list[Backend], check_inputs, time_inputs, warmup: int, ite
     ref = fp32_reference(*check_inputs)
     kept = []
     for b in backends:
-        stage = "first call"
+        stage, t0 = "first call", time.perf_counter()
         try:
             fn = prepared(b, cuda)
             check(b, fn, check_inputs, ref)
@@ -377,6 +389,7 @@ def run_all(backends: list[Backend], check_inputs, time_inputs, warmup: int, ite
             if cuda:
                 only_sdpa(None)
                 torch.cuda.empty_cache()
+        progress(b, time.perf_counter() - t0)
     judge(kept)
     return kept
 
