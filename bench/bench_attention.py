@@ -211,7 +211,7 @@ def build_backends(device: torch.device, wanted: set[str] | None) -> tuple[list[
         try:
             fa4, interface = import_fa4()
         except Exception as e:  # noqa: BLE001 - not installed / does not import: say why, go on
-            skipped.append(("fa4*", f"import flash_attn.cute failed: {type(e).__name__}: {e}"))
+            skipped.append(("fa4*", f"import flash_attn.cute failed: {type(e).__name__}: {first_line(e)}"))
         else:
             def fa4_plain(q, k, v):
                 return fa4.flash_attn_func(q, k, v, causal=True)[0]
