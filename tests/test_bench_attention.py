@@ -1,0 +1,64 @@
+"""bench/bench_attention.py on CPU: the fp32 twin of FA4's (out, lse) interface, the custom-op wrapper the FA4 rows use
+under torch.compile, and the correctness verdict that decides which backend the GPU table calls ok."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("bench_attention", REPO / "bench" / "bench_attention.py")
+ba = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ba)
+
+SHAPE = (2, 48, 4, 2, 16)  # batch, seq, heads, kv heads, head dim: GQA with 2 query heads per KV head
+CPU = torch.device("cpu")
+
+
+def test_reference_backward_matches_autograd_with_gqa():
+    q, k, v, dout = (t.detach().float() for t in ba.make_inputs(*SHAPE, CPU, seed=0))  # the twin computes in fp32
+    scale = 1 / math.sqrt(q.size(-1))
+    qa, ka, va = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse = ba.reference_forward(qa, ka, va, scale)
+    out.backward(dout)
+    want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                          enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert lse.shape == (SHAPE[0], SHAPE[2], SHAPE[1]) and out.is_contiguous()
+    for got, ref in zip(ba.reference_backward(dout, q, k, v, out.detach(), lse.detach(), scale),
+                        (qa.grad, ka.grad, va.grad), strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert got.is_contiguous()
+
+
+def test_custom_op_wrapper_passes_opcheck_and_compiles():
+    attn = ba.attention_op("test_ref", ba.reference_forward, ba.reference_backward)
+    inputs = ba.make_inputs(*SHAPE, CPU, seed=1)
+    assert ba.opcheck(attn.ops, *inputs) == "ok"
+    eager = ba.run_once(attn, *inputs)
+    torch._dynamo.reset()
+    compiled = ba.run_once(torch.compile(attn, fullgraph=True, backend="aot_eager"), *inputs)
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_wrong_or_failing_backends_are_flagged_not_fatal():
+    def noncausal(q, k, v):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              enable_gqa=True).transpose(1, 2)
+
+    def broken(q, k, v):
+        raise RuntimeError("no kernel image is available")
+
+    backends = [ba.Backend("sdpa-math", ba.sdpa, yardstick=True), ba.Backend("sdpa", ba.sdpa),
+                ba.Backend("noncausal", noncausal), ba.Backend("broken", broken)]
+    skipped = []
+    kept = ba.run_all(backends, ba.make_inputs(*SHAPE, CPU, seed=2), ba.make_inputs(*SHAPE, CPU, seed=3),
+                      warmup=0, iters=1, skipped=skipped, verbose=False)
+    assert {b.name: b.result["ok"] for b in kept} == {"sdpa-math": True, "sdpa": True, "noncausal": False}
+    assert skipped == [("broken", "first call failed: RuntimeError: no kernel image is available")]
+    assert "| noncausal |" in ba.table(kept, SHAPE, 2)
