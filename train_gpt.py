@@ -300,8 +300,8 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
     need(all(0 <= f < 1 for f in starts) and starts == sorted(starts), "RECUR_AT",
          "must be non-decreasing fractions of training in [0, 1)")
     need(bool(starts) == bool(a.recur_layers.strip()), "RECUR_AT", "and RECUR_LAYERS are set together or not at all")
-    graphs = len(set(range(1 + sum(f == 0 for f in starts), 2 + len(starts)))) + (a.late_qat_threshold > 0)
-    need(a.warmup_steps == 0 or a.warmup_steps >= graphs, "WARMUP_STEPS",
+    graphs = 1 + len(starts) - starts.count(0.0) + (a.late_qat_threshold > 0)  # depths from the first step on, QAT
+    need(not starts or a.warmup_steps == 0 or a.warmup_steps >= graphs, "WARMUP_STEPS",
          f"must be 0 or at least {graphs}: one step per graph the run compiles (recurrence depths, QAT)")
     need(not (a.parallel_from and first < a.parallel_from <= last), "PARALLEL_FROM",
          f"must not split RECUR_LAYERS={a.recur_layers!r}: a recurrent block runs either serial or parallel")
@@ -961,8 +961,9 @@ class GPT(nn.Module):
         # the parallel lanes' final mix into one stream
         self.lane_out = nn.Parameter(torch.ones(2, args.model_dim)) if args.parallel_from else None
         self.recur = recur_span(args)
-        self.passes = 1 + len(recur_starts(args))  # training starts lower (recurrence_passes); a Python int, so
-        # each value is its own compiled graph
+        # passes of RECUR_LAYERS: the full depth (evaluation, the artifact); training starts lower (recurrence_passes).
+        # A Python int, not a tensor: each value is its own compiled graph, with no data-dependent control flow
+        self.passes = 1 + len(recur_starts(args))
         self._init_weights(args)
 
     def _init_weights(self, args: Hyperparameters) -> None:

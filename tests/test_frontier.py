@@ -1,6 +1,6 @@
 """CPU tests of the frontier knobs (docs/FRONTIER.md) and PRESET=frontier: each against a float64 reference written
-out here or hand-computed values, the cached decoder against the full forward with all of them on, and one tiny
-end-to-end run of the preset."""
+out here or hand-computed values, and one tiny end-to-end run of the preset. (The cached decoder against the full
+forward with all of them on: tests/test_quant.py.)"""
 
 from __future__ import annotations
 
@@ -162,21 +162,6 @@ def test_bos_fix_a_document_start_sees_nothing_of_the_previous_document():
             changed = (model.embed(ids) - model.embed(other)).abs().amax(-1)[0]
         assert (changed[3:].max() > 1e-3) == leaks, (fix, changed)
     assert tg.bigram_bucket(ids, 64, bos_fix=True)[0, 3] == 63 and tg.bigram_bucket(ids, 64)[0, 3] != 63
-
-
-def test_kv_cache_decoding_equals_the_full_forward_with_the_preset():
-    args = tiny_args(**FRONTIER_TINY)
-    model = random_model(args).eval()
-    for p in model.parameters():
-        if p.dim() == 2 and not p.abs().sum():  # the zero-init gates would hide their paths
-            p.data.normal_(0, 0.1)
-    ids = torch.randint(0, args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
-    ids[:, 9] = tg.BOS_ID
-    with torch.no_grad():
-        full = model.hidden(ids)
-        cache = tg.KVCache(model, 2, 24, CPU)
-        steps = torch.cat([model.hidden(ids, cache) for _ in range(24)], dim=1)
-    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-5)
 
 
 def test_warm_up_compiles_every_recurrence_depth_and_qat_at_full_depth(monkeypatch):
