@@ -186,7 +186,8 @@ def driver_runs(tiny_shards, tmp_path_factory):
     work = tmp_path_factory.mktemp("driver")
     env = {k: v for k, v in os.environ.items() if k not in TINY_CONFIG and k != "RUN_ID"}
     env.update(TINY_CONFIG, DATA_PATH=str(tiny_shards), TOKENIZER_PATH=str(SP1024), PYTHONUNBUFFERED="1",
-               OMP_NUM_THREADS="1", ITERATIONS=str(DRIVER_STEPS), WARMDOWN_ITERS="8", WARMDOWN_FRAC="1", WARMUP_STEPS="2")
+               OMP_NUM_THREADS="1", ITERATIONS=str(DRIVER_STEPS), WARMDOWN_ITERS="8", WARMDOWN_FRAC="1", WARMUP_STEPS="2",
+               LATE_QAT_THRESHOLD="0.15")
     procs = {"two": start([*TORCHRUN, DRIVER, work / "two"], dict(env, GRAD_ACCUM_STEPS="4"), work),
              "one": start([sys.executable, DRIVER, work / "one"], dict(env, GRAD_ACCUM_STEPS="8"), work)}
     for name, p in procs.items():
