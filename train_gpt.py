@@ -854,12 +854,12 @@ class SmearGate(nn.Module):
     """x_t <- (1 - g) x_t + g x_{t-1} with a learned per-channel gate g = sigmoid(w). With bos_fix a BOS position
     (a document's first) keeps its own x_t: nothing of the previous document smears into it."""
 
-    def __init__(self, dim: int, bos_fix: bool):
+    def __init__(self, dim: int, bos_fix: bool = False):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim))
         self.bos_fix = bos_fix
 
-    def forward(self, x: Tensor, ids: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ids: Tensor | None = None) -> Tensor:
         g = torch.sigmoid(self.gate.to(x.dtype))
         prev = F.pad(x[:, :-1], (0, 0, 1, 0))
         if self.bos_fix:
@@ -878,7 +878,7 @@ def bigram_bucket(ids: Tensor, buckets: int, bos_fix: bool = False) -> Tensor:
 
 
 class BigramHash(nn.Module):
-    def __init__(self, buckets: int, dim: int, model_dim: int, bos_fix: bool):
+    def __init__(self, buckets: int, dim: int, model_dim: int, bos_fix: bool = False):
         super().__init__()
         self.buckets, self.bos_fix = buckets, bos_fix
         self.embed = nn.Embedding(buckets, dim)
