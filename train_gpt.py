@@ -89,6 +89,14 @@ class Hyperparameters:
     ve_layers: str = "auto"  # comma-separated layer indices; "auto" = the last 2; "" = no value embedding
     ve_dim: int = 128
     smear_gate: bool = True
+    # beyond the card (docs/FRONTIER.md; PRESET=frontier switches them on together)
+    mlp_leaky_slope: float = 0.0  # MLP activation leaky_relu(h, slope)^2; 0 = relu^2 (the card)
+    smear_bos_fix: bool = False  # at a BOS position SmearGate and BigramHash read nothing of the token before it
+    skip_gate: bool = False  # U-Net skips as x + sigmoid(g) (skip - x) instead of x + w skip
+    attn_gate_dims: int = 0  # per-head attention-output gate 2 sigmoid(w_h . x[:ATTN_GATE_DIMS]); 0 = off
+    parallel_from: int = 0  # from this layer on, attention and MLP read one input and write two lanes; 0 = off
+    recur_layers: str = ""  # depth recurrence: "a-b" runs layers a..b again with the same weights; "" = off
+    recur_at: str = ""  # comma list: the fraction of training at which each further pass of RECUR_LAYERS starts
     # optimisers
     matrix_lr: float = 0.025
     tied_embed_lr: float = 0.035
@@ -155,6 +163,7 @@ class Hyperparameters:
     fused_kernels: str = "mlp,qkv"  # Triton kernels on CUDA: none | all | a comma list of mlp, qkv, loss, norm
     attention: str = "auto"  # auto | fa3 | cudnn | flash | efficient | math
     residual_fp32: bool = False  # residual stream in fp32 under autocast (default: bf16, as the record's script)
+    preset: str = ""  # a name in PRESETS: its values become the defaults, explicit knobs still win
 
     @classmethod
     def defaults(cls) -> dict:
@@ -162,7 +171,10 @@ class Hyperparameters:
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Hyperparameters":
-        values = {}
+        preset = env.get("PRESET", "")
+        if preset not in ("", *PRESETS):
+            raise ConfigError(f"PRESET={preset!r}: must be one of {', '.join(PRESETS)} (or unset)")
+        values = dict(PRESETS.get(preset, {}))
         for f in dataclasses.fields(cls):
             raw = env.get(f.name.upper())
             if raw is not None:
@@ -171,6 +183,17 @@ class Hyperparameters:
 
     def env(self) -> dict:
         return {k.upper(): v for k, v in dataclasses.asdict(self).items()}
+
+
+# Each preset's values in one place, as field names; a run's `config:` line shows what they resolved to.
+# frontier: the model half of the 1.0611 stack (SPEC section 5, docs/FRONTIER.md).
+PRESETS = {
+    "frontier": dict(mlp_mult=4, mlp_leaky_slope=0.5, xsa_last_n=11, qk_gain_init=5.0, parallel_from=8,
+                     recur_layers="3-5", recur_at="0.35,0.5", skip_gate=True, attn_gate_dims=12, smear_bos_fix=True,
+                     muon_ns_coeffs="polar", muon_row_normalize=True, muon_momentum=0.97, beta2=0.99,
+                     ema_decay=0.9965, min_lr=0.10, warmdown_iters=-1, warmdown_frac=0.85, wd_taper_start_frac=0.70,
+                     wd_taper_final_mult=0.50),  # the vocabulary comes with the data: VOCAB_SIZE=8192 + its shards
+}
 
 
 def parse_knob(name: str, raw: str, kind: type):
@@ -302,7 +325,37 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
     a.ttt_lora_targets = ",".join(t for t in TTT_TARGETS if t in targets)
     need(a.ttt_phases == 1 or a.ttt_global_lr > 0, "TTT_PHASES",
          "is above 1 but TTT_GLOBAL_LR=0: the phases exist for the global update between them; set TTT_GLOBAL_LR")
+    need(0 <= a.mlp_leaky_slope < 1, "MLP_LEAKY_SLOPE", "must lie in [0, 1)")
+    need(0 <= a.attn_gate_dims <= a.model_dim, "ATTN_GATE_DIMS", f"must lie in [0, MODEL_DIM={a.model_dim}]")
+    need(0 <= a.parallel_from < a.num_layers, "PARALLEL_FROM", f"must lie in [0, NUM_LAYERS={a.num_layers})")
+    need(re.fullmatch(r"(\d+-\d+)?", a.recur_layers.strip()) is not None, "RECUR_LAYERS",
+         "must be empty or first-last, e.g. 3-5")
+    first, last = recur_span(a)
+    need(a.recur_layers.strip() == "" or 0 <= first <= last < a.num_layers, "RECUR_LAYERS",
+         f"needs first <= last < NUM_LAYERS={a.num_layers}")
+    try:
+        starts = recur_starts(a)
+    except ValueError:
+        raise ConfigError(f"RECUR_AT={a.recur_at!r}: expected comma-separated fractions") from None
+    need(all(0 <= f < 1 for f in starts) and starts == sorted(starts), "RECUR_AT",
+         "must be non-decreasing fractions of training in [0, 1)")
+    need(bool(starts) == bool(a.recur_layers.strip()), "RECUR_AT", "and RECUR_LAYERS are set together or not at all")
+    graphs = 1 + len(starts) - starts.count(0.0) + (a.late_qat_threshold > 0)  # depths from the first step on, QAT
+    need(not starts or a.warmup_steps == 0 or a.warmup_steps >= graphs, "WARMUP_STEPS",
+         f"must be 0 or at least {graphs}: one step per graph the run compiles (recurrence depths, QAT)")
+    need(not (a.parallel_from and first < a.parallel_from <= last), "PARALLEL_FROM",
+         f"must not split RECUR_LAYERS={a.recur_layers!r}: a recurrent block runs either serial or parallel")
     return a
+
+
+def recur_span(args: Hyperparameters) -> tuple[int, int]:
+    """(first, last) layer of RECUR_LAYERS, (0, -1) when off."""
+    first, _, last = args.recur_layers.strip().partition("-")
+    return (int(first), int(last)) if last else (0, -1)
+
+
+def recur_starts(args: Hyperparameters) -> list[float]:
+    return [float(s) for s in args.recur_at.split(",") if s.strip()]
 
 
 def value_embedding_layers(args: Hyperparameters) -> list[int]:
@@ -588,8 +641,13 @@ def torch_lm_head_loss(h: Tensor, weight: Tensor, targets: Tensor, softcap: floa
     return loss.view(targets.shape) if reduction == "none" else loss
 
 
-def torch_relu2_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
-    return F.linear(torch.relu(F.linear(x, w_fc)).square(), w_proj)
+def mlp_activation(h: Tensor, slope: float) -> Tensor:
+    """relu(h)^2 (the card), or leaky_relu(h, slope)^2 (the 1.0611 stack's slope 0.5, SPEC section 5)."""
+    return (torch.relu(h) if slope == 0 else F.leaky_relu(h, slope)).square()
+
+
+def torch_relu2_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float = 0.0) -> Tensor:
+    return F.linear(mlp_activation(F.linear(x, w_fc), slope), w_proj)
 
 
 def torch_qkv_heads(qkv: Tensor, cos: Tensor, sin: Tensor, q_gain: Tensor, value_embed: Tensor | None, heads: int,
@@ -761,6 +819,9 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((self.num_heads,), args.qk_gain_init))
         self.xsa = xsa
         self.lora = None  # test-time training: x -> the adapters' addition to the qkv output (TTTAdapters.attach)
+        # Sparse attention-output gate (the 1.0611 stack): head h's output x 2 sigmoid(gate_h . x[:dims]), read
+        # from a narrow slice of the input; zero-init, so it starts as the identity
+        self.gate = nn.Parameter(torch.zeros(self.num_heads, args.attn_gate_dims)) if args.attn_gate_dims else None
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], value_embed: Tensor | None, out_scale: Tensor,
                 kv_append=None) -> Tensor:
@@ -778,24 +839,27 @@ class CausalSelfAttention(nn.Module):
         y = ATTENTION(q, k, v) if kv_append is None else attend_to_cache(q, *kv_append(k, v))
         if self.xsa:
             y = exclude_self_value(y, v)
+        if self.gate is not None:
+            y = y * (2 * torch.sigmoid(F.linear(x[..., :self.gate.size(1)], self.gate.to(x.dtype))))[..., None]
         y = y.reshape(B, T, C)
         self.proj.observe(y)
         return F.linear(y, self.proj.scaled_weight(out_scale, y.dtype))
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, mult: int):
+    def __init__(self, dim: int, mult: int, slope: float):
         super().__init__()
         self.fc = CastedLinear(dim, mult * dim, int6=True)
         self.proj = CastedLinear(mult * dim, dim, int6=True, zero_init=True)
+        self.slope = slope
 
     def forward(self, x: Tensor, out_scale: Tensor) -> Tensor:
         """out_scale * mlp(x), the per-channel scale applied through the output projection's weight."""
         w_fc = self.fc.weight_in_use().to(x.dtype)
         self.fc.observe(x)
         if self.proj.hessian is not None:  # calibration only: the fused kernel never materialises relu(x W^T)^2
-            self.proj.observe(torch.relu(F.linear(x, w_fc)).square())
-        return RELU2_MLP(x, w_fc, self.proj.scaled_weight(out_scale, x.dtype))
+            self.proj.observe(mlp_activation(F.linear(x, w_fc), self.slope))
+        return RELU2_MLP(x, w_fc, self.proj.scaled_weight(out_scale, x.dtype), self.slope)
 
 
 class Block(nn.Module):
@@ -803,12 +867,14 @@ class Block(nn.Module):
         super().__init__()
         dim = args.model_dim
         self.attn = CausalSelfAttention(args, xsa=layer >= args.num_layers - args.xsa_last_n)
-        self.mlp = MLP(dim, args.mlp_mult)
+        self.mlp = MLP(dim, args.mlp_mult, args.mlp_leaky_slope)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
         # LN scale: deeper blocks see their normalised input damped by 1/sqrt(layer + 1)
         self.ln_scale = 1.0 / math.sqrt(layer + 1) if args.ln_scale else 1.0
+        self.parallel = 0 < args.parallel_from <= layer
+        self.lane_mix = nn.Parameter(torch.ones(2, dim)) if self.parallel else None
 
     def forward(self, x: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor], value_embed: Tensor | None,
                 kv_append=None) -> Tensor:
@@ -817,38 +883,53 @@ class Block(nn.Module):
         x = x + self.attn(rms_norm(x) * self.ln_scale, rope, value_embed, self.attn_scale, kv_append)
         return x + self.mlp(rms_norm(x) * self.ln_scale, self.mlp_scale)
 
+    def forward_parallel(self, a: Tensor, m: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor],
+                         value_embed: Tensor | None, kv_append=None) -> tuple[Tensor, Tensor]:
+        """Parallel residuals (the 1.0611 stack, from layer 8): attention and MLP read one input, a learned
+        per-channel mix of the two lanes, and each adds its output to its own lane: a (attention), m (MLP). The
+        lanes start as (x, 0), so at init this is x + attn(x) + mlp(x)."""
+        lane, mix = self.lane_mix.to(a.dtype), self.resid_mix.to(a.dtype)
+        h = rms_norm(mix[0] * (lane[0] * a + lane[1] * m) + mix[1] * x0) * self.ln_scale
+        return a + self.attn(h, rope, value_embed, self.attn_scale, kv_append), m + self.mlp(h, self.mlp_scale)
+
 
 class SmearGate(nn.Module):
-    """x_t <- (1 - g) x_t + g x_{t-1} with a learned per-channel gate g = sigmoid(w)."""
+    """x_t <- (1 - g) x_t + g x_{t-1} with a learned per-channel gate g = sigmoid(w). With bos_fix a BOS position
+    (a document's first) keeps its own x_t: nothing of the previous document smears into it."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, bos_fix: bool = False):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim))
+        self.bos_fix = bos_fix
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ids: Tensor | None = None) -> Tensor:
         g = torch.sigmoid(self.gate.to(x.dtype))
         prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        if self.bos_fix:
+            prev = torch.where((ids == BOS_ID)[..., None], x, prev)
         return (1 - g) * x + g * prev
 
 
-def bigram_bucket(ids: Tensor, buckets: int) -> Tensor:
+def bigram_bucket(ids: Tensor, buckets: int, bos_fix: bool = False) -> Tensor:
     """The record's hash of (previous id, id): (36313 id XOR 27191 previous) mod (buckets - 1), in int32
-    arithmetic; position 0, which has no previous token, gets the last bucket, buckets - 1."""
+    arithmetic; position 0, which has no previous token, gets the last bucket, buckets - 1 (with bos_fix, so does
+    every BOS position: its previous token is another document's)."""
     t = ids.to(torch.int32)
     pairs = torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]) % (buckets - 1)
-    return torch.cat([torch.full_like(t[:, :1], buckets - 1), pairs], dim=1).long()
+    out = torch.cat([torch.full_like(t[:, :1], buckets - 1), pairs], dim=1).long()
+    return out.masked_fill(ids == BOS_ID, buckets - 1) if bos_fix else out
 
 
 class BigramHash(nn.Module):
-    def __init__(self, buckets: int, dim: int, model_dim: int):
+    def __init__(self, buckets: int, dim: int, model_dim: int, bos_fix: bool = False):
         super().__init__()
-        self.buckets = buckets
+        self.buckets, self.bos_fix = buckets, bos_fix
         self.embed = nn.Embedding(buckets, dim)
         self.proj = CastedLinear(dim, model_dim, out_proj=True)
         self.scale = nn.Parameter(torch.tensor(0.05))
 
     def forward(self, ids: Tensor) -> Tensor:
-        h = self.proj(self.embed(bigram_bucket(ids, self.buckets)))
+        h = self.proj(self.embed(bigram_bucket(ids, self.buckets, self.bos_fix)))
         return h * self.scale.to(h.dtype)
 
 
@@ -874,7 +955,8 @@ class KVCache:
 
     def __init__(self, model: "GPT", batch: int, length: int, device: torch.device):
         attn = model.blocks[0].attn
-        self.shape = (len(model.blocks), batch, length, attn.num_kv_heads, attn.head_dim)
+        # one slot per block run: a recurrent block's passes see different inputs, so they cache different k, v
+        self.shape = (len(model.schedule()), batch, length, attn.num_kv_heads, attn.head_dim)
         self.k = self.v = None  # allocated at the first append, in the dtype the attention computes in
         self.rope = model.rotary(length, device)
         self.pos = 0
@@ -890,14 +972,22 @@ class KVCache:
         return append
 
 
+def layer_schedule(num_layers: int, first: int, last: int, passes: int) -> list[int]:
+    """Depth recurrence (the 1.0611 stack: layers 3-5, 3 passes): the block indices in the order they run, with
+    first..last run `passes` times in a row on the same weights."""
+    order = list(range(num_layers))
+    return order[:last + 1] + list(range(first, last + 1)) * (passes - 1) + order[last + 1:]
+
+
 class GPT(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
         self.softcap, self.residual_fp32 = args.logit_softcap, args.residual_fp32
         self.qat_config = (args.quant_mode, args.sdclip_k_attn, args.sdclip_k_mlp)
         self.tok_emb = nn.Embedding(args.vocab_size, args.model_dim)
-        self.bigram = BigramHash(args.bigram_vocab_size, args.bigram_dim, args.model_dim) if args.bigram_vocab_size else None
-        self.smear = SmearGate(args.model_dim) if args.smear_gate else None
+        self.bigram = (BigramHash(args.bigram_vocab_size, args.bigram_dim, args.model_dim, args.smear_bos_fix)
+                       if args.bigram_vocab_size else None)
+        self.smear = SmearGate(args.model_dim, args.smear_bos_fix) if args.smear_gate else None
         ve_layers = value_embedding_layers(args)
         kv_dim = args.num_kv_heads * (args.model_dim // args.num_heads)
         self.ve = ValueEmbedding(args.vocab_size, args.ve_dim, kv_dim, len(ve_layers)) if ve_layers else None
@@ -907,7 +997,16 @@ class GPT(nn.Module):
         # U-Net: the first half pushes its outputs, the second half pops them back in with learned weights
         self.num_encoder = args.num_layers // 2
         self.num_decoder = args.num_layers - self.num_encoder
-        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, self.num_decoder), args.model_dim))
+        # SKIP_GATE: sigmoid gate logits (init 0, a half-half mix) instead of additive weights (init 1)
+        self.skip_gate = args.skip_gate
+        skips = (min(self.num_encoder, self.num_decoder), args.model_dim)
+        self.skip_weights = nn.Parameter(torch.zeros(skips) if self.skip_gate else torch.ones(skips))
+        # the parallel lanes' final mix into one stream
+        self.lane_out = nn.Parameter(torch.ones(2, args.model_dim)) if args.parallel_from else None
+        self.recur = recur_span(args)
+        # passes of RECUR_LAYERS: the full depth (evaluation, the artifact); training starts lower (recurrence_passes).
+        # A Python int, not a tensor: each value is its own compiled graph, with no data-dependent control flow
+        self.passes = 1 + len(recur_starts(args))
         self._init_weights(args)
 
     def _init_weights(self, args: Hyperparameters) -> None:
@@ -949,7 +1048,16 @@ class GPT(nn.Module):
         if self.bigram is not None:
             x = x + self.bigram(ids)
         x = rms_norm(x)
-        return self.smear(x) if self.smear is not None else x
+        return self.smear(x, ids) if self.smear is not None else x
+
+    def schedule(self) -> list[tuple[int, bool]]:
+        """(block index, whether this is its first run) in the order the blocks run."""
+        order = layer_schedule(len(self.blocks), *self.recur, self.passes)
+        return [(i, order.index(i) == n) for n, i in enumerate(order)]
+
+    def add_skip(self, x: Tensor, skip: Tensor, i: int) -> Tensor:
+        w = self.skip_weights[i].to(x.dtype)
+        return x + torch.sigmoid(w) * (skip - x) if self.skip_gate else x + w * skip
 
     def hidden(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
         """Final normalised hidden states (B, T, D) for token ids (B, T). With a cache (sampling), ids holds the
@@ -963,17 +1071,27 @@ class GPT(nn.Module):
             rope = tuple(t[:, p:p + 1] for t in cache.rope)
         x0 = x
         ve = self.ve(own) if self.ve is not None else None
-        skips = []
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder and skips:
-                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+        # U-Net skips move on a block's first run only, so they pair the same layers whatever the recurrence;
+        # in the parallel part they act on lane a, which carries the stream from before the split
+        skips, m = [], None
+        for n, (i, first) in enumerate(self.schedule()):
+            block = self.blocks[i]
+            if first and i >= self.num_encoder and skips:
+                x = self.add_skip(x, skips.pop(), i - self.num_encoder)
             slot = self.ve_slot.get(i)
-            x = block(x, x0, rope, None if slot is None else self.ve.layer_scales[slot].to(ve.dtype) * ve,
-                      None if cache is None else cache.layer(i))
-            if i < self.num_encoder:
+            block_args = (x0, rope, None if slot is None else self.ve.layer_scales[slot].to(ve.dtype) * ve,
+                          None if cache is None else cache.layer(n))
+            if block.parallel:
+                x, m = block.forward_parallel(x, torch.zeros_like(x) if m is None else m, *block_args)
+            else:
+                x = block(x, *block_args)
+            if first and i < self.num_encoder:
                 skips.append(x)
         if cache is not None:
             cache.pos += 1
+        if m is not None:
+            lanes = self.lane_out.to(x.dtype)
+            x = lanes[0] * x + lanes[1] * m
         return rms_norm(x)
 
     def token_losses(self, h: Tensor, targets: Tensor, reduction: str) -> Tensor:
@@ -2208,7 +2326,8 @@ def model_config(args: Hyperparameters) -> dict:
     """The knobs that shape the network: enough to rebuild it from an artifact alone."""
     keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_base",
             "rope_dims", "rope_train_len", "logit_softcap", "xsa_last_n", "ln_scale", "bigram_vocab_size",
-            "bigram_dim", "ve_layers", "ve_dim", "smear_gate", "train_seq_len")
+            "bigram_dim", "ve_layers", "ve_dim", "smear_gate", "train_seq_len", "mlp_leaky_slope", "smear_bos_fix",
+            "skip_gate", "attn_gate_dims", "parallel_from", "recur_layers", "recur_at")
     return {k.upper(): getattr(args, k) for k in keys}
 
 
@@ -2664,15 +2783,29 @@ def build_training(args: Hyperparameters, device: torch.device, rank: int, world
     return model, train_model, optimizers, loader
 
 
+def recurrence_passes(step: int, elapsed_ms: float, args: Hyperparameters) -> int:
+    """Passes of RECUR_LAYERS at this point of training: one more from each RECUR_AT fraction of the run (of
+    ITERATIONS or of the wallclock cap, whichever is nearer its end), the records' progressive switch-on."""
+    done = step / args.iterations
+    if args.max_wallclock_seconds > 0:
+        done = max(done, elapsed_ms / (1000 * args.max_wallclock_seconds))
+    return 1 + sum(done >= f for f in recur_starts(args))
+
+
 def warm_up(model: GPT, train_model, loader: TrainLoader, optimizers, args: Hyperparameters, autocast) -> None:
-    """Compile every graph the run will use (with and without QAT), then undo all of it: weights, optimiser
-    state and data order are as if the warm-up never ran."""
+    """Compile every graph the run will use (each recurrence depth; QAT, which comes last, at the full depth),
+    then undo all of it: weights, optimiser state and data order are as if the warm-up never ran."""
     initial_model = copy.deepcopy(model.state_dict())
     initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    full = 1 + len(recur_starts(args))
+    graphs = [(p, False) for p in range(recurrence_passes(0, 0.0, args), full + 1)]
+    graphs += [(full, True)] if args.late_qat_threshold > 0 else []
     for i in range(args.warmup_steps):
-        model.set_qat(args.late_qat_threshold > 0 and i >= args.warmup_steps // 2)
+        model.passes, qat = graphs[i * len(graphs) // args.warmup_steps]
+        model.set_qat(qat)
         train_step(train_model, loader, optimizers, args, 1.0, args.muon_momentum_warmup_start, autocast)
     model.set_qat(False)
+    model.passes = recurrence_passes(0, 0.0, args)
     model.load_state_dict(initial_model)
     for opt, state in zip(optimizers, initial_opts):
         opt.load_state_dict(state)
@@ -2740,8 +2873,13 @@ def train(model: GPT, train_model, loader: TrainLoader, optimizers, averages: We
                 f"step_avg:{train_ms / max(step, 1):.2f}ms")
             clock.resume()
         if last:
+            model.passes = 1 + len(recur_starts(args))  # evaluation and the artifact run at the full depth
             return train_ms
         scale = lr_scale(step, expected_ms(step), args)
+        passes = recurrence_passes(step, expected_ms(step), args)
+        if passes != model.passes:
+            model.passes = passes
+            log(f"recurrence: passes:{passes} step:{step}")
         if not qat_on and args.late_qat_threshold > 0 and scale < args.late_qat_threshold:
             qat_on = True
             multiplier = predicted_multiplier(model, args) if args.quant_mode == "sdclip" else 1.0

@@ -1,4 +1,6 @@
 """The model's MLP, relu(x @ W1.T)^2 @ W2.T, with relu^2 and its derivative fused into two matmul epilogues.
+With a slope s > 0 the activation is leaky_relu(h, s)^2 (SPEC section 5: s = 0.5 with MLP 4x); its sign is not in a,
+so the forward also stores h and the backward's epilogue reads h instead: g_h = 2 h (h > 0), 2 s^2 h (h <= 0).
 
 Forward:   a   = relu(x @ W1.T)^2            Triton GEMM: relu^2 of the fp32 accumulator, stored once as a
            out = a @ W2.T                     cuBLAS
@@ -32,30 +34,39 @@ except ImportError:
     triton = None
 
 
-def relu2_mlp_reference(x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
-    """Plain torch: relu(x @ w1.T)^2 @ w2.T, differentiable by autograd (the model's unfused path)."""
-    return F.linear(torch.relu(F.linear(x, w1)).square(), w2)
+def relu2_mlp_reference(x: Tensor, w1: Tensor, w2: Tensor, slope: float = 0.0) -> Tensor:
+    """Plain torch: leaky_relu(x @ w1.T, slope)^2 @ w2.T, differentiable by autograd (the model's unfused path)."""
+    return F.linear(F.leaky_relu(F.linear(x, w1), slope).square(), w2)
 
 
 if triton is not None:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     @triton.jit
-    def _relu2_epilogue(acc, c_desc, aux_desc, om, on, BACKWARD: tl.constexpr):
+    def _relu2_epilogue(acc, c_desc, aux_desc, om, on, BACKWARD: tl.constexpr, SLOPE: tl.constexpr):
         if BACKWARD:
-            out = 2.0 * tl.sqrt(aux_desc.load([om, on]).to(tl.float32)) * acc
+            aux = aux_desc.load([om, on]).to(tl.float32)
+            if SLOPE == 0.0:  # aux is relu(h)^2
+                out = 2.0 * tl.sqrt(aux) * acc
+            else:  # aux is h
+                out = 2.0 * tl.where(aux > 0, aux, SLOPE * SLOPE * aux) * acc
         else:
-            out = tl.maximum(acc, 0.0)
+            if SLOPE == 0.0:
+                out = tl.maximum(acc, 0.0)
+            else:
+                out = tl.where(acc > 0, acc, SLOPE * acc)
+                aux_desc.store([om, on], acc.to(aux_desc.dtype))
             out = out * out
         c_desc.store([om, on], out.to(c_desc.dtype))
 
     @triton.jit
     def _matmul_relu2_kernel(
         a_desc, b_desc, c_desc, aux_desc, M, N, K, programs,
-        B_KMAJOR: tl.constexpr, BACKWARD: tl.constexpr, FP32_DOT: tl.constexpr,
+        B_KMAJOR: tl.constexpr, BACKWARD: tl.constexpr, SLOPE: tl.constexpr, FP32_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
-        """C = relu(A @ B)^2 (forward) or C = 2 sqrt(AUX) * (A @ B) (backward; AUX is the forward's C). B is
+        """C = relu(A @ B)^2 (forward) or C = 2 sqrt(AUX) * (A @ B) (backward; AUX is the forward's C); with SLOPE,
+        C = leaky_relu(A @ B)^2 and AUX = A @ B (forward), C = 2 leaky'(AUX) leaky(AUX) * (A @ B) (backward). B is
         stored (N, K) when B_KMAJOR (a weight used as W.T), else (K, N). Persistent: this program computes
         output tiles program_id, program_id + programs, ..."""
         grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -76,8 +87,8 @@ if triton is not None:
                     acc = tl.dot(a, b, acc)
             # the epilogue in two column halves: half the registers and store buffer at a time
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            _relu2_epilogue(acc0, c_desc, aux_desc, om, on, BACKWARD)
-            _relu2_epilogue(acc1, c_desc, aux_desc, om, on + BLOCK_N // 2, BACKWARD)
+            _relu2_epilogue(acc0, c_desc, aux_desc, om, on, BACKWARD, SLOPE)
+            _relu2_epilogue(acc1, c_desc, aux_desc, om, on + BLOCK_N // 2, BACKWARD, SLOPE)
 
 
 # Tiles, measured on an H100 (docs/PERF.md); fp32 (tests) needs smaller ones to fit shared memory, and the
@@ -106,8 +117,9 @@ def _use_triton(x: Tensor, w1: Tensor, w2: Tensor) -> bool:
             and _has_tma(x.device) and all(_tma_ready(t) for t in (x, w1, w2)))
 
 
-def _launch(a: Tensor, b: Tensor, aux: Tensor | None, b_kmajor: bool) -> Tensor:
-    """relu(a @ B)^2, or 2 sqrt(aux) * (a @ B) with aux, where B = b.T if b_kmajor else b; out in a's dtype."""
+def _launch(a: Tensor, b: Tensor, aux: Tensor | None, b_kmajor: bool, backward: bool, slope: float) -> Tensor:
+    """The epilogue GEMM on a @ B, B = b.T if b_kmajor else b; out in a's dtype. aux: the forward's a (relu^2) or
+    h (leaky), read by the backward, written by the leaky forward."""
     m, k = a.shape
     n = b.shape[0] if b_kmajor else b.shape[1]
     out = torch.empty((m, n), dtype=a.dtype, device=a.device)
@@ -118,67 +130,79 @@ def _launch(a: Tensor, b: Tensor, aux: Tensor | None, b_kmajor: bool) -> Tensor:
     programs = min(tile_count, torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 8)
     _matmul_relu2_kernel[(programs,)](
         descriptor(a, [bm, bk]), descriptor(b, [bn, bk] if b_kmajor else [bk, bn]), descriptor(out, [bm, bn // 2]),
-        descriptor(aux if aux is not None else out, [bm, bn // 2]), m, n, k, programs,
-        B_KMAJOR=b_kmajor, BACKWARD=aux is not None, FP32_DOT=a.dtype == torch.float32 or not a.is_cuda, **tiles,
+        descriptor(aux if aux is not None else out, [bm, bn // 2]), m, n, k, programs, B_KMAJOR=b_kmajor,
+        BACKWARD=backward, SLOPE=slope, FP32_DOT=a.dtype == torch.float32 or not a.is_cuda, **tiles,
     )
     return out
 
 
-def _relu2_of_matmul(x: Tensor, w1: Tensor, fused: bool) -> Tensor:
+def _relu2_of_matmul(x: Tensor, w1: Tensor, slope: float, fused: bool) -> tuple[Tensor, Tensor]:
+    """(a, h): the activation and, for slope > 0, the pre-activation (else an empty tensor)."""
+    h = x.new_empty((x.shape[0], w1.shape[0]) if slope else (0,))
     if fused:
-        return _launch(x, w1, None, b_kmajor=True)
-    return torch.relu(x @ w1.t()).float().square().to(x.dtype)
+        return _launch(x, w1, h if slope else None, b_kmajor=True, backward=False, slope=slope), h
+    pre = x @ w1.t()
+    if slope:
+        h.copy_(pre)
+    return F.leaky_relu(pre, slope).float().square().to(x.dtype), h
 
 
-def _relu2_grad_of_matmul(g: Tensor, w2: Tensor, a: Tensor, fused: bool) -> Tensor:
+def _relu2_grad_of_matmul(g: Tensor, w2: Tensor, a: Tensor, h: Tensor | None, slope: float, fused: bool) -> Tensor:
+    aux = h if slope else a
     if fused:
-        return _launch(g, w2, a, b_kmajor=False)
-    return (2 * a.float().sqrt() * (g @ w2).float()).to(g.dtype)
+        return _launch(g, w2, aux, b_kmajor=False, backward=True, slope=slope)
+    grad = 2 * a.float().sqrt() if not slope else 2 * torch.where(aux > 0, aux, slope * slope * aux).float()
+    return (grad * (g @ w2).float()).to(g.dtype)
 
 
 @torch.library.custom_op("pgolf::relu2_mlp", mutates_args=())
-def _relu2_mlp(x: Tensor, w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
-    """(relu(x @ w1.T)^2 @ w2.T, and the activation a = relu(x @ w1.T)^2 that the backward needs); x (M, d)."""
-    a = _relu2_of_matmul(x, w1, _use_triton(x, w1, w2))
-    return a @ w2.t(), a
+def _relu2_mlp(x: Tensor, w1: Tensor, w2: Tensor, slope: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(leaky_relu(x @ w1.T, slope)^2 @ w2.T, and what the backward needs: the activation a and, for slope > 0,
+    the pre-activation h (else an empty tensor)); x (M, d)."""
+    a, h = _relu2_of_matmul(x, w1, slope, _use_triton(x, w1, w2))
+    return a @ w2.t(), a, h
 
 
 @_relu2_mlp.register_fake
-def _(x, w1, w2):
-    return x.new_empty((x.shape[0], w2.shape[0])), x.new_empty((x.shape[0], w1.shape[0]))
+def _(x, w1, w2, slope=0.0):
+    hidden = (x.shape[0], w1.shape[0])
+    return x.new_empty((x.shape[0], w2.shape[0])), x.new_empty(hidden), x.new_empty(hidden if slope else (0,))
 
 
 @torch.library.custom_op("pgolf::relu2_mlp_bwd", mutates_args=())
-def _relu2_mlp_bwd(g: Tensor, x: Tensor, w1: Tensor, w2: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _relu2_mlp_bwd(g: Tensor, x: Tensor, w1: Tensor, w2: Tensor, a: Tensor, h: Tensor | None = None,
+                   slope: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dw1, dw2) for the incoming gradient g (M, d_out) of relu2_mlp's first output."""
-    g_h = _relu2_grad_of_matmul(g, w2, a, _use_triton(g, w1, w2))
+    g_h = _relu2_grad_of_matmul(g, w2, a, h, slope, _use_triton(g, w1, w2))
     return g_h @ w1, g_h.t() @ x, g.t() @ a
 
 
 @_relu2_mlp_bwd.register_fake
-def _(g, x, w1, w2, a):
+def _(g, x, w1, w2, a, h=None, slope=0.0):
     return torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w2)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1, w2 = inputs
-    _, a = output
-    ctx.mark_non_differentiable(a)
-    ctx.save_for_backward(x, w1, w2, a)
+    x, w1, w2, *rest = inputs
+    _, a, h = output
+    ctx.slope = rest[0] if rest else 0.0
+    ctx.mark_non_differentiable(a, h)
+    ctx.save_for_backward(x, w1, w2, a, h)
 
 
-def _backward(ctx, g, _da):
-    x, w1, w2, a = ctx.saved_tensors
-    return torch.ops.pgolf.relu2_mlp_bwd(g.contiguous(), x, w1, w2, a)
+def _backward(ctx, g, _da, _dh):
+    x, w1, w2, a, h = ctx.saved_tensors
+    return *torch.ops.pgolf.relu2_mlp_bwd(g.contiguous(), x, w1, w2, a, h, ctx.slope), None
 
 
 _relu2_mlp.register_autograd(_backward, setup_context=_setup_context)
 
 
-def relu2_mlp(x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
-    """relu(x @ w1.T)^2 @ w2.T for x (..., d), w1 (hidden, d), w2 (d_out, hidden), all of one dtype; output
-    (..., d_out). Gradients flow to x, w1 and w2."""
+def relu2_mlp(x: Tensor, w1: Tensor, w2: Tensor, slope: float = 0.0) -> Tensor:
+    """leaky_relu(x @ w1.T, slope)^2 @ w2.T (slope 0: relu^2) for x (..., d), w1 (hidden, d), w2 (d_out, hidden),
+    all of one dtype; output (..., d_out). Gradients flow to x, w1 and w2."""
     if not (x.dtype == w1.dtype == w2.dtype):
         raise TypeError(f"relu2_mlp needs one dtype, got x {x.dtype}, w1 {w1.dtype}, w2 {w2.dtype}")
-    out, _ = torch.ops.pgolf.relu2_mlp(x.reshape(-1, x.shape[-1]).contiguous(), w1.contiguous(), w2.contiguous())
+    out, _, _ = torch.ops.pgolf.relu2_mlp(x.reshape(-1, x.shape[-1]).contiguous(), w1.contiguous(), w2.contiguous(),
+                                          float(slope))
     return out.view(*x.shape[:-1], w2.shape[0])

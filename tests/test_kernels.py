@@ -388,16 +388,16 @@ MLP_SHAPES = [(1, 32, 96), (7, 64, 104), (65, 96, 256), (130, 64, 192)] + (
     [(4099, 512, 1536), (98304, 512, 1536)] if HAS_CUDA else [])
 
 
-def check_relu2_mlp(x, w1, w2):
-    """Output and the gradients of x, w1, w2 against float64 autograd of relu(x @ w1.T)^2 @ w2.T."""
+def check_relu2_mlp(x, w1, w2, slope=0.0):
+    """Output and the gradients of x, w1, w2 against float64 autograd of leaky_relu(x @ w1.T, slope)^2 @ w2.T."""
     dtype = x.dtype
     x, w1, w2 = (a.detach().requires_grad_() for a in (x, w1, w2))
-    out = relu2_mlp(x, w1, w2)
+    out = relu2_mlp(x, w1, w2, slope)
     assert out.dtype == dtype and out.shape == (*x.shape[:-1], w2.shape[0])
     g = torch.randn_like(out)
     out.backward(g)
     x64, w164, w264 = (a.detach().double().requires_grad_() for a in (x, w1, w2))
-    out64 = relu2_mlp_reference(x64, w164, w264)
+    out64 = relu2_mlp_reference(x64, w164, w264, slope)
     out64.backward(g.double())
     # bf16: the stored activation and gradient of the hidden layer are rounded once more than the output
     tol = {torch.float32: TOL[torch.float32], torch.bfloat16: 2 * TOL[torch.bfloat16]}[dtype]
@@ -425,12 +425,35 @@ def test_relu2_mlp_sweep(rows, dim, hidden, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows,dim,hidden", MLP_SHAPES)
+def test_leaky_relu2_mlp_sweep(rows, dim, hidden, dtype):
+    """LeakyReLU(0.5)^2 (MLP_LEAKY_SLOPE) through the same kernels, against float64 autograd."""
+    torch.manual_seed(rows + hidden + 1)
+    check_relu2_mlp(*mlp_inputs(rows, dim, hidden, dtype), slope=0.5)
+
+
+def test_leaky_relu2_reference_hand_computed():
+    """leaky(h)^2 and its derivative by hand at h = 2, -2, 0 with slope 0.5: 4, 1, 0 and 4, -1, 0; the fallback
+    path (no Triton) gives them too."""
+    h = torch.tensor([[2.0, -2.0, 0.0]], dtype=torch.float64)
+    x, w1, w2 = torch.ones(1, 1, dtype=torch.float64, requires_grad=True), h.T.clone(), torch.ones(1, 3, dtype=torch.float64)
+    out = relu2_mlp_reference(x, w1, w2, 0.5)
+    assert out.item() == 5.0
+    act = F.leaky_relu(h, 0.5).square()
+    assert act.tolist() == [[4.0, 1.0, 0.0]]
+    g_h = mlp_kernels._relu2_grad_of_matmul(torch.ones(1, 1, dtype=torch.float64), w2, act, h, 0.5, fused=False)
+    assert g_h.tolist() == [[4.0, -1.0, 0.0]]
+
+
+@needs_triton
 def test_relu2_mlp_unaligned_rows_take_the_torch_path():
     """bf16 rows of 100 elements (200 bytes) are no TMA tiles: same results through the torch path."""
     torch.manual_seed(16)
     x, w1, w2 = mlp_inputs(7, 64, 100, torch.bfloat16)
     assert not mlp_kernels._use_triton(x, w1, w2) and mlp_kernels._use_triton(x, w1[:96], w2[:, :96].contiguous())
     check_relu2_mlp(x, w1, w2)
+    check_relu2_mlp(x, w1, w2, slope=0.5)
 
 
 @needs_triton
@@ -626,7 +649,7 @@ print("ok")
 
 
 OPCHECK_CASES = ["rms_fwd", "rms_fwd_w", "rms_bwd", "rms_bwd_w", "ce_fwd", "ce_fwd_nocap", "ce_bwd", "linear_ce",
-                 "linear_ce_mean", "mlp", "mlp_bwd", "qkv", "qkv_ve", "qkv_bwd"]
+                 "linear_ce_mean", "mlp", "mlp_bwd", "mlp_leaky", "mlp_bwd_leaky", "qkv", "qkv_ve", "qkv_bwd"]
 
 
 @pytest.mark.parametrize("case", OPCHECK_CASES)
@@ -658,6 +681,10 @@ def test_opcheck(case):
         "linear_ce_mean": (torch.ops.pgolf.linear_softcap_ce, (xg, lm_head, t, 0.0, True, 7)),
         "mlp": (torch.ops.pgolf.relu2_mlp, (xg, w1, w2.requires_grad_())),
         "mlp_bwd": (torch.ops.pgolf.relu2_mlp_bwd, (torch.randn_like(x), x, w1.detach(), w2.detach(), act)),
+        "mlp_leaky": (torch.ops.pgolf.relu2_mlp, (xg, w1, w2.requires_grad_(), 0.5)),
+        "mlp_bwd_leaky": (torch.ops.pgolf.relu2_mlp_bwd, (torch.randn_like(x), x, w1.detach(), w2.detach(),
+                                                          F.leaky_relu(x @ w1.detach().t(), 0.5).square(),
+                                                          x @ w1.detach().t(), 0.5)),
         "qkv": (torch.ops.pgolf.qkv_heads, (qkv, cos, sin, gain, None, 4, 2, 1e-6)),
         "qkv_ve": (torch.ops.pgolf.qkv_heads, (qkv, cos, sin, gain, ve, 4, 2, 1e-6)),
         "qkv_bwd": (torch.ops.pgolf.qkv_heads_bwd, (*qkv_grads, qkv.detach(), cos, sin, gain.detach(), 4, 2, 1e-6)),

@@ -438,12 +438,16 @@ def random_model(args, seed: int = 0) -> tg.GPT:
     return model
 
 
-def test_kv_cache_decoding_equals_the_full_forward():
+@pytest.mark.parametrize("knobs", [dict(NUM_LAYERS=3, XSA_LAST_N=2, VE_LAYERS="0,2"),
+                                   dict(PRESET="frontier", NUM_LAYERS=11, WARMUP_STEPS=3)], ids=["card", "frontier"])
+def test_kv_cache_decoding_equals_the_full_forward(knobs):
     """Every position decoded from the cache equals the full-sequence forward there, with XSA, value embeddings,
-    BigramHash, SmearGate and a sequence longer than ROPE_TRAIN_LEN (NTK-scaled rotary) all active."""
-    args = tiny_args(NUM_LAYERS=3, ROPE_TRAIN_LEN=16, XSA_LAST_N=2, VE_LAYERS="0,2")
+    BigramHash, SmearGate and a sequence longer than ROPE_TRAIN_LEN (NTK-scaled rotary) all active; and with
+    every knob of PRESET=frontier (docs/FRONTIER.md): parallel lanes, recurrence, gates, the BOS fix."""
+    args = tiny_args(ROPE_TRAIN_LEN=16, **knobs)
     model = random_model(args).eval()
     ids = torch.randint(0, args.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
+    ids[:, 9] = tg.BOS_ID
     with torch.no_grad():
         full = model.hidden(ids)
         cache = tg.KVCache(model, 3, 40, CPU)
