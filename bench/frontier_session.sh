@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU measurements of docs/FRONTIER.md and docs/TTT.md (issues 20 and 21), in stages that each fit one
+# 10-minute call on the lent machine. Needs .carry/ (bash bench/quant_session.sh prepare) and, for `ttt`, a QS-2
+# artifact at .carry/artifacts/qs2_default_s2.ptz (the default export of QS-2 seed 2, quant_session.sh lqer).
+#
+#   bash bench/frontier_session.sh ttt            # EVAL_ONLY on the artifact: TTT_LR 0 / 0.003 / 0.01
+#   bash bench/frontier_session.sh pair SEED      # QS-2: the card and PRESET=frontier on one seed (~8 min)
+#   bash bench/frontier_session.sh ablate KNOB=V ...  # QS-2 seed 1: the preset with each knob set back, one run each
+#
+# Logs go to $OUT as one tarball; the summary lines to stdout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/frontier_session}
+mkdir -p "$OUT" logs
+export DATA_PATH=.carry/qs2 TOKENIZER_PATH=.carry/fineweb_1024_bpe.model PYTHONUNBUFFERED=1
+QS2=(TRAIN_BATCH_TOKENS=65536 ITERATIONS=240 WARMDOWN_ITERS=100 WARMUP_STEPS=20 EMA_DECAY=0.98
+     MAX_WALLCLOCK_SECONDS=0 VAL_LOSS_EVERY=0 EVAL_STRIDE=64)
+SUMMARY='^(recurrence|averaging|quant_budget: chosen|final_|ttt_rank0|step:240/|peak_memory|artifact_bytes)'
+
+install() { python -m pip install --no-deps -q .carry/wheels/*.whl 2>&1 | grep -v WARNING || true; }
+run() {  # run NAME KNOB=VALUE...: train_gpt.py with the knobs, its summary lines to stdout
+  local name=$1; shift
+  echo "== $name: $*"
+  env "$@" RUN_ID="$name" python train_gpt.py > "logs/$name.out" 2>&1 && echo "rc=0" || echo "rc=$?"
+  grep -E "$SUMMARY" "logs/$name.txt" || tail -5 "logs/$name.out"
+}
+
+case "${1:-}" in
+  ttt)
+    install
+    for lr in 0 0.003 0.01; do
+      run "qs2_ttt_lr$lr" EVAL_ONLY=.carry/artifacts/qs2_default_s2.ptz EVAL_STRIDE=64 TTT_ENABLED=1 TTT_LR=$lr
+    done
+    ;;
+  pair)
+    install
+    seed=${2:?pair needs a seed}
+    run "qs2_card_s$seed" "${QS2[@]}" SEED="$seed"
+    run "qs2_frontier_s$seed" "${QS2[@]}" SEED="$seed" PRESET=frontier
+    ;;
+  ablate)
+    install
+    shift
+    for knob in "$@"; do  # e.g. MLP_MULT=3 "RECUR_LAYERS= RECUR_AT=" (a quoted pair is one run)
+      read -ra knobs <<< "$knob"
+      run "qs2_frontier_${knob%%=*}" "${QS2[@]}" SEED=1 PRESET=frontier "${knobs[@]}"
+    done
+    ;;
+  *)
+    sed -n '2,10p' "$0"
+    exit 2
+    ;;
+esac
+tar czf "$OUT/logs_$1.tar.gz" logs/*.txt logs/*.out 2>/dev/null || true
