@@ -9,21 +9,9 @@
 #
 # Logs go to $OUT as one tarball; the summary lines to stdout.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/frontier_session}
-mkdir -p "$OUT" logs
-export DATA_PATH=.carry/qs2 TOKENIZER_PATH=.carry/fineweb_1024_bpe.model PYTHONUNBUFFERED=1
-QS2=(TRAIN_BATCH_TOKENS=65536 ITERATIONS=240 WARMDOWN_ITERS=100 WARMUP_STEPS=20 EMA_DECAY=0.98
-     MAX_WALLCLOCK_SECONDS=0 VAL_LOSS_EVERY=0 EVAL_STRIDE=64)
 SUMMARY='^(recurrence|averaging|quant_budget: chosen|final_|ttt_rank0|step:240/|peak_memory|artifact_bytes)'
-
-install() { python -m pip install --no-deps -q .carry/wheels/*.whl 2>&1 | grep -v WARNING || true; }
-run() {  # run NAME KNOB=VALUE...: train_gpt.py with the knobs, its summary lines to stdout
-  local name=$1; shift
-  echo "== $name: $*"
-  env "$@" RUN_ID="$name" python train_gpt.py > "logs/$name.out" 2>&1 && echo "rc=0" || echo "rc=$?"
-  grep -E "$SUMMARY" "logs/$name.txt" || tail -5 "logs/$name.out"
-}
+source "$(dirname "$0")/qs2_common.sh"
 
 case "${1:-}" in
   ttt)

@@ -15,21 +15,9 @@
 #
 # Logs and tables go to $OUT (the device tool's result folder) as one tarball plus a few files.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/quant_session}
-mkdir -p "$OUT" logs
-export DATA_PATH=.carry/qs2 TOKENIZER_PATH=.carry/fineweb_1024_bpe.model PYTHONUNBUFFERED=1
-QS2=(TRAIN_BATCH_TOKENS=65536 ITERATIONS=240 WARMDOWN_ITERS=100 WARMUP_STEPS=20 EMA_DECAY=0.98
-     MAX_WALLCLOCK_SECONDS=0 VAL_LOSS_EVERY=0 EVAL_STRIDE=64)
 SUMMARY='^(late_qat|averaging|gptq_calibration|quant_budget|quantize_compress_time|Total submission|final_int6|artifact_|step:240/|peak_memory|stopping)'
-
-install() { python -m pip install --no-deps -q .carry/wheels/*.whl 2>&1 | grep -v WARNING || true; }
-run() {  # run NAME KNOB=VALUE...: train_gpt.py with the knobs, its summary lines to stdout
-  local name=$1; shift
-  echo "== $name: $*"
-  env "$@" RUN_ID="$name" python train_gpt.py > "logs/$name.out" 2>&1 && echo "rc=0" || echo "rc=$?"
-  grep -E "$SUMMARY" "logs/$name.txt" || tail -5 "logs/$name.out"
-}
+source "$(dirname "$0")/qs2_common.sh"
 pack() { tar czf "$OUT/logs_$1.tar.gz" logs/*.txt logs/*.out 2>/dev/null || true; }
 
 case "${1:-}" in
