@@ -236,11 +236,13 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
             need(math.isfinite(getattr(a, f.name)), f.name.upper(), "must be a finite number")
     for name in ("ITERATIONS", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_SEQ_LEN",
                  "TRAIN_BATCH_TOKENS", "GRAD_ACCUM_STEPS", "VOCAB_SIZE", "EVAL_STRIDE", "EVAL_BATCH_SEQS",
-                 "MUON_BACKEND_STEPS", "SWA_EVERY", "TRAIN_LOG_EVERY"):
+                 "MUON_BACKEND_STEPS", "SWA_EVERY", "TRAIN_LOG_EVERY", "TTT_LORA_RANK", "TTT_CHUNK", "TTT_BATCH_DOCS",
+                 "TTT_PHASES"):
         need(getattr(a, name.lower()) >= 1, name, "must be at least 1")
     for name in ("WARMUP_STEPS", "VAL_LOSS_EVERY", "MAX_WALLCLOCK_SECONDS", "LOGIT_SOFTCAP",
                  "GRAD_CLIP_NORM", "BIGRAM_VOCAB_SIZE", "MUON_MOMENTUM_WARMUP_STEPS", "XSA_LAST_N", "ROPE_DIMS",
-                 "MATRIX_LR", "TIED_EMBED_LR", "SCALAR_LR", "MUON_WEIGHT_DECAY", "ADAM_WEIGHT_DECAY"):
+                 "MATRIX_LR", "TIED_EMBED_LR", "SCALAR_LR", "MUON_WEIGHT_DECAY", "ADAM_WEIGHT_DECAY", "TTT_LR",
+                 "TTT_GLOBAL_LR"):
         need(getattr(a, name.lower()) >= 0, name, "must not be negative")
     need(0 <= a.seed < 2**32, "SEED", "must lie in [0, 2**32): numpy's seed range")
     need(0 <= a.beta1 < 1, "BETA1", "must lie in [0, 1)")
@@ -315,10 +317,6 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
     need(a.lqer_rank >= 0, "LQER_RANK", "must not be negative")
     need(a.lqer_rank == 0 or a.quant_mode == "sdclip", "LQER_RANK", "needs QUANT_MODE=sdclip (the budget pays for it)")
     need(not a.eval_only or Path(a.eval_only).is_file(), "EVAL_ONLY", "is not a file")
-    for name in ("TTT_LORA_RANK", "TTT_CHUNK", "TTT_BATCH_DOCS", "TTT_PHASES"):
-        need(getattr(a, name.lower()) >= 1, name, "must be at least 1")
-    for name in ("TTT_LR", "TTT_GLOBAL_LR"):
-        need(getattr(a, name.lower()) >= 0, name, "must not be negative")
     targets = [t.strip() for t in a.ttt_lora_targets.split(",") if t.strip()]
     need(bool(targets) and set(targets) <= set(TTT_TARGETS) and len(set(targets)) == len(targets), "TTT_LORA_TARGETS",
          f"must be a comma list of distinct names among {', '.join(TTT_TARGETS)}")
@@ -356,6 +354,11 @@ def recur_span(args: Hyperparameters) -> tuple[int, int]:
 
 def recur_starts(args: Hyperparameters) -> list[float]:
     return [float(s) for s in args.recur_at.split(",") if s.strip()]
+
+
+def full_passes(args: Hyperparameters) -> int:
+    """Passes of RECUR_LAYERS at the full depth (the end of training, evaluation, the artifact)."""
+    return 1 + len(recur_starts(args))
 
 
 def value_embedding_layers(args: Hyperparameters) -> list[int]:
@@ -1006,7 +1009,7 @@ class GPT(nn.Module):
         self.recur = recur_span(args)
         # passes of RECUR_LAYERS: the full depth (evaluation, the artifact); training starts lower (recurrence_passes).
         # A Python int, not a tensor: each value is its own compiled graph, with no data-dependent control flow
-        self.passes = 1 + len(recur_starts(args))
+        self.passes = full_passes(args)
         self._init_weights(args)
 
     def _init_weights(self, args: Hyperparameters) -> None:
@@ -1894,8 +1897,7 @@ def gptq_lite(w: Tensor, floor: float) -> tuple[Tensor, Tensor, float]:
     best = None
     for quantile in CLIP_QUANTILES:
         clip = absw.amax(dim=1) if quantile == 1.0 else torch.quantile(absw, quantile, dim=1)
-        step = (clip / INT6_MAX).clamp_min(floor).to(torch.float16)
-        step = torch.where(step > 0, step, torch.ones_like(step))
+        step = row_steps(clip.clamp_min(floor * INT6_MAX), INT6_MAX)
         q = round_rows(w, step, INT6_MAX)
         err = (w - dequantize_rows(q, step)).pow(2).mean().item()
         if best is None or err < best[0]:  # ties keep the earlier candidate, as the record's loop does
@@ -2071,8 +2073,11 @@ def add_low_rank_corrections(stored: dict, state: dict[str, Tensor], hessians: d
         if s["kind"] == "int6":
             err = state[name].float() - dequantize_rows(s["q"], s["scale"])
             h = None if hessians is None else hessians.get(name)
-            e = err.to(h.dtype) if h is not None else err  # the Hessians are float64
-            scored.append((float((e @ h * e).sum()) if h is not None else float(err.square().sum()), name, err))
+            if h is None:
+                scored.append((float(err.square().sum()), name, err))
+            else:  # the Hessians are float64
+                e = err.to(h.dtype)
+                scored.append((float((e @ h * e).sum()), name, err))
     chosen = sorted(scored, key=lambda e: e[0], reverse=True)[:top]
     for _, name, err in chosen:
         stored[name].update(low_rank_correction(err, rank))
@@ -2162,9 +2167,10 @@ def fit_to_budget(quantise, measure, estimate, budget: int, log) -> tuple[dict, 
     for attempt in itertools.count(1):
         if attempt > BUDGET_TRIES and best is not None:
             break
-        if attempt > BUDGET_TRIES:  # bytes fall ~0.6x as fast as the multiplier grows: squaring overshoots coarser
+        if attempt > BUDGET_TRIES + 4:
+            m = MULTIPLIERS[1]
+        elif attempt > BUDGET_TRIES:  # bytes fall ~0.6x as fast as the multiplier grows: squaring overshoots coarser
             m = min(MULTIPLIERS[1], over[0] * max((over[1] / target) ** 2, 1.001))
-            m = m if attempt <= BUDGET_TRIES + 4 else MULTIPLIERS[1]
         elif over is not None and under is not None:
             (m0, b0), (m1, b1) = over, under
             t = (math.log(target) - math.log(b0)) / (math.log(b1) - math.log(b0))
@@ -2175,8 +2181,9 @@ def fit_to_budget(quantise, measure, estimate, budget: int, log) -> tuple[dict, 
             m = smallest_multiplier(lambda x: ratio * estimate(x), target, low, high)
         stored = quantise(m)
         nbytes, blob = measure(stored)
+        estimated = estimate(m)
         log(f"quant_budget: try:{attempt} multiplier:{m:.5f} bytes:{nbytes} limit:{budget} "
-            f"estimate:{ratio * estimate(m):.0f}")
+            f"estimate:{ratio * estimated:.0f}")
         if nbytes <= budget:
             if best is None or nbytes > best[2]:
                 best = (stored, m, nbytes, blob)
@@ -2187,7 +2194,7 @@ def fit_to_budget(quantise, measure, estimate, budget: int, log) -> tuple[dict, 
             over = (m, nbytes)
             if m >= MULTIPLIERS[1]:
                 break
-        ratio = nbytes / estimate(m)
+        ratio = nbytes / estimated
     if best is None:
         raise ArtifactError(f"no quantisation up to the coarsest (multiplier {MULTIPLIERS[1]}) fits: the last try, "
                             f"at multiplier {m:.4g}, needs {nbytes} bytes, {nbytes - budget} over ARTIFACT_LIMIT="
@@ -2786,9 +2793,7 @@ def build_training(args: Hyperparameters, device: torch.device, rank: int, world
 def recurrence_passes(step: int, elapsed_ms: float, args: Hyperparameters) -> int:
     """Passes of RECUR_LAYERS at this point of training: one more from each RECUR_AT fraction of the run (of
     ITERATIONS or of the wallclock cap, whichever is nearer its end), the records' progressive switch-on."""
-    done = step / args.iterations
-    if args.max_wallclock_seconds > 0:
-        done = max(done, elapsed_ms / (1000 * args.max_wallclock_seconds))
+    done = run_fraction(step, elapsed_ms, args)
     return 1 + sum(done >= f for f in recur_starts(args))
 
 
@@ -2797,7 +2802,7 @@ def warm_up(model: GPT, train_model, loader: TrainLoader, optimizers, args: Hype
     then undo all of it: weights, optimiser state and data order are as if the warm-up never ran."""
     initial_model = copy.deepcopy(model.state_dict())
     initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-    full = 1 + len(recur_starts(args))
+    full = full_passes(args)
     graphs = [(p, False) for p in range(recurrence_passes(0, 0.0, args), full + 1)]
     graphs += [(full, True)] if args.late_qat_threshold > 0 else []
     for i in range(args.warmup_steps):
@@ -2873,7 +2878,7 @@ def train(model: GPT, train_model, loader: TrainLoader, optimizers, averages: We
                 f"step_avg:{train_ms / max(step, 1):.2f}ms")
             clock.resume()
         if last:
-            model.passes = 1 + len(recur_starts(args))  # evaluation and the artifact run at the full depth
+            model.passes = full_passes(args)  # evaluation and the artifact run at the full depth
             return train_ms
         scale = lr_scale(step, expected_ms(step), args)
         passes = recurrence_passes(step, expected_ms(step), args)
