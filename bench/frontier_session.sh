@@ -5,6 +5,7 @@
 #
 #   bash bench/frontier_session.sh ttt            # EVAL_ONLY on the artifact: TTT_LR 0 / 0.003 / 0.01
 #   bash bench/frontier_session.sh pair SEED      # QS-2: the card and PRESET=frontier on one seed (~8 min)
+#   bash bench/frontier_session.sh runs ARM:SEED ...  # QS-2 runs in one call, e.g. frontier:1 card:1 frontier:2
 #   bash bench/frontier_session.sh ablate KNOB=V ...  # QS-2 seed 1: the preset with each knob set back, one run each
 #
 # Logs go to $OUT as one tarball; the summary lines to stdout.
@@ -25,6 +26,14 @@ case "${1:-}" in
     seed=${2:?pair needs a seed}
     run "qs2_card_s$seed" "${QS2[@]}" SEED="$seed"
     run "qs2_frontier_s$seed" "${QS2[@]}" SEED="$seed" PRESET=frontier
+    ;;
+  runs)  # ARM:SEED ..., e.g. frontier:1 card:1 frontier:2 (the later runs of an arm reuse its compiled graphs)
+    install
+    for spec in "${@:2}"; do
+      arm=${spec%%:*} seed=${spec#*:}
+      case $arm in card) preset=() ;; frontier) preset=(PRESET=frontier) ;; *) echo "arm is card or frontier" >&2; exit 2 ;; esac
+      run "qs2_${arm}_s$seed" "${QS2[@]}" SEED="$seed" "${preset[@]}"
+    done
     ;;
   ablate)
     install

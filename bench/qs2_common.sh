@@ -12,4 +12,5 @@ run() {
   echo "== $name: $*"
   env "$@" RUN_ID="$name" python train_gpt.py > "logs/$name.out" 2>&1 && echo "rc=0" || echo "rc=$?"
   grep -E "$SUMMARY" "logs/$name.txt" || tail -5 "logs/$name.out"
+  cp "logs/$name.txt" "$OUT/" 2>/dev/null || true  # each finished run's log comes back even if a later one times out
 }

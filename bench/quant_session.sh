@@ -85,7 +85,7 @@ case "${1:-}" in
     cp logs/qs2_default_s2.ptz "$OUT/"
     echo "== quant_sweep qs2_default_s2"
     timeout 240 python bench/quant_sweep.py logs/qs2_default_s2.weights.pt --out "$OUT/sweep_qs2_default_s2.md" \
-      --only card,default_budget,gptq_at_card_bytes,budget_lqer_r4_top3,budget_act_order 2>&1 | grep -v Warning || true
+      --only card,default_budget,budget_lqer_r4_top3,budget_act_order 2>&1 | grep -v Warning || true
     pack lqer
     ;;
   *)
