@@ -12,6 +12,7 @@ traces one step and prints where the GPU time goes, by kernel family and by kern
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import sys
 import time
@@ -27,11 +28,18 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, 
 
 
 def flops_per_token(model: tg.GPT, args: tg.Hyperparameters) -> float:
-    """6 x (parameters in matmuls, lm_head included) + causal attention 6 x layers x seq_len x model_dim."""
-    kinds = tg.module_kinds(model)
-    matmul = sum(p.numel() for n, p in model.named_parameters() if kinds.get(n) in ("int6", "matrix"))
+    """6 x (parameters in matmuls, lm_head included, a recurring block's once per run) + causal attention
+    6 x block runs x seq_len x model_dim, at the model's current recurrence depth."""
+    kinds, schedule = tg.module_kinds(model), [i for i, _ in model.schedule()]
+    runs = collections.Counter(schedule)
+
+    def uses(name: str) -> int:  # how often a parameter's matmul runs per token
+        parts = name.split(".")
+        return runs[int(parts[1])] if parts[0] == "blocks" else 1
+
+    matmul = sum(p.numel() * uses(n) for n, p in model.named_parameters() if kinds.get(n) in ("int6", "matrix"))
     matmul += model.tok_emb.weight.numel()  # tied lm_head
-    return 6 * matmul + 6 * args.num_layers * args.train_seq_len * args.model_dim
+    return 6 * matmul + 6 * len(schedule) * args.train_seq_len * args.model_dim
 
 
 def kernel_family(name: str) -> str:
@@ -130,6 +138,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="trace one more step and print a kernel table")
     ap.add_argument("--profile-table", help="with --profile: write every kernel's time to this file (TSV)")
     ap.add_argument("--qat", action="store_true", help="time the step with late QAT on")
+    ap.add_argument("--passes", type=int, help="recurrence depth of RECUR_LAYERS to time (default: the full depth, "
+                    "the run's last phase; 1 = before the first RECUR_AT switch)")
     ap.add_argument("--losses", help="write every step's training loss to this file (one per line)")
     ap.add_argument("--sync-every-step", action="store_true",
                     help="wait for each step before starting the next (train_gpt.py reads a step's loss one step "
@@ -145,6 +155,10 @@ def main() -> None:
     autocast = tg.make_autocast(device)
     model, train_model, optimizers, loader = tg.build_training(args, device, rank, world, local_rank)
     model.set_qat(opts.qat)
+    if opts.passes is not None:
+        if not 1 <= opts.passes <= tg.full_passes(args):
+            sys.exit(f"--passes {opts.passes}: must lie in 1..{tg.full_passes(args)} (the full depth of this config)")
+        model.passes = opts.passes
 
     losses = []
 
@@ -169,7 +183,8 @@ def main() -> None:
     peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), float("nan"))
     mfu = flops_per_token(model, args) * tok_s_gpu / (peak_tflops * 1e12)
     if rank == 0:
-        print(f"device: {world}x{gpu}  torch {torch.__version__}  {runtime}  qat:{int(opts.qat)}")
+        print(f"device: {world}x{gpu}  torch {torch.__version__}  {runtime}  qat:{int(opts.qat)}  "
+              f"passes:{model.passes}")
         print(f"config: layers={args.num_layers} dim={args.model_dim} batch_tokens={args.train_batch_tokens} "
               f"seq={args.train_seq_len} grad_accum={args.grad_accum_steps} world={world}")
         print(f"warm-up ({opts.warmup} steps, compile included): {warm_s:.1f}s")

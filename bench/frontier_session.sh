@@ -6,6 +6,8 @@
 #   bash bench/frontier_session.sh ttt            # EVAL_ONLY on the artifact: TTT_LR 0 / 0.003 / 0.01
 #   bash bench/frontier_session.sh pair SEED      # QS-2: the card and PRESET=frontier on one seed (~8 min)
 #   bash bench/frontier_session.sh runs ARM:SEED ...  # QS-2 runs in one call, e.g. frontier:1 card:1 frontier:2
+#   bash bench/frontier_session.sh speed NAME[:PASSES]=K=V+K=V ...  # full-batch ms/step, e.g. card= \
+#                                                 # frontier:1=PRESET=frontier frontier:3=PRESET=frontier mlp4=MLP_MULT=4
 #   bash bench/frontier_session.sh ablate KNOB=V ...  # QS-2 seed 1: the preset with each knob set back, one run each
 #
 # Logs go to $OUT as one tarball; the summary lines to stdout.
@@ -33,6 +35,18 @@ case "${1:-}" in
       arm=${spec%%:*} seed=${spec#*:}
       case $arm in card) preset=() ;; frontier) preset=(PRESET=frontier) ;; *) echo "arm is card or frontier" >&2; exit 2 ;; esac
       run "qs2_${arm}_s$seed" "${QS2[@]}" SEED="$seed" "${preset[@]}"
+    done
+    ;;
+  speed)  # full-batch ms/step (bench_train.py, 786,432 tokens in 8 accumulation steps): NAME[:PASSES]=KNOB+KNOB ...
+    install  # e.g. card= frontier:1=PRESET=frontier frontier:3=PRESET=frontier mlp4=MLP_MULT=4 (two calls for ~10)
+    for spec in "${@:2}"; do
+      name=${spec%%=*} knobs=${spec#*=} passes=
+      [[ $name == *:* ]] && passes=${name#*:} && name=${name%%:*}
+      IFS=+ read -ra env_knobs <<< "$knobs"
+      echo "== speed $name${passes:+ passes $passes}: ${env_knobs[*]}"
+      env "${env_knobs[@]}" python bench/bench_train.py --steps 20 ${passes:+--passes "$passes"} \
+        > "$OUT/speed_${name}${passes}.txt" 2>&1 || echo "rc=$?"
+      grep -E "^(device|\| [0-9])" "$OUT/speed_${name}${passes}.txt" || tail -3 "$OUT/speed_${name}${passes}.txt"
     done
     ;;
   ablate)

@@ -198,3 +198,19 @@ def test_frontier_preset_runs_end_to_end_and_fits(tiny_env, tmp_path):
                                                                     "recurrence: passes:3 step:4"]
     total = int(lines[-1].split()[1])
     assert lines[-2].startswith("val_bpb: ") and total <= tg.ARTIFACT_LIMIT
+
+
+def test_bench_train_counts_a_recurring_blocks_flops_once_per_run():
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_train import flops_per_token
+
+    args = tg.resolve(tiny_args(NUM_LAYERS=4, RECUR_LAYERS="1-2", RECUR_AT="0.5"), 1)
+    model = tg.GPT(args)
+    linear = {i: sum(m.weight.numel() for m in model.blocks[i].modules() if isinstance(m, torch.nn.Linear))
+              for i in range(4)}
+    model.passes = 1
+    one = flops_per_token(model, args)
+    model.passes = 2  # schedule 0 1 2 1 2 3: blocks 1 and 2 run twice
+    two = flops_per_token(model, args)
+    assert two - one == 6 * (linear[1] + linear[2]) + 6 * 2 * args.train_seq_len * args.model_dim
+    assert one >= 6 * sum(linear.values()) + 6 * 4 * args.train_seq_len * args.model_dim
