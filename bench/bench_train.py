@@ -156,8 +156,8 @@ def main() -> None:
     model, train_model, optimizers, loader = tg.build_training(args, device, rank, world, local_rank)
     model.set_qat(opts.qat)
     if opts.passes is not None:
-        if not 1 <= opts.passes <= tg.full_passes(args):
-            sys.exit(f"--passes {opts.passes}: must lie in 1..{tg.full_passes(args)} (the full depth of this config)")
+        if not 1 <= opts.passes <= model.passes:  # a new model runs at the full depth
+            sys.exit(f"--passes {opts.passes}: must lie in 1..{model.passes} (the full depth of this config)")
         model.passes = opts.passes
 
     losses = []

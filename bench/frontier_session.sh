@@ -15,6 +15,10 @@ set -euo pipefail
 OUT=${OUT:-/tmp/frontier_session}
 SUMMARY='^(recurrence|averaging|quant_budget: chosen|final_|ttt_rank0|step:240/|peak_memory|artifact_bytes)'
 source "$(dirname "$0")/qs2_common.sh"
+run_arm() {  # ARM SEED: one QS-2 run of the card (the defaults) or of PRESET=frontier
+  case $1 in card) local preset=() ;; frontier) local preset=(PRESET=frontier) ;; *) echo "arm is card or frontier" >&2; exit 2 ;; esac
+  run "qs2_$1_s$2" "${QS2[@]}" SEED="$2" "${preset[@]}"
+}
 
 case "${1:-}" in
   ttt)
@@ -26,15 +30,13 @@ case "${1:-}" in
   pair)
     install
     seed=${2:?pair needs a seed}
-    run "qs2_card_s$seed" "${QS2[@]}" SEED="$seed"
-    run "qs2_frontier_s$seed" "${QS2[@]}" SEED="$seed" PRESET=frontier
+    run_arm card "$seed"
+    run_arm frontier "$seed"
     ;;
   runs)  # ARM:SEED ..., e.g. frontier:1 card:1 frontier:2 (the later runs of an arm reuse its compiled graphs)
     install
     for spec in "${@:2}"; do
-      arm=${spec%%:*} seed=${spec#*:}
-      case $arm in card) preset=() ;; frontier) preset=(PRESET=frontier) ;; *) echo "arm is card or frontier" >&2; exit 2 ;; esac
-      run "qs2_${arm}_s$seed" "${QS2[@]}" SEED="$seed" "${preset[@]}"
+      run_arm "${spec%%:*}" "${spec#*:}"
     done
     ;;
   speed)  # full-batch ms/step (bench_train.py, 786,432 tokens in 8 accumulation steps): NAME[:PASSES]=KNOB+KNOB ...
@@ -44,9 +46,10 @@ case "${1:-}" in
       [[ $name == *:* ]] && passes=${name#*:} && name=${name%%:*}
       IFS=+ read -ra env_knobs <<< "$knobs"
       echo "== speed $name${passes:+ passes $passes}: ${env_knobs[*]}"
-      env "${env_knobs[@]}" python bench/bench_train.py --steps 20 ${passes:+--passes "$passes"} \
-        > "$OUT/speed_${name}${passes}.txt" 2>&1 || echo "rc=$?"
-      grep -E "^(device|\| [0-9])" "$OUT/speed_${name}${passes}.txt" || tail -3 "$OUT/speed_${name}${passes}.txt"
+      log="$OUT/speed_${name}${passes}.txt"
+      env "${env_knobs[@]}" python bench/bench_train.py --steps 20 ${passes:+--passes "$passes"} > "$log" 2>&1 \
+        || echo "rc=$?"
+      grep -E "^(device|\| [0-9])" "$log" || tail -3 "$log"
     done
     ;;
   ablate)
