@@ -30,7 +30,7 @@ import time
 import uuid
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -161,7 +161,7 @@ class Hyperparameters:
     # systems
     compile: bool = True  # torch.compile on CUDA (CPU always runs eager)
     fused_kernels: str = "mlp,qkv"  # Triton kernels on CUDA: none | all | a comma list of mlp, qkv, loss, norm
-    attention: str = "auto"  # auto | fa3 | cudnn | flash | efficient | math
+    attention: str = "auto"  # auto | fa3 | fa4 | cudnn | flash | efficient | math
     residual_fp32: bool = False  # residual stream in fp32 under autocast (default: bf16, as the record's script)
     preset: str = ""  # a name in PRESETS: its values become the defaults, explicit knobs still win
 
@@ -302,8 +302,8 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
     chosen = {k.strip() for k in kinds.split(",") if k.strip()}
     need(chosen <= set(FUSED_KINDS), "FUSED_KERNELS", f"must be none, all or a comma list of {', '.join(FUSED_KINDS)}")
     a.fused_kernels = ",".join(k for k in FUSED_KINDS if k in chosen) or "none"
-    need(a.attention in ("auto", "fa3", "cudnn", "flash", "efficient", "math"), "ATTENTION",
-         "must be auto, fa3, cudnn, flash, efficient or math")
+    need(a.attention in ("auto", "fa3", "fa4", "cudnn", "flash", "efficient", "math"), "ATTENTION",
+         "must be auto, fa3, fa4, cudnn, flash, efficient or math")
     a.gptq_calib_len = a.gptq_calib_len or a.train_seq_len
     need(a.artifact_limit <= ARTIFACT_LIMIT, "ARTIFACT_LIMIT", f"the challenge caps code + model at {ARTIFACT_LIMIT}")
     for name in ("ARTIFACT_LIMIT", "ROPE_TRAIN_LEN", "GPTQ_CALIB_SEQS", "GPTQ_CALIB_LEN", "GPTQ_BLOCK", "LQER_TOP"):
@@ -1130,6 +1130,63 @@ def fa3_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def attention_custom_op(name: str, fwd: Callable, bwd: Callable) -> Callable:
+    """Causal attention from fwd(q, k, v, scale) -> (out, lse) and bwd(dout, q, k, v, out, lse, scale) -> (dq, dk, dv),
+    as two torch.library custom ops with autograd: torch.compile sees one opaque call each way instead of tracing
+    into a kernel DSL it cannot follow. Layouts are FA's: q, out (B, T, H, D); k, v (B, T, H_kv, D); lse (B, H, T)."""
+
+    @torch.library.custom_op(f"train_gpt::{name}_fwd", mutates_args=())
+    def op_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        out, lse = fwd(q.contiguous(), k.contiguous(), v.contiguous(), scale)
+        return out, lse
+
+    @op_fwd.register_fake
+    def _(q, k, v, scale):
+        b, t, h, _ = q.shape
+        return q.new_empty(b, t, h, v.size(-1)), q.new_empty(b, h, t, dtype=torch.float32)
+
+    @torch.library.custom_op(f"train_gpt::{name}_bwd", mutates_args=())
+    def op_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+               scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        dq, dk, dv = bwd(dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out, lse, scale)
+        return dq, dk, dv
+
+    @op_bwd.register_fake
+    def _(dout, q, k, v, out, lse, scale):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale = inputs
+        ctx.save_for_backward(q, k, v, *output)
+        ctx.scale = scale
+
+    def backward(ctx, dout, _dlse):  # lse is an internal output: nothing differentiates it
+        dq, dk, dv = op_bwd(dout, *ctx.saved_tensors, ctx.scale)
+        return dq, dk, dv, None
+
+    op_fwd.register_autograd(backward, setup_context=setup_context)
+
+    def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return op_fwd(q, k, v, q.size(-1) ** -0.5)[0]
+
+    attention.ops = (op_fwd, op_bwd)
+    return attention
+
+
+def fa4_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    from flash_attn.cute.interface import _flash_attn_fwd  # FlashAttention-4 (pip flash-attn-4, CuTe DSL)
+
+    return _flash_attn_fwd(q, k, v, softmax_scale=scale, causal=True, return_lse=True)[:2]
+
+
+def fa4_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    return _flash_attn_bwd(q, k, v, out, dout, lse, scale, True)[:3]
+
+
+fa4_attention = attention_custom_op("fa4", fa4_forward, fa4_backward)
 ATTENTION = sdpa_attention
 
 
@@ -1146,11 +1203,13 @@ def select_attention(choice: str, device: torch.device, heads: int, kv_heads: in
     k = torch.randn(2, 256, kv_heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn_like(k, requires_grad=True)
     errors = []
+    flash_attn = {"fa3": fa3_attention, "fa4": fa4_attention}
     for name in candidates:
-        options = [("", fa3_attention)] if name == "fa3" else [("", sdpa_attention), ("+repeat_kv", sdpa_attention_repeat_kv)]
+        options = ([("", flash_attn[name])] if name in flash_attn
+                   else [("", sdpa_attention), ("+repeat_kv", sdpa_attention_repeat_kv)])
         for suffix, fn in options:
             try:
-                if name == "fa3":
+                if name in flash_attn:
                     fn(q, k, v).sum().backward()
                 else:
                     with sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name])):
@@ -1158,7 +1217,7 @@ def select_attention(choice: str, device: torch.device, heads: int, kv_heads: in
             except Exception as e:  # noqa: BLE001 - any failure means "not usable here"; we say why below
                 errors.append(f"{name}{suffix}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 continue
-            if name != "fa3":
+            if name not in flash_attn:
                 for other, flag in (("cudnn", "cudnn"), ("flash", "flash"), ("efficient", "mem_efficient"),
                                     ("math", "math")):
                     getattr(torch.backends.cuda, f"enable_{flag}_sdp")(other == name)

@@ -39,11 +39,14 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402 - the custom-op wrapper and the SDPA call train_gpt.py trains with
 
 Attention = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -92,64 +95,9 @@ def reference_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 
 
 # -----------------------------------------------------------------------------
-# custom-op wrapper: any (fwd -> out, lse; bwd -> dq, dk, dv) pair becomes one opaque call each way for torch.compile
-
-def attention_op(name: str, fwd: Callable, bwd: Callable) -> Attention:
-    """Register bench_attention::{name}_fwd/_bwd (fake + autograd) around fwd/bwd; returns attn(q, k, v)."""
-
-    @torch.library.custom_op(f"bench_attention::{name}_fwd", mutates_args=())
-    def op_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-        with torch.no_grad():
-            out, lse = fwd(q, k, v, scale)
-        return out, lse
-
-    @op_fwd.register_fake
-    def _(q, k, v, scale):
-        b, t, h, _ = q.shape
-        return q.new_empty(b, t, h, v.size(-1)), q.new_empty(b, h, t, dtype=torch.float32)
-
-    @torch.library.custom_op(f"bench_attention::{name}_bwd", mutates_args=())
-    def op_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-               scale: float) -> tuple[Tensor, Tensor, Tensor]:
-        with torch.no_grad():
-            dq, dk, dv = bwd(dout, q, k, v, out, lse, scale)
-        return dq, dk, dv
-
-    @op_bwd.register_fake
-    def _(dout, q, k, v, out, lse, scale):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-    def setup_context(ctx, inputs, output):
-        q, k, v, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
-
-    def backward(ctx, dout, _dlse):  # the lse output is never differentiated here
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = op_bwd(dout.contiguous(), q, k, v, out, lse, ctx.scale)
-        return dq, dk, dv, None
-
-    op_fwd.register_autograd(backward, setup_context=setup_context)
-
-    def attn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return op_fwd(q, k, v, 1.0 / math.sqrt(q.size(-1)))[0]
-
-    attn.ops = (op_fwd, op_bwd)
-    return attn
-
-
-# -----------------------------------------------------------------------------
 # backends
 
-def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       enable_gqa=k.size(2) != q.size(2))
-    return y.transpose(1, 2)
-
-
-def sdpa_repeat_kv(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    return sdpa(q, expand_kv(k, q.size(2)), expand_kv(v, q.size(2)))
+sdpa, sdpa_repeat_kv = tg.sdpa_attention, tg.sdpa_attention_repeat_kv
 
 
 SDPA_FLAGS = {"cudnn": "cudnn", "flash": "flash", "efficient": "mem_efficient", "math": "math"}
@@ -162,11 +110,11 @@ def only_sdpa(name: str | None) -> None:
 
 
 def import_fa4():
-    """FA4's public entry point and its interface module (for the raw backward)."""
+    """FA4's public entry point (the custom op train_gpt.fa4_attention imports its interface when first called)."""
     import flash_attn.cute as fa4
-    from flash_attn.cute import interface
+    from flash_attn.cute import interface  # noqa: F401 - fail here, with the reason, rather than inside the op
 
-    return fa4, interface
+    return fa4
 
 
 def fa4_versions() -> str:
@@ -195,7 +143,7 @@ class Backend:
 
 def build_backends(device: torch.device, wanted: set[str] | None) -> tuple[list[Backend], list[tuple[str, str]]]:
     backends, skipped = [], []
-    ref_op = attention_op("reference", reference_forward, reference_backward)
+    ref_op = tg.attention_custom_op("reference", reference_forward, reference_backward)
     backends.append(Backend("sdpa-math", sdpa, sdpa="math", yardstick=True))
     backends.append(Backend("reference[op]", ref_op, ops=ref_op.ops, yardstick=True))
     backends.append(Backend("reference[op]+compile", ref_op, compile=True, yardstick=True))
@@ -209,21 +157,14 @@ def build_backends(device: torch.device, wanted: set[str] | None) -> tuple[list[
             backends.append(Backend(f"{name}+repeat_kv", sdpa_repeat_kv, sdpa=name))
             backends.append(Backend(f"{name}+compile", sdpa, sdpa=name, compile=True))
         try:
-            fa4, interface = import_fa4()
+            fa4 = import_fa4()
         except Exception as e:  # noqa: BLE001 - not installed / does not import: say why, go on
             skipped.append(("fa4*", f"import flash_attn.cute failed: {type(e).__name__}: {first_line(e)}"))
         else:
             def fa4_plain(q, k, v):
                 return fa4.flash_attn_func(q, k, v, causal=True)[0]
 
-            def fa4_fwd(q, k, v, scale):
-                out, lse = fa4.flash_attn_func(q, k, v, softmax_scale=scale, causal=True, return_lse=True)
-                return out, lse
-
-            def fa4_bwd(dout, q, k, v, out, lse, scale):
-                return interface._flash_attn_bwd(q, k, v, out, dout, lse, scale, True)[:3]
-
-            fa4_op = attention_op("fa4", fa4_fwd, fa4_bwd)
+            fa4_op = tg.fa4_attention  # the custom ops ATTENTION=fa4 trains with
             # fa4+compile last: dynamo tracing into the CuTe DSL may take long before it gives up
             backends += [Backend("fa4", fa4_plain), Backend("fa4[op]", fa4_op, ops=fa4_op.ops),
                          Backend("fa4[op]+compile", fa4_op, compile=True),

@@ -1,44 +1,45 @@
 #!/usr/bin/env bash
 # FlashAttention-4 (flash-attn-4 4.0.0b36 on the CuTe DSL, nvidia-cutlass-dsl 4.8.1, cu13) on the lent GPU machine,
-# which cannot download and takes at most 64 MiB of carried files per command. Its CUDA flavour of the DSL alone
-# (nvidia-cutlass-dsl-libs-cu13) is a 92 MB wheel, so the install comes in two folders, one per command:
-#   .carry_fa4a/  the DSL's compiler module _cutlass_ir.cu13...so (193 MB, already stripped), as tar.xz
-#   .carry_fa4b/  the rest of libs-cu13 (the 44 MB runtime libcute_dsl_runtime.so, ...) as tar.xz, and the other
-#                 wheels: flash_attn_4, nvidia_cutlass_dsl (+ libs_base, libs_core), quack_kernels, apache_tvm_ffi,
-#                 torch_c_dlpack_ext, einops (installed only if the image lacks it)
-# Both are git-ignored; `prepare` builds them here from downloaded wheels. What the stages unpack goes into the
-# machine's python (its venv site-packages, or /tmp/fa4site when that is not writable), outside the repo copy, so it
-# survives from one command to the next while the machine is warm (~30 s after a command returns). FA4_SITE=DIR
-# installs into DIR instead (a --target folder put on PYTHONPATH), for both stages alike.
+# which cannot download and takes at most 64 MiB of working tree per command (repo + carried files). The install
+# travels as one folder, .carry_fa4/ (git-ignored, built here by `prepare`), small enough for one command:
+#   fa4_site.tar.xz  every package pip installs from the 9 wheels (--target, python 3.12), less what FA4 never loads:
+#                    the DSL's iket profiler, tvm_ffi's test library and libbacktrace sources, torch_c_dlpack_ext
+#                    (prebuilt for torch <= 2.9 only; torch >= 2.10 has the DLPack exchange API itself). One xz -9e
+#                    stream with the x86 filter and a dictionary over the whole 265 MB (the DSL's compiler module
+#                    _cutlass_ir.so alone is 193 MB), ~61 MiB
+#   qs2_head.tar.xz  the first HEAD_TOKENS tokens of QS-2's training shard, for bench_train.py and compare_losses.py
 #
-#   bash bench/fa4_session.sh prepare [WHEEL_DIR]   # here, once (xz -9e: ~25 min on 2 cores); WHEEL_DIR=/tmp/fa4
-#   bash bench/fa4_session.sh partA                 # GPU, device tool carry: [".carry_fa4a"]
-#   bash bench/fa4_session.sh partB [ARGS...]       # GPU, within 30 s of partA, carry: [".carry_fa4b"]: install the
-#                                                   # rest, import FA4, python bench/bench_attention.py ARGS
-#   bash bench/fa4_session.sh install               # GPU: partB without the benchmark (then run what needs FA4)
+#   bash bench/fa4_session.sh prepare [WHEEL_DIR]    # here, once (~5 min on 2 cores); WHEEL_DIR=/tmp/fa4
+#   bash bench/fa4_session.sh bench [ARGS...]        # GPU, carry [".carry_fa4"]: install, bench_attention.py ARGS
+#   bash bench/fa4_session.sh train                  # GPU: install, bench_train.py ATTENTION=cudnn, then =fa4
+#   bash bench/fa4_session.sh losses [STEPS] [SEEDS] # GPU: install, compare_losses.py ATTENTION=cudnn vs fa4
 #
-# partB also works on its own when partA's files are already installed (a later command on the same warm machine)
-# or when .carry_fa4a travels with it. Each stage prints what it installed; partB's outputs go to $OUT when set.
+# Every stage installs first (~15 s; a no-op when a previous command on the same warm machine did it), into the
+# machine's python (its site-packages, or /tmp/fa4site on PYTHONPATH when that is not writable). Outputs go to $OUT.
 # JIT: FA4 compiles its kernels at the first call with the DSL's embedded PTX compiler (libnvptxcompiler inside
-# _cutlass_ir); no nvcc or ptxas is needed. CUTE_DSL_PTXAS_PATH would switch to a system ptxas instead (unset here).
+# _cutlass_ir); no nvcc or ptxas is needed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp}
-CARRY_A=.carry_fa4a CARRY_B=.carry_fa4b
-IR_TAR=cutlass_ir_cu13.tar.xz REST_TAR=cutlass_libs_cu13_rest.tar.xz
+CARRY=.carry_fa4 SITE_TAR=fa4_site.tar.xz DATA_TAR=qs2_head.tar.xz DATA=/tmp/fa4data/qs2_head
+HEAD_TOKENS=${HEAD_TOKENS:-1500000}
 IR_SO=nvidia_cutlass_dsl/dsl_packages/cutlass/_mlir/_mlir_libs/_cutlass_ir.cu13.cpython-312-x86_64-linux-gnu.so
 IR_SHA256=da0407f709df82a2ae87eea7deadb15abadbd847b8ab5db7b8ee399a8c80557d  # libs-cu13 4.8.1's RECORD
-MAX_BYTES=$((60 * 1024 * 1024))  # per folder: the 64 MiB limit of a command, less the repo's own files
+LIMIT=$((64 * 1024 * 1024))  # the working tree a command takes: tracked + untracked files + carried folders
+WHEELS=(flash_attn_4-4.0.0b36 nvidia_cutlass_dsl-4.8.1 nvidia_cutlass_dsl_libs_base-4.8.1
+        nvidia_cutlass_dsl_libs_core-4.8.1 nvidia_cutlass_dsl_libs_cu13-4.8.1 quack_kernels-0.6.5
+        apache_tvm_ffi-0.1.15.post2 einops-0.8.2)
+UNUSED=(nvidia_cutlass_dsl/dsl_packages/iket tvm_ffi/lib/libtvm_ffi_testing.so tvm_ffi/3rdparty/libbacktrace bin)
 
-site_dir() {  # where the packages go on this machine, and the PYTHONPATH that makes it visible
-  PURELIB=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  if [ -z "${FA4_SITE:-}" ] && [ -w "$PURELIB" ]; then
-    SITE=$PURELIB
-  else  # a --target folder does not run the DSL's .pth, so its dsl_packages folder goes on the path too
-    SITE=${FA4_SITE:-/tmp/fa4site}
+site_dir() {  # where the packages go on this machine, and the PYTHONPATH that makes them visible
+  local purelib
+  purelib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  if [ -w "$purelib" ]; then
+    SITE=$purelib
+  else  # a folder on PYTHONPATH does not run the DSL's .pth, so its dsl_packages folder goes on the path too
+    SITE=/tmp/fa4site
     mkdir -p "$SITE"
     export PYTHONPATH="$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}"
-    echo "installing into $SITE, not $PURELIB; later commands need PYTHONPATH=$PYTHONPATH"
   fi
   echo "site: $SITE"
 }
@@ -55,71 +56,35 @@ print(f"unpacked {sys.argv[1]}: {len(members)} entries, {size / 2**20:.1f} MiB i
 EOF
 }
 
-check_ir() {  # the compiler module is there, byte for byte the file of the wheel (sha256 of its RECORD)
+install() {
+  site_dir
+  [ -f "$CARRY/$SITE_TAR" ] || { echo "no $CARRY/$SITE_TAR: this command needs carry: [\"$CARRY\"]" >&2; exit 1; }
+  [ -f "$SITE/$IR_SO" ] || untar "$CARRY/$SITE_TAR" "$SITE"
+  [ -d "$DATA" ] || untar "$CARRY/$DATA_TAR" "$(dirname "$DATA")"
   python3 - "$SITE/$IR_SO" "$IR_SHA256" <<'EOF'
 import hashlib, pathlib, sys
 so = pathlib.Path(sys.argv[1])
-if not so.is_file():
-    sys.exit(f"missing {so}")
 ok = hashlib.sha256(so.read_bytes()).hexdigest() == sys.argv[2]
 print(f"{so.name}: {so.stat().st_size} bytes, sha256 {'as in the wheel' if ok else 'DIFFERS from the wheel'}")
 sys.exit(not ok)
 EOF
-}
-
-install_rest() {
-  site_dir
-  if [ ! -f "$SITE/$IR_SO" ]; then
-    if [ -f "$CARRY_A/$IR_TAR" ]; then
-      untar "$CARRY_A/$IR_TAR" "$SITE"
-    else
-      echo "missing $SITE/$IR_SO: run partA (carry: [\"$CARRY_A\"]) less than 30 s before this command" >&2
-      exit 1
-    fi
-  fi
-  check_ir
-  [ -d "$CARRY_B" ] || { echo "no $CARRY_B here: this command needs carry: [\"$CARRY_B\"]" >&2; exit 1; }
-  untar "$CARRY_B/$REST_TAR" "$SITE"
-  local wheels=()
-  for w in "$CARRY_B"/*.whl; do
-    case $(basename "$w") in
-      einops-*) python3 -c 'import einops' 2>/dev/null && continue ;;
-    esac
-    wheels+=("$w")
-  done
-  local pip=(python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir)
-  if [ "$SITE" = "$PURELIB" ]; then
-    "${pip[@]}" "${wheels[@]}"
-  else  # pip --target --upgrade replaces whole top-level folders (nvidia_cutlass_dsl/ with the cu13 files in it): merge
-    local tmp
-    tmp=$(mktemp -d)
-    "${pip[@]}" --target "$tmp" "${wheels[@]}"
-    cp -a "$tmp"/. "$SITE"/ && rm -rf "$tmp"
-  fi
-  printf 'installed: %s\n' "${wheels[@]##*/}"
-  check_ir
-  # what FA4 needs from the image (cuda-bindings >= 12.8, protobuf, typing-extensions): version or "missing"
+  # what FA4 needs from the image (cuda-bindings >= 12.8, protobuf, typing-extensions) and what came: version or "-"
   python3 - <<'EOF'
 from importlib.metadata import version, PackageNotFoundError
-for dist in ("torch", "triton", "cuda-bindings", "cuda-pathfinder", "protobuf", "typing-extensions", "numpy", "einops",
-             "flash-attn-4", "nvidia-cutlass-dsl", "nvidia-cutlass-dsl-libs-base", "nvidia-cutlass-dsl-libs-core",
-             "nvidia-cutlass-dsl-libs-cu13", "quack-kernels", "apache-tvm-ffi", "torch-c-dlpack-ext"):
+def v(dist):
     try:
-        print(f"  {dist} {version(dist)}")
+        return version(dist)
     except PackageNotFoundError:
-        print(f"  {dist} missing")
-EOF
-  # a failing import is reported, not fatal: partB's benchmark then runs the SDPA backends and says why FA4 is missing
-  FA4_IMPORTS=1
-  python3 - <<'EOF' || { FA4_IMPORTS=0; echo "FA4 does not import here (traceback above)"; }
+        return "-"
+print("versions: " + ", ".join(f"{d} {v(d)}" for d in (
+    "torch", "triton", "cuda-bindings", "cuda-pathfinder", "protobuf", "typing-extensions", "numpy", "einops",
+    "flash-attn-4", "nvidia-cutlass-dsl", "nvidia-cutlass-dsl-libs-cu13", "quack-kernels", "apache-tvm-ffi")))
 import time
 t0 = time.time()
 import torch
-import flash_attn.cute as fa4
-from flash_attn.cute.interface import _flash_attn_bwd  # noqa: F401 - the backward the custom op calls
-import cutlass
-print(f"import flash_attn.cute ok ({time.time() - t0:.1f} s): flash_attn_func from {fa4.flash_attn_func.__module__}; "
-      f"cutlass from {cutlass.__file__}; torch's own DLPack exchange API: "
+import flash_attn.cute  # noqa: F401
+from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd  # noqa: F401 - what ATTENTION=fa4 calls
+print(f"import flash_attn.cute ok ({time.time() - t0:.1f} s); torch's own DLPack exchange API: "
       f"{hasattr(torch.Tensor, '__dlpack_c_exchange_api__')}")
 EOF
 }
@@ -127,44 +92,58 @@ EOF
 case "${1:-}" in
   prepare)
     wheels=${2:-/tmp/fa4}
-    work=$(mktemp -d)
-    rm -rf "$CARRY_A" "$CARRY_B" && mkdir -p "$CARRY_A" "$CARRY_B"
-    (cd "$work" && unzip -q "$wheels"/nvidia_cutlass_dsl_libs_cu13-4.8.1-*.whl && find . -type f | sort >all.txt \
-      && grep -v '^./all.txt$' all.txt | grep _cutlass_ir >ir.txt \
-      && grep -v -e _cutlass_ir -e '^./all.txt$' all.txt >rest.txt)
-    # xz's x86 filter (BCJ) makes machine code compress better; -9e, one thread: the smallest output
-    # (XZ_PRESET=0 for a quick trial of this stage: its output is too large to carry)
-    (cd "$work" && tar cf - -T ir.txt) | xz -T1 --x86 --lzma2=preset="${XZ_PRESET:-9e}" >"$CARRY_A/$IR_TAR" &
-    (cd "$work" && tar cf - -T rest.txt) | xz -T1 --x86 --lzma2=preset="${XZ_PRESET:-9e}" >"$CARRY_B/$REST_TAR" &
-    wait
-    for w in flash_attn_4-4.0.0b36 nvidia_cutlass_dsl-4.8.1 nvidia_cutlass_dsl_libs_base-4.8.1 \
-             nvidia_cutlass_dsl_libs_core-4.8.1 quack_kernels-0.6.5 apache_tvm_ffi-0.1.15.post2 \
-             torch_c_dlpack_ext-0.1.5 einops-0.8.2; do
-      cp "$wheels"/"$w"-*.whl "$CARRY_B/"
+    stage=$(mktemp -d)
+    rm -rf "$CARRY" && mkdir -p "$CARRY"
+    files=()
+    for w in "${WHEELS[@]}"; do
+      f=$(ls "$wheels/$w"-*.whl) || { echo "no $w wheel in $wheels (pip download it first)" >&2; exit 1; }
+      files+=("$f")
     done
-    rm -rf "$work"
-    for d in "$CARRY_A" "$CARRY_B"; do
-      bytes=$(du -sb "$d" | cut -f1)
-      echo "$d: $bytes bytes ($((bytes / 1024 / 1024)) MiB)"
-      [ "$bytes" -le "$MAX_BYTES" ] || { echo "$d is over 60 MiB" >&2; exit 1; }
-    done
+    python3 -m pip install -q --no-deps --no-compile --target "$stage" --python-version 3.12 \
+      --platform manylinux_2_28_x86_64 --only-binary=:all: "${files[@]}" 2>&1 | grep -v WARNING || true
+    (cd "$stage" && rm -rf "${UNUSED[@]}" && find . -name __pycache__ -prune -exec rm -rf {} +)
+    # x86 filter (BCJ): machine code compresses better; the dictionary spans the whole tree
+    (cd "$stage" && tar cf - --sort=name .) | xz -T1 --x86 --lzma2=preset=9e,dict=256MiB >"$CARRY/$SITE_TAR"
+    rm -rf "$stage"
+    python3 - "$CARRY" "$HEAD_TOKENS" <<'EOF'
+import sys, tarfile, tempfile
+from pathlib import Path
+sys.path.insert(0, "data")
+import numpy as np
+from build_shards import write_shard
+carry, n = Path(sys.argv[1]), int(sys.argv[2])
+tokens = np.fromfile(".carry/qs2/fineweb_train_000000.bin", dtype="<u2", offset=1024)[:n]
+with tempfile.TemporaryDirectory() as tmp:
+    shard = Path(tmp) / "fineweb_train_000000.bin"
+    write_shard(shard, tokens)
+    with tarfile.open(carry / "qs2_head.tar.xz", "w:xz", preset=9) as tar:
+        tar.add(shard, arcname="qs2_head/fineweb_train_000000.bin")
+print(f"qs2_head: the first {tokens.size:,} tokens of .carry/qs2's training shard")
+EOF
+    carried=$(du -sb "$CARRY" | cut -f1)
+    repo=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- | tail -1 | cut -f1)
+    echo "$CARRY: $carried bytes ($((carried / 1024 / 1024)) MiB); with the repo's $repo bytes: $((carried + repo))"
+    [ $((carried + repo)) -le "$LIMIT" ] || { echo "over the 64 MiB a command takes" >&2; exit 1; }
     ;;
-  partA)
-    [ -f "$CARRY_A/$IR_TAR" ] || { echo "no $CARRY_A/$IR_TAR: this command needs carry: [\"$CARRY_A\"]" >&2; exit 1; }
-    site_dir
-    untar "$CARRY_A/$IR_TAR" "$SITE"
-    check_ir
-    ls -la "$SITE/nvidia_cutlass_dsl/dsl_packages/cutlass/_mlir/_mlir_libs/"
-    ;;
-  install)
-    install_rest
-    [ "$FA4_IMPORTS" = 1 ]
-    ;;
-  partB)
+  bench)
     shift
-    install_rest
+    install
     nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader || true
     python3 bench/bench_attention.py --json "$OUT/attention.json" "$@" 2>&1 | tee "$OUT/bench_attention.txt"
+    ;;
+  train)
+    install
+    for attention in cudnn fa4; do
+      echo "== bench_train ATTENTION=$attention"
+      DATA_PATH=$DATA ATTENTION=$attention python3 bench/bench_train.py --steps 20 >"$OUT/train_$attention.txt" 2>&1 \
+        || echo "rc=$?"
+      grep -E "^(device|attention|\| [0-9])" "$OUT/train_$attention.txt" || tail -5 "$OUT/train_$attention.txt"
+    done
+    ;;
+  losses)
+    install
+    DATA_PATH=$DATA TRAIN_BATCH_TOKENS=131072 python3 bench/compare_losses.py --a ATTENTION=cudnn --b ATTENTION=fa4 \
+      --steps "${2:-100}" --seeds "${3:-2}" --json "$OUT/losses_fa4.json" 2>&1 | tee "$OUT/losses_fa4.txt"
     ;;
   *)
     awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"

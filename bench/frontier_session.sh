@@ -8,6 +8,7 @@
 #   bash bench/frontier_session.sh runs ARM:SEED ...  # QS-2 runs in one call, e.g. frontier:1 card:1 frontier:2
 #   bash bench/frontier_session.sh speed NAME[:PASSES]=K=V+K=V ...  # full-batch ms/step, e.g. card= \
 #                                                 # frontier:1=PRESET=frontier frontier:3=PRESET=frontier mlp4=MLP_MULT=4
+#                                                 # (SPEED_DATA=DIR: other training shards, e.g. fa4_session.sh's)
 #   bash bench/frontier_session.sh ablate KNOB=V ...  # QS-2 seed 1: the preset with each knob set back, one run each
 #
 # Logs go to $OUT as one tarball; the summary lines to stdout.
@@ -47,7 +48,8 @@ case "${1:-}" in
       IFS=+ read -ra env_knobs <<< "$knobs"
       echo "== speed $name${passes:+ passes $passes}: ${env_knobs[*]}"
       log="$OUT/speed_${name}${passes}.txt"
-      env "${env_knobs[@]}" python bench/bench_train.py --steps 20 ${passes:+--passes "$passes"} > "$log" 2>&1 \
+      DATA_PATH=${SPEED_DATA:-$DATA_PATH} env "${env_knobs[@]}" python bench/bench_train.py --steps 20 \
+        ${passes:+--passes "$passes"} > "$log" 2>&1 \
         || echo "rc=$?"
       grep -E "^(device|\| [0-9])" "$log" || tail -3 "$log"
     done

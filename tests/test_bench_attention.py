@@ -1,5 +1,6 @@
-"""bench/bench_attention.py on CPU: the fp32 twin of FA4's (out, lse) interface, the custom-op wrapper the FA4 rows use
-under torch.compile, and the correctness verdict that decides which backend the GPU table calls ok."""
+"""bench/bench_attention.py on CPU: the fp32 twin of FA4's (out, lse) interface, train_gpt.py's custom-op wrapper that
+ATTENTION=fa4 trains with (and the FA4 rows time) under torch.compile, and the correctness verdict that decides which
+backend the GPU table calls ok."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+import train_gpt as tg
 
 REPO = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("bench_attention", REPO / "bench" / "bench_attention.py")
@@ -36,7 +39,7 @@ def test_reference_backward_matches_autograd_with_gqa():
 
 
 def test_custom_op_wrapper_passes_opcheck_and_compiles():
-    attn = ba.attention_op("test_ref", ba.reference_forward, ba.reference_backward)
+    attn = tg.attention_custom_op("test_ref", ba.reference_forward, ba.reference_backward)
     inputs = ba.make_inputs(*SHAPE, CPU, seed=1)
     assert ba.opcheck(attn.ops, *inputs) == "ok"
     eager = ba.run_once(attn, *inputs)
@@ -44,6 +47,30 @@ def test_custom_op_wrapper_passes_opcheck_and_compiles():
     compiled = ba.run_once(torch.compile(attn, fullgraph=True, backend="aot_eager"), *inputs)
     for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_custom_op_wrapper_gradients_match_float64_attention_on_strided_inputs():
+    """The wrapper's autograd (saved tensors, scale, GQA-shaped dk/dv) against float64 autograd of plain attention,
+    with q, k, v as the model makes them: views of one packed projection, not contiguous."""
+    attn = tg.attention_custom_op("test_ref64", ba.reference_forward, ba.reference_backward)
+    b, t, h, hk, d = SHAPE
+    qkv = torch.randn(b, t, (h + 2 * hk) * d, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+
+    def split(x):
+        q, k, v = x.split([h * d, hk * d, hk * d], dim=-1)
+        return q.view(b, t, h, d), k.view(b, t, hk, d), v.view(b, t, hk, d)
+
+    x = qkv.clone().requires_grad_()
+    q, k, v = split(x)
+    assert not q.is_contiguous()
+    dout = torch.randn(b, t, h, d, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    attn(q, k, v).backward(dout)
+    x64 = qkv.clone().requires_grad_()
+    q, k, v = split(x64)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                         enable_gqa=True).transpose(1, 2)
+    ref.backward(dout)
+    torch.testing.assert_close(x.grad, x64.grad, rtol=1e-5, atol=1e-5)  # the twin computes in fp32
 
 
 def test_wrong_or_failing_backends_are_flagged_not_fatal():
