@@ -3,11 +3,12 @@
 # which cannot download and takes at most 64 MiB of working tree per command (repo + carried files). The install
 # travels as one folder, .carry_fa4/ (git-ignored, built here by `prepare`), small enough for one command:
 #   fa4_site.tar.xz  every package pip installs from the 9 wheels (--target, python 3.12), less what FA4 never loads:
-#                    the DSL's iket profiler, tvm_ffi's test library and libbacktrace sources, torch_c_dlpack_ext
+#                    the DSL's iket profiler, tvm_ffi's libbacktrace sources, torch_c_dlpack_ext
 #                    (prebuilt for torch <= 2.9 only; torch >= 2.10 has the DLPack exchange API itself). One xz -9e
 #                    stream with the x86 filter and a dictionary over the whole 265 MB (the DSL's compiler module
 #                    _cutlass_ir.so alone is 193 MB), ~61 MiB
 #   qs2_head.tar.xz  the first HEAD_TOKENS tokens of QS-2's training shard, for bench_train.py and compare_losses.py
+#   zstandard-*.whl  train_gpt.py's compressor (the image lacks it), from .carry/wheels (quant_session.sh prepare)
 #
 #   bash bench/fa4_session.sh prepare [WHEEL_DIR]    # here, once (~5 min on 2 cores); WHEEL_DIR=/tmp/fa4
 #   bash bench/fa4_session.sh bench [ARGS...]        # GPU, carry [".carry_fa4"]: install, bench_attention.py ARGS
@@ -29,7 +30,7 @@ LIMIT=$((64 * 1024 * 1024))  # the working tree a command takes: tracked + untra
 WHEELS=(flash_attn_4-4.0.0b36 nvidia_cutlass_dsl-4.8.1 nvidia_cutlass_dsl_libs_base-4.8.1
         nvidia_cutlass_dsl_libs_core-4.8.1 nvidia_cutlass_dsl_libs_cu13-4.8.1 quack_kernels-0.6.5
         apache_tvm_ffi-0.1.15.post2 einops-0.8.2)
-UNUSED=(nvidia_cutlass_dsl/dsl_packages/iket tvm_ffi/lib/libtvm_ffi_testing.so tvm_ffi/3rdparty/libbacktrace bin)
+UNUSED=(nvidia_cutlass_dsl/dsl_packages/iket tvm_ffi/3rdparty/libbacktrace bin)  # tvm_ffi's core links its testing lib
 
 site_dir() {  # where the packages go on this machine, and the PYTHONPATH that makes them visible
   local purelib
@@ -61,6 +62,7 @@ install() {
   [ -f "$CARRY/$SITE_TAR" ] || { echo "no $CARRY/$SITE_TAR: this command needs carry: [\"$CARRY\"]" >&2; exit 1; }
   [ -f "$SITE/$IR_SO" ] || untar "$CARRY/$SITE_TAR" "$SITE"
   [ -d "$DATA" ] || untar "$CARRY/$DATA_TAR" "$(dirname "$DATA")"
+  python3 -c 'import zstandard' 2>/dev/null || python3 -m pip install -q --no-index --no-deps "$CARRY"/zstandard-*.whl
   python3 - "$SITE/$IR_SO" "$IR_SHA256" <<'EOF'
 import hashlib, pathlib, sys
 so = pathlib.Path(sys.argv[1])
@@ -120,6 +122,7 @@ with tempfile.TemporaryDirectory() as tmp:
         tar.add(shard, arcname="qs2_head/fineweb_train_000000.bin")
 print(f"qs2_head: the first {tokens.size:,} tokens of .carry/qs2's training shard")
 EOF
+    cp .carry/wheels/zstandard-*.whl "$CARRY/"
     carried=$(du -sb "$CARRY" | cut -f1)
     repo=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- | tail -1 | cut -f1)
     echo "$CARRY: $carried bytes ($((carried / 1024 / 1024)) MiB); with the repo's $repo bytes: $((carried + repo))"
