@@ -15,7 +15,7 @@
 #   bash bench/fa4_session.sh train                  # GPU: install, bench_train.py ATTENTION=cudnn, then =fa4
 #   bash bench/fa4_session.sh losses [STEPS] [SEEDS] # GPU: install, compare_losses.py ATTENTION=cudnn vs fa4
 #
-# Every stage installs first (~15 s; a no-op when a previous command on the same warm machine did it), into the
+# Every stage installs first (~25 s with its checks; ~1 s when an earlier stage on the same machine did), into the
 # machine's python (its site-packages, or /tmp/fa4site on PYTHONPATH when that is not writable). Outputs go to $OUT.
 # JIT: FA4 compiles its kernels at the first call with the DSL's embedded PTX compiler (libnvptxcompiler inside
 # _cutlass_ir); no nvcc or ptxas is needed.
@@ -63,6 +63,10 @@ install() {
   [ -f "$SITE/$IR_SO" ] || untar "$CARRY/$SITE_TAR" "$SITE"
   [ -d "$DATA" ] || untar "$CARRY/$DATA_TAR" "$(dirname "$DATA")"
   python3 -c 'import zstandard' 2>/dev/null || python3 -m pip install -q --no-index --no-deps "$CARRY"/zstandard-*.whl
+  if [ -f "$SITE/.fa4_checked" ]; then  # an earlier stage on this machine hashed the module and imported FA4
+    echo "FA4 install checked earlier on this machine: $(cat "$SITE/.fa4_checked")"
+    return
+  fi
   python3 - "$SITE/$IR_SO" "$IR_SHA256" <<'EOF'
 import hashlib, pathlib, sys
 so = pathlib.Path(sys.argv[1])
@@ -89,18 +93,22 @@ from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd  # noqa: 
 print(f"import flash_attn.cute ok ({time.time() - t0:.1f} s); torch's own DLPack exchange API: "
       f"{hasattr(torch.Tensor, '__dlpack_c_exchange_api__')}")
 EOF
+  date -u +"sha256 and import ok at %H:%M:%S UTC" >"$SITE/.fa4_checked"
 }
 
 case "${1:-}" in
   prepare)
     wheels=${2:-/tmp/fa4}
-    stage=$(mktemp -d)
-    rm -rf "$CARRY" && mkdir -p "$CARRY"
     files=()
     for w in "${WHEELS[@]}"; do
       f=$(ls "$wheels/$w"-*.whl) || { echo "no $w wheel in $wheels (pip download it first)" >&2; exit 1; }
       files+=("$f")
     done
+    for f in .carry/qs2/fineweb_train_000000.bin .carry/wheels/zstandard-*.whl; do
+      [ -f "$f" ] || { echo "no $f: run bash bench/quant_session.sh prepare first" >&2; exit 1; }
+    done
+    stage=$(mktemp -d)
+    rm -rf "$CARRY" && mkdir -p "$CARRY"
     python3 -m pip install -q --no-deps --no-compile --target "$stage" --python-version 3.12 \
       --platform manylinux_2_28_x86_64 --only-binary=:all: "${files[@]}" 2>&1 | grep -v WARNING || true
     (cd "$stage" && rm -rf "${UNUSED[@]}" && find . -name __pycache__ -prune -exec rm -rf {} +)
@@ -110,11 +118,11 @@ case "${1:-}" in
     python3 - "$CARRY" "$HEAD_TOKENS" <<'EOF'
 import sys, tarfile, tempfile
 from pathlib import Path
-sys.path.insert(0, "data")
-import numpy as np
+sys.path[:0] = [".", "data"]
 from build_shards import write_shard
+from train_gpt import load_shard  # checks the header and the size
 carry, n = Path(sys.argv[1]), int(sys.argv[2])
-tokens = np.fromfile(".carry/qs2/fineweb_train_000000.bin", dtype="<u2", offset=1024)[:n]
+tokens = load_shard(".carry/qs2/fineweb_train_000000.bin")[:n]
 with tempfile.TemporaryDirectory() as tmp:
     shard = Path(tmp) / "fineweb_train_000000.bin"
     write_shard(shard, tokens)
