@@ -425,19 +425,31 @@ def list_shards(pattern: str) -> list[Path]:
     return files
 
 
-def check_train_shards(files: list[Path]) -> None:
-    """Fail at start, not hours in, on a bad shard anywhere in the list; with no token at all, the stream would
-    wrap around forever without yielding one."""
-    if sum(read_shard_header(f) for f in files) == 0:
+def check_train_shards(files: list[Path]) -> int:
+    """The train shards' token count. Fails at start, not hours in, on a bad shard anywhere in the list; with no
+    token at all, the stream would wrap around forever without yielding one."""
+    total = sum(read_shard_header(f) for f in files)
+    if total == 0:
         raise DataError(f"the {len(files)} train shard(s) from {files[0]} on hold 0 tokens (their headers say so); "
                         f"{FIX_SHARDS}")
+    return total
+
+
+def data_passes_line(train_tokens: int, args: Hyperparameters) -> str:
+    """How often ITERATIONS steps would read the training set. Past one pass the model sees text again, and val_bpb
+    then measures memorisation too: a bigger or deeper model can score worse than a smaller one for that reason."""
+    passes = args.iterations * args.train_batch_tokens / train_tokens
+    line = f"train_data: tokens:{train_tokens} steps_read:{args.iterations}x{args.train_batch_tokens} passes:{passes:.2f}"
+    if passes > 1:
+        line += " (more than one: the run repeats its training text unless the wallclock cap stops it first)"
+    return line
 
 
 class TokenStream:
     """The training shards read in order as one endless stream (wrapping around at the end)."""
 
     def __init__(self, files: list[Path], vocab_size: int):
-        check_train_shards(files)
+        self.total_tokens = check_train_shards(files)
         self.files, self.vocab_size = files, vocab_size
         self.reset()
 
@@ -3033,6 +3045,7 @@ def main(opened: list[Logger] | None = None) -> None:
 
     model, train_model, optimizers, loader = build_training(args, device, rank, world, local_rank)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    log(data_passes_line(loader.stream.total_tokens, args))
     if args.quant_mode == "sdclip":
         check_budget_floor(model, args, code_bytes)
     warm_up(model, train_model, loader, optimizers, args, autocast)

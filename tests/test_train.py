@@ -190,6 +190,21 @@ def test_tiny_run_trains_and_finishes(tiny_env, tmp_path):
     assert any(ln.startswith("averaging:ema ") for ln in lines)
     assert lines[-2].startswith("val_bpb: ") and lines[-1].startswith("artifact_bytes: ")
     assert (tmp_path / "logs" / "tiny.ptz").is_file()
+    # the training set's size from the file sizes (1024-byte header, 2 bytes a token), read 30 x 2048 tokens
+    shards = sorted(Path(env["DATA_PATH"]).glob("fineweb_train_*.bin"))
+    tokens = sum((f.stat().st_size - 1024) // 2 for f in shards)
+    line = next(ln for ln in lines if ln.startswith("train_data: "))
+    assert line.startswith(f"train_data: tokens:{tokens} steps_read:30x2048 passes:{30 * 2048 / tokens:.2f}")
+
+
+def test_data_passes_line_counts_passes_and_says_when_text_repeats():
+    """QS-2's 8,673,806 training tokens: 240 steps of 65,536 are 1.81 passes, 1000 steps 7.56 (hand-computed)."""
+    qs2 = 8_673_806
+    line = tg.data_passes_line(qs2, tiny_args(ITERATIONS=240, TRAIN_BATCH_TOKENS=65536))
+    assert line.startswith("train_data: tokens:8673806 steps_read:240x65536 passes:1.81 (more than one: the run")
+    assert tg.data_passes_line(qs2, tiny_args(ITERATIONS=1000, TRAIN_BATCH_TOKENS=65536)).split()[3] == "passes:7.56"
+    one = tg.data_passes_line(4096, tiny_args(ITERATIONS=2, TRAIN_BATCH_TOKENS=2048))
+    assert one == "train_data: tokens:4096 steps_read:2x2048 passes:1.00"  # exactly one pass repeats nothing
 
 
 # =============================================================================
