@@ -14,6 +14,8 @@
 #   bash bench/fa4_session.sh bench [ARGS...]        # GPU, carry [".carry_fa4"]: install, bench_attention.py ARGS
 #   bash bench/fa4_session.sh train                  # GPU: install, bench_train.py ATTENTION=cudnn, then =fa4
 #   bash bench/fa4_session.sh losses [STEPS] [SEEDS] # GPU: install, compare_losses.py ATTENTION=cudnn vs fa4
+#   bash bench/fa4_session.sh install                # GPU: install only, e.g. before frontier_session.sh speed with
+#                                                    # SPEED_DATA=/tmp/fa4data/qs2_head (ATTENTION=auto then picks FA4)
 #
 # Every stage installs first (~25 s with its checks; ~1 s when an earlier stage on the same machine did), into the
 # machine's python (its site-packages, or /tmp/fa4site on PYTHONPATH when that is not writable). Outputs go to $OUT.
@@ -135,6 +137,9 @@ EOF
     repo=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- | tail -1 | cut -f1)
     echo "$CARRY: $carried bytes ($((carried / 1024 / 1024)) MiB); with the repo's $repo bytes: $((carried + repo))"
     [ $((carried + repo)) -le "$LIMIT" ] || { echo "over the 64 MiB a command takes" >&2; exit 1; }
+    ;;
+  install)
+    install
     ;;
   bench)
     shift

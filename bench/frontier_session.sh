@@ -9,16 +9,26 @@
 #   bash bench/frontier_session.sh speed NAME[:PASSES]=K=V+K=V ...  # full-batch ms/step, e.g. card= \
 #                                                 # frontier:1=PRESET=frontier frontier:3=PRESET=frontier mlp4=MLP_MULT=4
 #                                                 # (SPEED_DATA=DIR: other training shards, e.g. fa4_session.sh's)
+#   bash bench/frontier_session.sh long ARM:SEED ...  # ITERATIONS=1000 (LONG_STEPS), each arm's own EMA and warmdown
+#                                                 # (LONG_DATA=DIR: shards with >= 65 M tokens, so no text repeats)
 #   bash bench/frontier_session.sh ablate KNOB=V ...  # QS-2 seed 1: the preset with each knob set back, one run each
 #
 # Logs go to $OUT as one tarball; the summary lines to stdout.
 set -euo pipefail
 OUT=${OUT:-/tmp/frontier_session}
-SUMMARY='^(recurrence|averaging|quant_budget: chosen|final_|ttt_rank0|step:240/|peak_memory|artifact_bytes)'
+SUMMARY="^(train_data|recurrence|averaging|quant_budget: chosen|final_|ttt_rank0|step:(240|${LONG_STEPS:-1000})/|peak_memory|artifact_bytes)"
 source "$(dirname "$0")/qs2_common.sh"
-run_arm() {  # ARM SEED: one QS-2 run of the card (the defaults) or of PRESET=frontier
+# The longer comparison: QS-2's data and batch, but ITERATIONS=1000 with each arm's own EMA decay and warmdown
+# (card 0.997 and 50% of the run, preset 0.9965 and 85%), one 32-sequence micro-batch a step (the same math as
+# QS-2's 8 of 4 up to summation order; 8 launch-bound micro-batches would take 4x the time) and calibration on
+# training sequences (self-generation at the preset's depth takes 80 s), so that both arms fit one call.
+LONG=(TRAIN_BATCH_TOKENS=65536 ITERATIONS=${LONG_STEPS:-1000} GRAD_ACCUM_STEPS=1 WARMUP_STEPS=20
+      MAX_WALLCLOCK_SECONDS=0 VAL_LOSS_EVERY=0 EVAL_STRIDE=64 GPTQ_CALIBRATION=train)
+run_arm() {  # ARM SEED [PREFIX PROTOCOL...]: one run of the card (the defaults) or of PRESET=frontier, QS-2 by default
   case $1 in card) local preset=() ;; frontier) local preset=(PRESET=frontier) ;; *) echo "arm is card or frontier" >&2; exit 2 ;; esac
-  run "qs2_$1_s$2" "${QS2[@]}" SEED="$2" "${preset[@]}"
+  local arm=$1 seed=$2 prefix=${3:-qs2}; shift 3 2>/dev/null || shift $#
+  local protocol=("$@"); [ ${#protocol[@]} -gt 0 ] || protocol=("${QS2[@]}")
+  run "${prefix}_${arm}_s$seed" "${protocol[@]}" SEED="$seed" "${preset[@]}"
 }
 
 case "${1:-}" in
@@ -40,6 +50,12 @@ case "${1:-}" in
       run_arm "${spec%%:*}" "${spec#*:}"
     done
     ;;
+  long)  # ARM:SEED ..., e.g. card:1 frontier:1
+    install
+    for spec in "${@:2}"; do
+      run_arm "${spec%%:*}" "${spec#*:}" "qs2long${LONG_STEPS:-1000}" "${LONG[@]}" ${LONG_DATA:+DATA_PATH=$LONG_DATA}
+    done
+    ;;
   speed)  # full-batch ms/step (bench_train.py, 786,432 tokens in 8 accumulation steps): NAME[:PASSES]=KNOB+KNOB ...
     install  # e.g. card= frontier:1=PRESET=frontier frontier:3=PRESET=frontier mlp4=MLP_MULT=4 (two calls for ~10)
     for spec in "${@:2}"; do
@@ -51,7 +67,7 @@ case "${1:-}" in
       DATA_PATH=${SPEED_DATA:-$DATA_PATH} env "${env_knobs[@]}" python bench/bench_train.py --steps 20 \
         ${passes:+--passes "$passes"} > "$log" 2>&1 \
         || echo "rc=$?"
-      grep -E "^(device|\| [0-9])" "$log" || tail -3 "$log"
+      grep -E "^(device|attention|\| [0-9])" "$log" || tail -3 "$log"
     done
     ;;
   ablate)
@@ -63,7 +79,7 @@ case "${1:-}" in
     done
     ;;
   *)
-    sed -n '2,10p' "$0"
+    sed -n '2,16p' "$0"
     exit 2
     ;;
 esac
