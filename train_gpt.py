@@ -1119,8 +1119,16 @@ class GPT(nn.Module):
 # -----------------------------------------------------------------------------
 # Attention backends: FA3 or FA4 when importable, else cuDNN SDPA, else flash SDPA (CUDA); plain SDPA on CPU.
 
-SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
-                 "math": "MATH"}
+# ATTENTION's SDPA names: the SDPBackend member a probe pins, and the process-wide switch that keeps it for the run
+# (torch.backends.cuda.enable_<flag>_sdp; global, so it also holds inside torch.compile)
+SDPA_BACKENDS = {"cudnn": ("CUDNN_ATTENTION", "cudnn"), "flash": ("FLASH_ATTENTION", "flash"),
+                 "efficient": ("EFFICIENT_ATTENTION", "mem_efficient"), "math": ("MATH", "math")}
+
+
+def only_sdpa(name: str | None) -> None:
+    """Enable one SDPA backend for the whole process (all of them for None)."""
+    for other, (_, flag) in SDPA_BACKENDS.items():
+        getattr(torch.backends.cuda, f"enable_{flag}_sdp")(name is None or other == name)
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -1202,41 +1210,53 @@ fa4_attention = attention_custom_op("fa4", fa4_forward, fa4_backward)
 ATTENTION = sdpa_attention
 
 
+def attention_options(choice: str) -> list[tuple[str, Callable, str | None]]:
+    """What ATTENTION=choice tries, in order: (the name logged, the attention function, its SDPA backend or None)."""
+    # FA4 (pip flash-attn-4) beat cuDNN by 3% of the whole step on an H100 with the same losses (docs/PERF.md)
+    names = ["fa3", "fa4", "cudnn", "flash"] if choice == "auto" else [choice]
+    flash_attn = {"fa3": fa3_attention, "fa4": fa4_attention}
+    options = []
+    for name in names:
+        if name in flash_attn:
+            options.append((name, flash_attn[name], None))
+        else:  # an SDPA backend without native GQA may still take repeated KV heads
+            options += [(name, sdpa_attention, name), (name + "+repeat_kv", sdpa_attention_repeat_kv, name)]
+    return options
+
+
+def first_working_attention(choice: str, options: list, probe: Callable) -> tuple[str, Callable, str | None]:
+    """The first option that probe(fn, sdpa) runs without raising; all the reasons when none does."""
+    errors = []
+    for name, fn, sdpa in options:
+        try:
+            probe(fn, sdpa)
+        except Exception as e:  # noqa: BLE001 - any failure means "not usable here"; we say why below
+            errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
+        return name, fn, sdpa
+    raise RuntimeError(f"ATTENTION={choice}: no attention backend works here: " + "; ".join(errors))
+
+
 def select_attention(choice: str, device: torch.device, heads: int, kv_heads: int, head_dim: int) -> str:
-    """Pick the first backend that runs a real (GQA, bf16) attention call here; returns the name that is logged."""
+    """Pick the first backend that runs a real (GQA, bf16) forward and backward here; returns the name logged."""
     global ATTENTION
     if device.type != "cuda":
         ATTENTION = sdpa_attention
         return "sdpa(cpu)"
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    # FA4 (pip flash-attn-4) beat cuDNN by 3% of the whole step on an H100 with the same losses (docs/PERF.md)
-    candidates = ["fa3", "fa4", "cudnn", "flash"] if choice == "auto" else [choice]
     q = torch.randn(2, 256, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(2, 256, kv_heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn_like(k, requires_grad=True)
-    errors = []
-    flash_attn = {"fa3": fa3_attention, "fa4": fa4_attention}
-    for name in candidates:
-        options = ([("", flash_attn[name])] if name in flash_attn
-                   else [("", sdpa_attention), ("+repeat_kv", sdpa_attention_repeat_kv)])
-        for suffix, fn in options:
-            try:
-                if name in flash_attn:
-                    fn(q, k, v).sum().backward()
-                else:
-                    with sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name])):
-                        fn(q, k, v).sum().backward()
-            except Exception as e:  # noqa: BLE001 - any failure means "not usable here"; we say why below
-                errors.append(f"{name}{suffix}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                continue
-            if name not in flash_attn:
-                for other, flag in (("cudnn", "cudnn"), ("flash", "flash"), ("efficient", "mem_efficient"),
-                                    ("math", "math")):
-                    getattr(torch.backends.cuda, f"enable_{flag}_sdp")(other == name)
-            ATTENTION = fn
-            return name + suffix
-    raise RuntimeError(f"ATTENTION={choice}: no attention backend works here: " + "; ".join(errors))
+
+    def probe(fn: Callable, sdpa: str | None) -> None:
+        with sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[sdpa][0])) if sdpa else contextlib.nullcontext():
+            fn(q, k, v).sum().backward()
+
+    name, ATTENTION, sdpa = first_working_attention(choice, attention_options(choice), probe)
+    if sdpa:
+        only_sdpa(sdpa)
+    return name
 
 
 # -----------------------------------------------------------------------------

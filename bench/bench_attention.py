@@ -100,15 +100,6 @@ def reference_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 sdpa, sdpa_repeat_kv = tg.sdpa_attention, tg.sdpa_attention_repeat_kv
 
 
-SDPA_FLAGS = {"cudnn": "cudnn", "flash": "flash", "efficient": "mem_efficient", "math": "math"}
-
-
-def only_sdpa(name: str | None) -> None:
-    """Enable one SDPA backend (all of them for None); global flags, so they also hold inside torch.compile."""
-    for other, flag in SDPA_FLAGS.items():
-        getattr(torch.backends.cuda, f"enable_{flag}_sdp")(name is None or other == name)
-
-
 def import_fa4():
     """FA4's public entry point (the custom op train_gpt.fa4_attention imports its interface when first called)."""
     import flash_attn.cute as fa4
@@ -217,7 +208,7 @@ def prepared(b: Backend, cuda: bool) -> Attention:
     """The callable to run for b, with its SDPA backend switched on. Several backends compile the same Python function
     (sdpa, the custom-op wrapper), so dynamo's cache, which lives on the function's code, is reset for each."""
     if cuda:
-        only_sdpa(b.sdpa)
+        tg.only_sdpa(b.sdpa)
     if not b.compile:
         return b.fn
     torch._dynamo.reset()
@@ -328,7 +319,7 @@ def run_all(backends: list[Backend], check_inputs, time_inputs, warmup: int, ite
                 traceback.print_exc()
         finally:
             if cuda:
-                only_sdpa(None)
+                tg.only_sdpa(None)
                 torch.cuda.empty_cache()
         progress(b, time.perf_counter() - t0)
     judge(kept)

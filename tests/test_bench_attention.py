@@ -1,6 +1,6 @@
 """bench/bench_attention.py on CPU: the fp32 twin of FA4's (out, lse) interface, train_gpt.py's custom-op wrapper that
 ATTENTION=fa4 trains with (and the FA4 rows time) under torch.compile, and the correctness verdict that decides which
-backend the GPU table calls ok."""
+backend the GPU table calls ok; ATTENTION=auto's fallback order and the SDPA switch both share."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import importlib.util
 import math
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -89,3 +90,52 @@ def test_wrong_or_failing_backends_are_flagged_not_fatal():
     assert {b.name: b.result["ok"] for b in kept} == {"sdpa-math": True, "sdpa": True, "noncausal": False}
     assert skipped == [("broken", "first call failed: RuntimeError: no kernel image is available")]
     assert "| noncausal |" in ba.table(kept, SHAPE, 2)
+
+
+def test_auto_attention_tries_fa3_fa4_cudnn_flash_in_order_and_reports_every_failure():
+    """ATTENTION=auto's fallback chain, run by a probe that fails for chosen options: the first that works wins, an
+    SDPA backend is retried with repeated KV heads, and when nothing works the error names every reason."""
+    options = tg.attention_options("auto")
+    assert [(n, sdpa) for n, _, sdpa in options] == [
+        ("fa3", None), ("fa4", None), ("cudnn", "cudnn"), ("cudnn+repeat_kv", "cudnn"),
+        ("flash", "flash"), ("flash+repeat_kv", "flash")]
+    assert options[1][1] is tg.fa4_attention and options[3][1] is tg.sdpa_attention_repeat_kv
+    assert [n for n, _, _ in tg.attention_options("efficient")] == ["efficient", "efficient+repeat_kv"]
+    tried = []
+
+    def probe_failing(*broken):
+        def probe(fn, sdpa):
+            name = next(n for n, f, s in options if f is fn and s == sdpa)
+            tried.append(name)
+            if name in broken:
+                raise ImportError(f"no {name} here\nsecond line")
+        return probe
+
+    assert tg.first_working_attention("auto", options, probe_failing())[0] == "fa3"
+    tried.clear()
+    assert tg.first_working_attention("auto", options, probe_failing("fa3"))[0] == "fa4"
+    assert tried == ["fa3", "fa4"]
+    tried.clear()
+    name, fn, sdpa = tg.first_working_attention("auto", options, probe_failing("fa3", "fa4", "cudnn"))
+    assert (name, fn, sdpa) == ("cudnn+repeat_kv", tg.sdpa_attention_repeat_kv, "cudnn")
+    assert tried == ["fa3", "fa4", "cudnn", "cudnn+repeat_kv"]
+    every = [n for n, _, _ in options]
+    with pytest.raises(RuntimeError) as e:
+        tg.first_working_attention("auto", options, probe_failing(*every))
+    assert str(e.value) == "ATTENTION=auto: no attention backend works here: " + "; ".join(
+        f"{n}: ImportError: no {n} here" for n in every)
+
+
+def test_only_sdpa_leaves_exactly_one_backend_on_and_none_turns_all_back_on():
+    cuda = torch.backends.cuda
+    state = {name: getattr(cuda, f"{flag}_sdp_enabled")() for name, (_, flag) in tg.SDPA_BACKENDS.items()}
+    try:
+        for chosen in tg.SDPA_BACKENDS:
+            tg.only_sdpa(chosen)
+            assert {n: getattr(cuda, f"{flag}_sdp_enabled")() for n, (_, flag) in tg.SDPA_BACKENDS.items()} == {
+                n: n == chosen for n in tg.SDPA_BACKENDS}
+        tg.only_sdpa(None)
+        assert all(getattr(cuda, f"{flag}_sdp_enabled")() for _, flag in tg.SDPA_BACKENDS.values())
+    finally:
+        for name, (_, flag) in tg.SDPA_BACKENDS.items():
+            getattr(cuda, f"enable_{flag}_sdp")(state[name])
