@@ -14,6 +14,8 @@
 #   bash bench/fa4_session.sh bench [ARGS...]        # GPU, carry [".carry_fa4"]: install, bench_attention.py ARGS
 #   bash bench/fa4_session.sh train                  # GPU: install, bench_train.py ATTENTION=cudnn, then =fa4
 #   bash bench/fa4_session.sh losses [STEPS] [SEEDS] # GPU: install, compare_losses.py ATTENTION=cudnn vs fa4
+#   bash bench/fa4_session.sh profile [KNOB=V ...]   # GPU: install, bench_train.py ATTENTION=fa4 --profile: the kernel
+#                                                    # families and a per-kernel TSV in $OUT (e.g. PRESET=frontier)
 #   bash bench/fa4_session.sh install                # GPU: install only, e.g. before frontier_session.sh speed with
 #                                                    # SPEED_DATA=/tmp/fa4data/qs2_head (ATTENTION=auto then picks FA4)
 #
@@ -155,6 +157,14 @@ EOF
         || echo "rc=$?"
       grep -E "^(device|attention|\| [0-9])" "$OUT/train_$attention.txt" || tail -5 "$OUT/train_$attention.txt"
     done
+    ;;
+  profile)
+    shift
+    install
+    tag=$(printf '%s' "${*:-default}" | tr -c 'A-Za-z0-9=.,-' _)
+    DATA_PATH=$DATA ATTENTION=fa4 env "$@" python3 bench/bench_train.py --steps 10 --profile \
+      --profile-table "$OUT/kernels_fa4_$tag.tsv" >"$OUT/profile_fa4_$tag.txt" 2>&1 || echo "rc=$?"
+    grep -vE "UserWarning|exe_args" "$OUT/profile_fa4_$tag.txt" | tail -40
     ;;
   losses)
     install
