@@ -302,8 +302,8 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
     chosen = {k.strip() for k in kinds.split(",") if k.strip()}
     need(chosen <= set(FUSED_KINDS), "FUSED_KERNELS", f"must be none, all or a comma list of {', '.join(FUSED_KINDS)}")
     a.fused_kernels = ",".join(k for k in FUSED_KINDS if k in chosen) or "none"
-    need(a.attention in ("auto", "fa3", "fa4", "cudnn", "flash", "efficient", "math"), "ATTENTION",
-         "must be auto, fa3, fa4, cudnn, flash, efficient or math")
+    need(a.attention in ATTENTION_CHOICES, "ATTENTION",
+         f"must be {', '.join(ATTENTION_CHOICES[:-1])} or {ATTENTION_CHOICES[-1]}")
     a.gptq_calib_len = a.gptq_calib_len or a.train_seq_len
     need(a.artifact_limit <= ARTIFACT_LIMIT, "ARTIFACT_LIMIT", f"the challenge caps code + model at {ARTIFACT_LIMIT}")
     for name in ("ARTIFACT_LIMIT", "ROPE_TRAIN_LEN", "GPTQ_CALIB_SEQS", "GPTQ_CALIB_LEN", "GPTQ_BLOCK", "LQER_TOP"):
@@ -1207,6 +1207,8 @@ def fa4_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
 
 
 fa4_attention = attention_custom_op("fa4", fa4_forward, fa4_backward)
+FLASH_ATTENTION = {"fa3": fa3_attention, "fa4": fa4_attention}  # FlashAttention's own kernels, imported when called
+ATTENTION_CHOICES = ("auto", *FLASH_ATTENTION, *SDPA_BACKENDS)
 ATTENTION = sdpa_attention
 
 
@@ -1214,11 +1216,10 @@ def attention_options(choice: str) -> list[tuple[str, Callable, str | None]]:
     """What ATTENTION=choice tries, in order: (the name logged, the attention function, its SDPA backend or None)."""
     # FA4 (pip flash-attn-4) beat cuDNN by 3% of the whole step on an H100 with the same losses (docs/PERF.md)
     names = ["fa3", "fa4", "cudnn", "flash"] if choice == "auto" else [choice]
-    flash_attn = {"fa3": fa3_attention, "fa4": fa4_attention}
     options = []
     for name in names:
-        if name in flash_attn:
-            options.append((name, flash_attn[name], None))
+        if name in FLASH_ATTENTION:
+            options.append((name, FLASH_ATTENTION[name], None))
         else:  # an SDPA backend without native GQA may still take repeated KV heads
             options += [(name, sdpa_attention, name), (name + "+repeat_kv", sdpa_attention_repeat_kv, name)]
     return options

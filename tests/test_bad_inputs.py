@@ -417,6 +417,13 @@ def test_knob_that_used_to_end_in_a_traceback_or_a_wrong_cause(knob, value, word
     assert str(e.value).startswith(words), str(e.value)
 
 
+def test_an_unknown_attention_backend_is_refused_with_the_list_of_known_ones():
+    with pytest.raises(tg.ConfigError) as e:
+        tiny_args(ATTENTION="fa5")
+    assert str(e.value) == "ATTENTION='fa5': must be auto, fa3, fa4, cudnn, flash, efficient or math"
+    assert all(tiny_args(ATTENTION=name).attention == name for name in tg.ATTENTION_CHOICES)
+
+
 @pytest.mark.parametrize("env, words", [
     ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0: must be at least 1; unset it to run one process"),
     ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two': expected an int"),
