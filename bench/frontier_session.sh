@@ -26,8 +26,8 @@ LONG=(TRAIN_BATCH_TOKENS=65536 ITERATIONS=${LONG_STEPS:-1000} GRAD_ACCUM_STEPS=1
       MAX_WALLCLOCK_SECONDS=0 VAL_LOSS_EVERY=0 EVAL_STRIDE=64 GPTQ_CALIBRATION=train)
 run_arm() {  # ARM SEED [PREFIX PROTOCOL...]: one run of the card (the defaults) or of PRESET=frontier, QS-2 by default
   case $1 in card) local preset=() ;; frontier) local preset=(PRESET=frontier) ;; *) echo "arm is card or frontier" >&2; exit 2 ;; esac
-  local arm=$1 seed=$2 prefix=${3:-qs2}; shift 3 2>/dev/null || shift $#
-  local protocol=("$@"); [ ${#protocol[@]} -gt 0 ] || protocol=("${QS2[@]}")
+  local arm=$1 seed=$2 prefix=${3:-qs2} protocol=("${@:4}")
+  [ ${#protocol[@]} -gt 0 ] || protocol=("${QS2[@]}")
   run "${prefix}_${arm}_s$seed" "${protocol[@]}" SEED="$seed" "${preset[@]}"
 }
 
