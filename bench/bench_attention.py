@@ -12,6 +12,8 @@ the model's 4 KV heads):
   fa4             FlashAttention-4 (pip flash-attn-4, import flash_attn.cute), flash_attn_func(q, k, v, causal=True)
   fa4[op]         FA4's forward and backward wrapped as torch.library custom ops (register_fake + register_autograd),
                   so that torch.compile sees one opaque call each way instead of tracing the CuTe DSL
+  cudnn_fa4[op]   cuDNN's forward (with its log-sum-exp) before FA4's backward, as custom ops (ATTENTION=cudnn_fa4)
+  fa4_*[op]       FA4 with one SM90 tiling choice changed (fa4_variants: forward tile, GQA packing either way)
   reference[op]   the same custom-op wrapper around the torch twin below (fp32 inside): checks the wrapper itself,
                   also on CPU
   ...+compile     the backend inside torch.compile(fullgraph=True); `fa4+compile` compiles FA4's own autograd.Function
@@ -121,6 +123,26 @@ def fa4_versions() -> str:
     return ", ".join(parts)
 
 
+def fa4_variants() -> list["Backend"]:
+    """FA4 with its SM90 tiling choices changed, one at a time, to see whether its defaults suit this shape: the
+    forward's 192 x 128 tile (128 x 128 here) and query-head packing for GQA (off here), the backward's packing
+    (on here). Eager custom ops, timed beside fa4[op]."""
+    from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
+
+    def fwd_with(**kw):
+        def fwd(q, k, v, scale):
+            return _flash_attn_fwd(q, k, v, softmax_scale=scale, causal=True, return_lse=True, **kw)[:2]
+        return fwd
+
+    def bwd_pack_gqa(dout, q, k, v, out, lse, scale):
+        return _flash_attn_bwd(q, k, v, out, dout, lse, scale, True, pack_gqa=True)[:3]
+
+    variants = {"fa4_fwd_tile128": (fwd_with(tile_mn=(128, 128)), tg.fa4_backward),
+                "fa4_fwd_nopack": (fwd_with(pack_gqa=False), tg.fa4_backward),
+                "fa4_bwd_pack": (tg.fa4_forward, bwd_pack_gqa)}
+    return [Backend(f"{name}[op]", tg.attention_custom_op(name, fwd, bwd)) for name, (fwd, bwd) in variants.items()]
+
+
 @dataclass
 class Backend:
     name: str
@@ -155,11 +177,14 @@ def build_backends(device: torch.device, wanted: set[str] | None) -> tuple[list[
             def fa4_plain(q, k, v):
                 return fa4.flash_attn_func(q, k, v, causal=True)[0]
 
-            fa4_op = tg.fa4_attention  # the custom ops ATTENTION=fa4 trains with
-            # fa4+compile last: dynamo tracing into the CuTe DSL may take long before it gives up
+            fa4_op, hybrid = tg.fa4_attention, tg.cudnn_fa4_attention  # the custom ops ATTENTION=fa4 / cudnn_fa4 use
             backends += [Backend("fa4", fa4_plain), Backend("fa4[op]", fa4_op, ops=fa4_op.ops),
                          Backend("fa4[op]+compile", fa4_op, compile=True),
-                         Backend("fa4+compile", fa4_plain, compile=True)]
+                         Backend("cudnn_fa4[op]", hybrid, ops=hybrid.ops),
+                         Backend("cudnn_fa4[op]+compile", hybrid, compile=True)]
+            backends += fa4_variants()
+            # fa4+compile last: dynamo tracing into the CuTe DSL may take long before it gives up
+            backends.append(Backend("fa4+compile", fa4_plain, compile=True))
     if wanted:
         backends = [b for b in backends if b.name in wanted or b.name == "sdpa-math"]
     return backends, skipped

@@ -12,7 +12,7 @@
 #
 #   bash bench/fa4_session.sh prepare [WHEEL_DIR]    # here, once (~5 min on 2 cores); WHEEL_DIR=/tmp/fa4
 #   bash bench/fa4_session.sh bench [ARGS...]        # GPU, carry [".carry_fa4"]: install, bench_attention.py ARGS
-#   bash bench/fa4_session.sh train                  # GPU: install, bench_train.py ATTENTION=cudnn, then =fa4
+#   bash bench/fa4_session.sh train [ATTENTION...]   # GPU: install, bench_train.py at each ATTENTION (cudnn fa4)
 #   bash bench/fa4_session.sh losses [STEPS] [SEEDS] # GPU: install, compare_losses.py ATTENTION=cudnn vs fa4
 #   bash bench/fa4_session.sh profile [KNOB=V ...]   # GPU: install, bench_train.py ATTENTION=fa4 --profile: the kernel
 #                                                    # families and a per-kernel TSV in $OUT (e.g. PRESET=frontier)
@@ -150,8 +150,10 @@ EOF
     python3 bench/bench_attention.py --json "$OUT/attention.json" "$@" 2>&1 | tee "$OUT/bench_attention.txt"
     ;;
   train)
+    shift
+    [ $# -gt 0 ] || set -- cudnn fa4
     install
-    for attention in cudnn fa4; do
+    for attention in "$@"; do
       echo "== bench_train ATTENTION=$attention"
       DATA_PATH=$DATA ATTENTION=$attention python3 bench/bench_train.py --steps 20 >"$OUT/train_$attention.txt" 2>&1 \
         || echo "rc=$?"

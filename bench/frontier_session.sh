@@ -10,8 +10,11 @@
 #                                                 # frontier:1=PRESET=frontier frontier:3=PRESET=frontier mlp4=MLP_MULT=4
 #                                                 # (SPEED_DATA=DIR: other training shards, e.g. fa4_session.sh's)
 #   bash bench/frontier_session.sh long ARM:SEED ...  # ITERATIONS=1000 (LONG_STEPS), each arm's own EMA and warmdown
-#                                                 # (LONG_DATA=DIR: shards with >= 65 M tokens, so no text repeats)
+#                                                 # (LONG_DATA=DIR: shards with >= 65 M tokens, so no text repeats;
+#                                                 # or LONG_BATCH=8192: QS-2's own shard, read 0.94 times)
 #   bash bench/frontier_session.sh ablate KNOB=V ...  # QS-2 seed 1: the preset with each knob set back, one run each
+#   bash bench/frontier_session.sh add KNOB=V ...     # QS-2 seed 1: the card with each knob added, one run each
+#                                                 # (the card's seeds spread 7x less than the preset's: smaller effects show)
 #
 # Logs go to $OUT as one tarball; the summary lines to stdout.
 set -euo pipefail
@@ -22,7 +25,8 @@ source "$(dirname "$0")/qs2_common.sh"
 # (card 0.997 and 50% of the run, preset 0.9965 and 85%), one 32-sequence micro-batch a step (the same math as
 # QS-2's 8 of 4 up to summation order; 8 launch-bound micro-batches would take 4x the time) and calibration on
 # training sequences (self-generation at the preset's depth takes 80 s), so that both arms fit one call.
-LONG=(TRAIN_BATCH_TOKENS=65536 ITERATIONS=${LONG_STEPS:-1000} GRAD_ACCUM_STEPS=1 WARMUP_STEPS=20
+# LONG_BATCH=8192 reads 1000 x 8,192 tokens: 0.94 of QS-2's training split, so no sequence is seen twice.
+LONG=(TRAIN_BATCH_TOKENS=${LONG_BATCH:-65536} ITERATIONS=${LONG_STEPS:-1000} GRAD_ACCUM_STEPS=1 WARMUP_STEPS=20
       MAX_WALLCLOCK_SECONDS=0 VAL_LOSS_EVERY=0 EVAL_STRIDE=64 GPTQ_CALIBRATION=train)
 run_arm() {  # ARM SEED [PREFIX PROTOCOL...]: one run of the card (the defaults) or of PRESET=frontier, QS-2 by default
   case $1 in card) local preset=() ;; frontier) local preset=(PRESET=frontier) ;; *) echo "arm is card or frontier" >&2; exit 2 ;; esac
@@ -53,7 +57,7 @@ case "${1:-}" in
   long)  # ARM:SEED ..., e.g. card:1 frontier:1
     install
     for spec in "${@:2}"; do
-      run_arm "${spec%%:*}" "${spec#*:}" "qs2long${LONG_STEPS:-1000}" "${LONG[@]}" ${LONG_DATA:+DATA_PATH=$LONG_DATA}
+      run_arm "${spec%%:*}" "${spec#*:}" "qs2long${LONG_STEPS:-1000}${LONG_BATCH:+b$LONG_BATCH}" "${LONG[@]}" ${LONG_DATA:+DATA_PATH=$LONG_DATA}
     done
     ;;
   speed)  # full-batch ms/step (bench_train.py, 786,432 tokens in 8 accumulation steps): NAME[:PASSES]=KNOB+KNOB ...
@@ -70,12 +74,12 @@ case "${1:-}" in
       grep -E "^(device|attention|\| [0-9])" "$log" || tail -3 "$log"
     done
     ;;
-  ablate)
+  ablate|add)  # e.g. MLP_MULT=3 "RECUR_LAYERS= RECUR_AT=" (a quoted pair is one run)
     install
-    shift
-    for knob in "$@"; do  # e.g. MLP_MULT=3 "RECUR_LAYERS= RECUR_AT=" (a quoted pair is one run)
+    [ "$1" = ablate ] && base=(PRESET=frontier) arm=frontier || base=() arm=card
+    for knob in "${@:2}"; do
       read -ra knobs <<< "$knob"
-      run "qs2_frontier_${knob%%=*}" "${QS2[@]}" SEED=1 PRESET=frontier "${knobs[@]}"
+      run "qs2_${arm}_${knob%%=*}" "${QS2[@]}" SEED=1 "${base[@]}" "${knobs[@]}"
     done
     ;;
   *)

@@ -74,6 +74,35 @@ def test_custom_op_wrapper_gradients_match_float64_attention_on_strided_inputs()
     torch.testing.assert_close(x.grad, x64.grad, rtol=1e-5, atol=1e-5)  # the twin computes in fp32
 
 
+def test_cudnn_forward_hands_fa_layouts_to_the_backward(monkeypatch):
+    """ATTENTION=cudnn_fa4's glue: cuDNN's op takes (B, H, T, D) views and returns out (B, H, T, D) and the LSE with
+    a trailing 1; cudnn_forward must hand FA's (B, T, H, D) out and (B, H, T) LSE on. The op is stood in for by the
+    fp32 twin (the GPU table checks cuDNN itself), and the hybrid's gradients are checked against float64
+    autograd through the custom-op wrapper."""
+    calls = []
+
+    def cudnn_stand_in(q, k, v, bias, lse_wanted, dropout, causal, debug, scale):
+        calls.append((q.shape, k.shape, bias, lse_wanted, dropout, causal, debug, scale))
+        out, lse = ba.reference_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)
+        return out.transpose(1, 2), lse[..., None], None, None, 0, 0, None, None, None
+
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", cudnn_stand_in)
+    b, t, h, hk, d = SHAPE
+    q, k, v, dout = (x.detach().double() for x in ba.make_inputs(*SHAPE, CPU, seed=6))
+    out, lse = tg.cudnn_forward(q, k, v, d ** -0.5)
+    assert calls == [((b, h, t, d), (b, hk, t, d), None, True, 0.0, True, False, d ** -0.5)]
+    assert out.shape == (b, t, h, d) and out.is_contiguous() and lse.shape == (b, h, t) and lse.is_contiguous()
+    attn = tg.attention_custom_op("test_cudnn_glue", tg.cudnn_forward, ba.reference_backward)
+    qa, ka, va = (x.clone().requires_grad_() for x in (q, k, v))
+    attn(qa, ka, va).backward(dout)
+    q64, k64, v64 = (x.clone().requires_grad_() for x in (q, k, v))
+    ref = F.scaled_dot_product_attention(q64.transpose(1, 2), k64.transpose(1, 2), v64.transpose(1, 2),
+                                         is_causal=True, enable_gqa=True).transpose(1, 2)
+    ref.backward(dout)
+    for got, want in ((qa.grad, q64.grad), (ka.grad, k64.grad), (va.grad, v64.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_wrong_or_failing_backends_are_flagged_not_fatal():
     def noncausal(q, k, v):
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
