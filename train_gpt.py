@@ -161,7 +161,7 @@ class Hyperparameters:
     # systems
     compile: bool = True  # torch.compile on CUDA (CPU always runs eager)
     fused_kernels: str = "mlp,qkv"  # Triton kernels on CUDA: none | all | a comma list of mlp, qkv, loss, norm
-    attention: str = "auto"  # auto | fa3 | fa4 | cudnn_fa4 | cudnn | flash | efficient | math
+    attention: str = "auto"  # auto | fa3 | fa4 | cudnn | flash | efficient | math
     residual_fp32: bool = False  # residual stream in fp32 under autocast (default: bf16, as the record's script)
     preset: str = ""  # a name in PRESETS: its values become the defaults, explicit knobs still win
 
@@ -1206,20 +1206,8 @@ def fa4_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     return _flash_attn_bwd(q, k, v, out, dout, lse, scale, True)[:3]
 
 
-def cudnn_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """cuDNN's causal forward (SDPA's kernel, native GQA) with its log-sum-exp, in FA's layouts: the pair FA4's
-    backward takes. cuDNN's forward is faster than FA4's at head dim 64 on an H100, FA4's backward faster than
-    cuDNN's (docs/PERF.md); both keep the natural-log LSE of the same scaled scores."""
-    b, t, h, _ = q.shape
-    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, True, False, scale=scale)[:2]
-    return out.transpose(1, 2).contiguous(), lse.reshape(b, h, t).contiguous()
-
-
 fa4_attention = attention_custom_op("fa4", fa4_forward, fa4_backward)
-cudnn_fa4_attention = attention_custom_op("cudnn_fa4", cudnn_forward, fa4_backward)
-# FlashAttention's own kernels (imported when called), and cuDNN's forward before FA4's backward
-FLASH_ATTENTION = {"fa3": fa3_attention, "fa4": fa4_attention, "cudnn_fa4": cudnn_fa4_attention}
+FLASH_ATTENTION = {"fa3": fa3_attention, "fa4": fa4_attention}  # FlashAttention's own kernels, imported when called
 ATTENTION_CHOICES = ("auto", *FLASH_ATTENTION, *SDPA_BACKENDS)
 ATTENTION = sdpa_attention
 

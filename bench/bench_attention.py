@@ -12,8 +12,9 @@ the model's 4 KV heads):
   fa4             FlashAttention-4 (pip flash-attn-4, import flash_attn.cute), flash_attn_func(q, k, v, causal=True)
   fa4[op]         FA4's forward and backward wrapped as torch.library custom ops (register_fake + register_autograd),
                   so that torch.compile sees one opaque call each way instead of tracing the CuTe DSL
-  cudnn_fa4[op]   cuDNN's forward (with its log-sum-exp) before FA4's backward, as custom ops (ATTENTION=cudnn_fa4)
-  fa4_*[op]       FA4 with one SM90 tiling choice changed (fa4_variants: forward tile, GQA packing either way)
+  cudnn_fa4[op]   cuDNN's forward (with its log-sum-exp) before FA4's backward, as custom ops
+  fa4_*[op]       FA4 with one SM90 tiling choice changed (forward tile, GQA packing either way); fa4[op]+repeat_kv:
+                  FA4 on KV heads repeated to every query head (fa4_variants)
   reference[op]   the same custom-op wrapper around the torch twin below (fp32 inside): checks the wrapper itself,
                   also on CPU
   ...+compile     the backend inside torch.compile(fullgraph=True); `fa4+compile` compiles FA4's own autograd.Function
@@ -123,10 +124,21 @@ def fa4_versions() -> str:
     return ", ".join(parts)
 
 
+def cudnn_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """cuDNN's causal forward (SDPA's kernel, native GQA) with its log-sum-exp, in FA's layouts, for FA4's backward:
+    at head dim 64 cuDNN has the faster forward and FA4 the faster backward. Both keep the natural-log LSE of the
+    same scaled scores."""
+    b, t, h, _ = q.shape
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, True, False, scale=scale)[:2]
+    return out.transpose(1, 2).contiguous(), lse.reshape(b, h, t).contiguous()
+
+
 def fa4_variants() -> list["Backend"]:
-    """FA4 with its SM90 tiling choices changed, one at a time, to see whether its defaults suit this shape: the
-    forward's 192 x 128 tile (128 x 128 here) and query-head packing for GQA (off here), the backward's packing
-    (on here). Eager custom ops, timed beside fa4[op]."""
+    """FA4 changed one way at a time, to see whether its defaults suit this shape: cuDNN's forward before FA4's
+    backward; the forward's 192 x 128 tile (128 x 128 here) and query-head packing for GQA (off here); the
+    backward's packing (on here); every query head given its own KV head (MHA: does the backward then skip the fp32
+    accumulators and conversion passes it runs for GQA's dk, dv?). Custom ops, timed beside fa4[op]."""
     from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
 
     def fwd_with(**kw):
@@ -137,10 +149,16 @@ def fa4_variants() -> list["Backend"]:
     def bwd_pack_gqa(dout, q, k, v, out, lse, scale):
         return _flash_attn_bwd(q, k, v, out, dout, lse, scale, True, pack_gqa=True)[:3]
 
-    variants = {"fa4_fwd_tile128": (fwd_with(tile_mn=(128, 128)), tg.fa4_backward),
+    variants = {"cudnn_fa4": (cudnn_forward, tg.fa4_backward),
+                "fa4_fwd_tile128": (fwd_with(tile_mn=(128, 128)), tg.fa4_backward),
                 "fa4_fwd_nopack": (fwd_with(pack_gqa=False), tg.fa4_backward),
                 "fa4_bwd_pack": (tg.fa4_forward, bwd_pack_gqa)}
-    return [Backend(f"{name}[op]", tg.attention_custom_op(name, fwd, bwd)) for name, (fwd, bwd) in variants.items()]
+    ops = {name: tg.attention_custom_op(name, fwd, bwd) for name, (fwd, bwd) in variants.items()}
+    backends = [Backend(f"{name}[op]", op, ops=op.ops if name == "cudnn_fa4" else ()) for name, op in ops.items()]
+    backends.append(Backend("cudnn_fa4[op]+compile", ops["cudnn_fa4"], compile=True))
+    backends.append(Backend("fa4[op]+repeat_kv", lambda q, k, v: tg.fa4_attention(
+        q, expand_kv(k, q.size(2)), expand_kv(v, q.size(2)))))
+    return backends
 
 
 @dataclass
@@ -177,11 +195,9 @@ def build_backends(device: torch.device, wanted: set[str] | None) -> tuple[list[
             def fa4_plain(q, k, v):
                 return fa4.flash_attn_func(q, k, v, causal=True)[0]
 
-            fa4_op, hybrid = tg.fa4_attention, tg.cudnn_fa4_attention  # the custom ops ATTENTION=fa4 / cudnn_fa4 use
+            fa4_op = tg.fa4_attention  # the custom ops ATTENTION=fa4 trains with
             backends += [Backend("fa4", fa4_plain), Backend("fa4[op]", fa4_op, ops=fa4_op.ops),
-                         Backend("fa4[op]+compile", fa4_op, compile=True),
-                         Backend("cudnn_fa4[op]", hybrid, ops=hybrid.ops),
-                         Backend("cudnn_fa4[op]+compile", hybrid, compile=True)]
+                         Backend("fa4[op]+compile", fa4_op, compile=True)]
             backends += fa4_variants()
             # fa4+compile last: dynamo tracing into the CuTe DSL may take long before it gives up
             backends.append(Backend("fa4+compile", fa4_plain, compile=True))

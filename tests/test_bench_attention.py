@@ -75,8 +75,9 @@ def test_custom_op_wrapper_gradients_match_float64_attention_on_strided_inputs()
 
 
 def test_cudnn_forward_hands_fa_layouts_to_the_backward(monkeypatch):
-    """ATTENTION=cudnn_fa4's glue: cuDNN's op takes (B, H, T, D) views and returns out (B, H, T, D) and the LSE with
-    a trailing 1; cudnn_forward must hand FA's (B, T, H, D) out and (B, H, T) LSE on. The op is stood in for by the
+    """The cudnn_fa4 row's glue: cuDNN's op takes (B, H, T, D) views and returns out (B, H, T, D) and the LSE
+    (here with a trailing 1, which the reshape must absorb); cudnn_forward must hand FA's (B, T, H, D) out and
+    (B, H, T) LSE on. The op is stood in for by the
     fp32 twin (the GPU table checks cuDNN itself), and the hybrid's gradients are checked against float64
     autograd through the custom-op wrapper."""
     calls = []
@@ -89,10 +90,10 @@ def test_cudnn_forward_hands_fa_layouts_to_the_backward(monkeypatch):
     monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", cudnn_stand_in)
     b, t, h, hk, d = SHAPE
     q, k, v, dout = (x.detach().double() for x in ba.make_inputs(*SHAPE, CPU, seed=6))
-    out, lse = tg.cudnn_forward(q, k, v, d ** -0.5)
+    out, lse = ba.cudnn_forward(q, k, v, d ** -0.5)
     assert calls == [((b, h, t, d), (b, hk, t, d), None, True, 0.0, True, False, d ** -0.5)]
     assert out.shape == (b, t, h, d) and out.is_contiguous() and lse.shape == (b, h, t) and lse.is_contiguous()
-    attn = tg.attention_custom_op("test_cudnn_glue", tg.cudnn_forward, ba.reference_backward)
+    attn = tg.attention_custom_op("test_cudnn_glue", ba.cudnn_forward, ba.reference_backward)
     qa, ka, va = (x.clone().requires_grad_() for x in (q, k, v))
     attn(qa, ka, va).backward(dout)
     q64, k64, v64 = (x.clone().requires_grad_() for x in (q, k, v))
