@@ -13,7 +13,7 @@ the model's 4 KV heads):
   fa4[op]         FA4's forward and backward wrapped as torch.library custom ops (register_fake + register_autograd),
                   so that torch.compile sees one opaque call each way instead of tracing the CuTe DSL
   cudnn_fa4[op]   cuDNN's forward (with its log-sum-exp) before FA4's backward, as custom ops
-  fa4_*[op]       FA4 with one SM90 tiling choice changed (forward tile, GQA packing either way); fa4[op]+repeat_kv:
+  fa4_*[op]       FA4 with one SM90 forward choice changed (tile, GQA packing); fa4[op]+repeat_kv:
                   FA4 on KV heads repeated to every query head (fa4_variants)
   reference[op]   the same custom-op wrapper around the torch twin below (fp32 inside): checks the wrapper itself,
                   also on CPU
@@ -136,23 +136,20 @@ def cudnn_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor
 
 def fa4_variants() -> list["Backend"]:
     """FA4 changed one way at a time, to see whether its defaults suit this shape: cuDNN's forward before FA4's
-    backward; the forward's 192 x 128 tile (128 x 128 here) and query-head packing for GQA (off here); the
-    backward's packing (on here); every query head given its own KV head (MHA: does the backward then skip the fp32
-    accumulators and conversion passes it runs for GQA's dk, dv?). Custom ops, timed beside fa4[op]."""
-    from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
+    backward; the forward's 192 x 128 tile (128 x 128 here) and query-head packing for GQA (off here); every query
+    head given its own KV head (MHA, where FA4's backward stores dk, dv directly instead of through zeroed fp32
+    accumulators and a conversion pass). Custom ops, timed beside fa4[op]. (The backward's own pack_gqa argument is
+    not among them: 4.0.0b36 overrides it to False.)"""
+    from flash_attn.cute.interface import _flash_attn_fwd
 
     def fwd_with(**kw):
         def fwd(q, k, v, scale):
             return _flash_attn_fwd(q, k, v, softmax_scale=scale, causal=True, return_lse=True, **kw)[:2]
         return fwd
 
-    def bwd_pack_gqa(dout, q, k, v, out, lse, scale):
-        return _flash_attn_bwd(q, k, v, out, dout, lse, scale, True, pack_gqa=True)[:3]
-
     variants = {"cudnn_fa4": (cudnn_forward, tg.fa4_backward),
                 "fa4_fwd_tile128": (fwd_with(tile_mn=(128, 128)), tg.fa4_backward),
-                "fa4_fwd_nopack": (fwd_with(pack_gqa=False), tg.fa4_backward),
-                "fa4_bwd_pack": (tg.fa4_forward, bwd_pack_gqa)}
+                "fa4_fwd_nopack": (fwd_with(pack_gqa=False), tg.fa4_backward)}
     ops = {name: tg.attention_custom_op(name, fwd, bwd) for name, (fwd, bwd) in variants.items()}
     backends = [Backend(f"{name}[op]", op, ops=op.ops if name == "cudnn_fa4" else ()) for name, op in ops.items()]
     backends.append(Backend("cudnn_fa4[op]+compile", ops["cudnn_fa4"], compile=True))
