@@ -77,9 +77,8 @@ def test_custom_op_wrapper_gradients_match_float64_attention_on_strided_inputs()
 def test_cudnn_forward_hands_fa_layouts_to_the_backward(monkeypatch):
     """The cudnn_fa4 row's glue: cuDNN's op takes (B, H, T, D) views and returns out (B, H, T, D) and the LSE
     (here with a trailing 1, which the reshape must absorb); cudnn_forward must hand FA's (B, T, H, D) out and
-    (B, H, T) LSE on. The op is stood in for by the
-    fp32 twin (the GPU table checks cuDNN itself), and the hybrid's gradients are checked against float64
-    autograd through the custom-op wrapper."""
+    (B, H, T) LSE on. The op is stood in for by the fp32 twin (the GPU table checks cuDNN itself), and the
+    hybrid's gradients are checked against float64 autograd through the custom-op wrapper."""
     calls = []
 
     def cudnn_stand_in(q, k, v, bias, lse_wanted, dropout, causal, debug, scale):
