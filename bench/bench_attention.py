@@ -154,8 +154,11 @@ def fa4_variants() -> list["Backend"]:
     # opcheck only the hybrid: the tiling variants are fa4[op]'s wrapper again, and each opcheck JIT-compiles FA4
     backends = [Backend(f"{name}[op]", op, ops=op.ops if name == "cudnn_fa4" else ()) for name, op in ops.items()]
     backends.append(Backend("cudnn_fa4[op]+compile", ops["cudnn_fa4"], compile=True))
-    backends.append(Backend("fa4[op]+repeat_kv", lambda q, k, v: tg.fa4_attention(
-        q, expand_kv(k, q.size(2)), expand_kv(v, q.size(2)))))
+    def fa4_mha(q, k, v):
+        return tg.fa4_attention(q, expand_kv(k, q.size(2)), expand_kv(v, q.size(2)))
+
+    # under compile the expansion and its backward (a sum over each KV head's queries) fuse as in training
+    backends += [Backend("fa4[op]+repeat_kv", fa4_mha), Backend("fa4[op]+repeat_kv+compile", fa4_mha, compile=True)]
     return backends
 
 

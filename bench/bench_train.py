@@ -144,6 +144,9 @@ def main() -> None:
     ap.add_argument("--sync-every-step", action="store_true",
                     help="wait for each step before starting the next (train_gpt.py reads a step's loss one step "
                          "late, so its host never drains the GPU's queue; this shows what that hides)")
+    ap.add_argument("--expand-kv", action="store_true",
+                    help="give every query head its own copy of its KV head before attention (MHA inside the "
+                         "compiled graph), to time FA4's backward without its GQA accumulators")
     opts = ap.parse_args()
 
     rank, world, local_rank, device = tg.setup_distributed()
@@ -152,6 +155,11 @@ def main() -> None:
     args = tg.resolve(tg.Hyperparameters.from_env(), world)
     torch.manual_seed(args.seed)
     runtime = tg.prepare_runtime(args, device)
+    if opts.expand_kv:
+        attention = tg.ATTENTION
+        tg.ATTENTION = lambda q, k, v: attention(q, *(x.repeat_interleave(q.size(2) // x.size(2), dim=2)
+                                                      for x in (k, v)))
+        runtime += " +expand_kv"
     autocast = tg.make_autocast(device)
     model, train_model, optimizers, loader = tg.build_training(args, device, rank, world, local_rank)
     model.set_qat(opts.qat)

@@ -12,7 +12,8 @@
 #
 #   bash bench/fa4_session.sh prepare [WHEEL_DIR]    # here, once (~5 min on 2 cores); WHEEL_DIR=/tmp/fa4
 #   bash bench/fa4_session.sh bench [ARGS...]        # GPU, carry [".carry_fa4"]: install, bench_attention.py ARGS
-#   bash bench/fa4_session.sh train [ATTENTION...]   # GPU: install, bench_train.py at each ATTENTION (cudnn fa4)
+#   bash bench/fa4_session.sh train [ATTENTION...]   # GPU: install, bench_train.py at each ATTENTION (cudnn fa4);
+#                                                    # NAME+expand_kv times NAME on K/V repeated to every query head
 #   bash bench/fa4_session.sh losses [STEPS] [SEEDS] # GPU: install, compare_losses.py ATTENTION=cudnn vs fa4
 #   bash bench/fa4_session.sh profile [KNOB=V ...]   # GPU: install, bench_train.py ATTENTION=fa4 --profile: the kernel
 #                                                    # families and a per-kernel TSV in $OUT (e.g. PRESET=frontier)
@@ -153,10 +154,11 @@ EOF
     shift
     [ $# -gt 0 ] || set -- cudnn fa4
     install
-    for attention in "$@"; do
+    for attention in "$@"; do  # NAME+expand_kv: ATTENTION=NAME with bench_train.py --expand-kv
       echo "== bench_train ATTENTION=$attention"
-      DATA_PATH=$DATA ATTENTION=$attention python3 bench/bench_train.py --steps 20 >"$OUT/train_$attention.txt" 2>&1 \
-        || echo "rc=$?"
+      extra=() && [[ $attention == *+expand_kv ]] && extra=(--expand-kv)
+      DATA_PATH=$DATA ATTENTION=${attention%+expand_kv} python3 bench/bench_train.py --steps 20 "${extra[@]}" \
+        >"$OUT/train_$attention.txt" 2>&1 || echo "rc=$?"
       grep -E "^(device|attention|\| [0-9])" "$OUT/train_$attention.txt" || tail -5 "$OUT/train_$attention.txt"
     done
     ;;
