@@ -157,9 +157,10 @@ EOF
     for attention in "$@"; do  # NAME+expand_kv: ATTENTION=NAME with bench_train.py --expand-kv
       echo "== bench_train ATTENTION=$attention"
       extra=() && [[ $attention == *+expand_kv ]] && extra=(--expand-kv)
+      log=$OUT/train_${attention//+/_}.txt  # '+' is not among the names a run's $OUT brings back
       DATA_PATH=$DATA ATTENTION=${attention%+expand_kv} python3 bench/bench_train.py --steps 20 "${extra[@]}" \
-        >"$OUT/train_$attention.txt" 2>&1 || echo "rc=$?"
-      grep -E "^(device|attention|\| [0-9])" "$OUT/train_$attention.txt" || tail -5 "$OUT/train_$attention.txt"
+        >"$log" 2>&1 || echo "rc=$?"
+      grep -E "^(device|attention|\| [0-9])" "$log" || tail -5 "$log"
     done
     ;;
   profile)
