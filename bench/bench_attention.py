@@ -147,6 +147,9 @@ def fa4_variants() -> list["Backend"]:
             return _flash_attn_fwd(q, k, v, softmax_scale=scale, causal=True, return_lse=True, **kw)[:2]
         return fwd
 
+    def fa4_mha(q, k, v):
+        return tg.fa4_attention(q, expand_kv(k, q.size(2)), expand_kv(v, q.size(2)))
+
     variants = {"cudnn_fa4": (cudnn_forward, tg.fa4_backward),
                 "fa4_fwd_tile128": (fwd_with(tile_mn=(128, 128)), tg.fa4_backward),
                 "fa4_fwd_nopack": (fwd_with(pack_gqa=False), tg.fa4_backward)}
@@ -154,9 +157,6 @@ def fa4_variants() -> list["Backend"]:
     # opcheck only the hybrid: the tiling variants are fa4[op]'s wrapper again, and each opcheck JIT-compiles FA4
     backends = [Backend(f"{name}[op]", op, ops=op.ops if name == "cudnn_fa4" else ()) for name, op in ops.items()]
     backends.append(Backend("cudnn_fa4[op]+compile", ops["cudnn_fa4"], compile=True))
-    def fa4_mha(q, k, v):
-        return tg.fa4_attention(q, expand_kv(k, q.size(2)), expand_kv(v, q.size(2)))
-
     # under compile the expansion and its backward (a sum over each KV head's queries) fuse as in training
     backends += [Backend("fa4[op]+repeat_kv", fa4_mha), Backend("fa4[op]+repeat_kv+compile", fa4_mha, compile=True)]
     return backends
