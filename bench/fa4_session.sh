@@ -15,6 +15,8 @@
 #   bash bench/fa4_session.sh train [ATTENTION...]   # GPU: install, bench_train.py at each ATTENTION (cudnn fa4);
 #                                                    # NAME+expand_kv times NAME on K/V repeated to every query head
 #   bash bench/fa4_session.sh losses [STEPS] [SEEDS] # GPU: install, compare_losses.py ATTENTION=cudnn vs fa4
+#   bash bench/fa4_session.sh gemm [--tuned]         # GPU: install, bench_gemm.py: cuBLAS vs quack's GEMMs (quack-kernels
+#                                                    # comes with FA4), kernels/mlp.py vs quack's relu^2 GEMMs
 #   bash bench/fa4_session.sh profile [KNOB=V ...]   # GPU: install, bench_train.py ATTENTION=fa4 --profile: the kernel
 #                                                    # families and a per-kernel TSV in $OUT (e.g. PRESET=frontier)
 #   bash bench/fa4_session.sh install                # GPU: install only, e.g. before frontier_session.sh speed with
@@ -162,6 +164,11 @@ EOF
         >"$log" 2>&1 || echo "rc=$?"
       grep -E "^(device|attention|\| [0-9])" "$log" || tail -5 "$log"
     done
+    ;;
+  gemm)
+    shift
+    install
+    python3 bench/bench_gemm.py "$@" 2>&1 | grep -vE "UserWarning|exe_args" | tee "$OUT/bench_gemm.txt"
     ;;
   profile)
     shift

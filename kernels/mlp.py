@@ -64,6 +64,7 @@ if triton is not None:
         a_desc, b_desc, c_desc, aux_desc, M, N, K, programs,
         B_KMAJOR: tl.constexpr, BACKWARD: tl.constexpr, SLOPE: tl.constexpr, FP32_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        FLATTEN: tl.constexpr = True,
     ):
         """C = relu(A @ B)^2 (forward) or C = 2 sqrt(AUX) * (A @ B) (backward; AUX is the forward's C); with SLOPE,
         C = leaky_relu(A @ B)^2 and AUX = A @ B (forward), C = 2 leaky'(AUX) leaky(AUX) * (A @ B) (backward). B is
@@ -71,7 +72,7 @@ if triton is not None:
         output tiles program_id, program_id + programs, ..."""
         grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         per_group = GROUP_M * grid_n
-        for tile in tl.range(tl.program_id(0), grid_m * grid_n, programs, flatten=True):
+        for tile in tl.range(tl.program_id(0), grid_m * grid_n, programs, flatten=FLATTEN):
             # Grouped order: GROUP_M row blocks take turns on each column block of B while it sits in L2.
             first_m = (tile // per_group) * GROUP_M
             group_rows = tl.minimum(grid_m - first_m, GROUP_M)
@@ -92,7 +93,9 @@ if triton is not None:
 
 
 # Tiles, measured on an H100 (docs/PERF.md); fp32 (tests) needs smaller ones to fit shared memory, and the
-# interpreter (CI) runs every program in numpy, so small tiles keep it quick.
+# interpreter (CI) runs every program in numpy, so small tiles keep it quick. FLATTEN: one software pipeline over
+# all of a program's tiles, so the next tile's loads overlap this one's epilogue; PROGRAMS_PER_SM > 1 only pays
+# where that many programs fit an SM's registers and shared memory at once.
 _TILES = {
     "gpu": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     "gpu_fp32": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
@@ -117,17 +120,21 @@ def _use_triton(x: Tensor, w1: Tensor, w2: Tensor) -> bool:
             and _has_tma(x.device) and all(_tma_ready(t) for t in (x, w1, w2)))
 
 
-def _launch(a: Tensor, b: Tensor, aux: Tensor | None, b_kmajor: bool, backward: bool, slope: float) -> Tensor:
+def _launch(a: Tensor, b: Tensor, aux: Tensor | None, b_kmajor: bool, backward: bool, slope: float,
+            tiles: dict | None = None) -> Tensor:
     """The epilogue GEMM on a @ B, B = b.T if b_kmajor else b; out in a's dtype. aux: the forward's a (relu^2) or
-    h (leaky), read by the backward, written by the leaky forward."""
+    h (leaky), read by the backward, written by the leaky forward. tiles: a _TILES-style entry in place of this
+    device's (bench/bench_gemm.py times alternatives)."""
     m, k = a.shape
     n = b.shape[0] if b_kmajor else b.shape[1]
     out = torch.empty((m, n), dtype=a.dtype, device=a.device)
-    tiles = _TILES["interpreter" if not a.is_cuda else "gpu_fp32" if a.dtype == torch.float32 else "gpu"]
+    tiles = dict(tiles or _TILES["interpreter" if not a.is_cuda else "gpu_fp32" if a.dtype == torch.float32 else "gpu"])
+    per_sm = tiles.pop("PROGRAMS_PER_SM", 1)
     bm, bn, bk = tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_K"]
     descriptor = TensorDescriptor.from_tensor
     tile_count = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    programs = min(tile_count, torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 8)
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 8
+    programs = min(tile_count, per_sm * sms)
     _matmul_relu2_kernel[(programs,)](
         descriptor(a, [bm, bk]), descriptor(b, [bn, bk] if b_kmajor else [bk, bn]), descriptor(out, [bm, bn // 2]),
         descriptor(aux if aux is not None else out, [bm, bn // 2]), m, n, k, programs, B_KMAJOR=b_kmajor,

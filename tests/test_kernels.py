@@ -433,6 +433,29 @@ def test_leaky_relu2_mlp_sweep(rows, dim, hidden, dtype):
     check_relu2_mlp(*mlp_inputs(rows, dim, hidden, dtype), slope=0.5)
 
 
+@needs_triton
+@pytest.mark.parametrize("flatten,per_sm", [(True, 1), (False, 1), (False, 2), (True, 3)])
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+def test_relu2_gemm_tile_overrides(flatten, per_sm, backward):
+    """The persistent GEMM with a tile entry of its own (bench_gemm.py's alternatives: the loop over a program's tiles
+    not flattened, several programs per SM) against float64: relu(x @ w1.T)^2, and 2 sqrt(a) * (g @ w2)."""
+    torch.manual_seed(per_sm + 2 * backward)
+    on_gpu = DEVICE == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    x, w1, w2 = mlp_inputs(200, 64, 192, dtype)
+    tiles = dict(BLOCK_M=64 if on_gpu else 32, BLOCK_N=128 if on_gpu else 64, BLOCK_K=32, GROUP_M=2,
+                 FLATTEN=flatten, PROGRAMS_PER_SM=per_sm, **(dict(num_warps=4, num_stages=2) if on_gpu else {}))
+    h = x.double() @ w1.double().T
+    a = torch.relu(h).square()
+    if backward:
+        g = torch.randn(200, 64, device=DEVICE).to(dtype)
+        got = mlp_kernels._launch(g, w2, a.to(dtype), b_kmajor=False, backward=True, slope=0.0, tiles=tiles)
+        want = 2 * torch.relu(h) * (g.double() @ w2.double())
+    else:
+        got, want = mlp_kernels._launch(x, w1, None, b_kmajor=True, backward=False, slope=0.0, tiles=tiles), a
+    assert rel_err(got, want) <= 2 * TOL[dtype]
+
+
 def test_leaky_relu2_reference_hand_computed():
     """leaky(h)^2 and its derivative by hand at h = 2, -2, 0 with slope 0.5: 4, 1, 0 and 4, -1, 0; the fallback
     path (no Triton) gives them too."""
