@@ -13,6 +13,7 @@ as well, and its gemm_dact reads h and writes g_h and the recomputed a, which th
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -41,16 +42,16 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want).norm() / want.norm()).item()
 
 
-def timed(name: str, flops: float, fn, want: torch.Tensor) -> dict:
+def timed(name: str, flops: float, fn, want: torch.Tensor, key: str = "") -> dict:
     """A row; a call that raises (a config quack or Triton cannot build here) is a row that says why."""
     try:
         err = rel_err(fn(), want)
         us = 1000 * median_ms(fn)
     except Exception as e:  # noqa: BLE001 - report and go on to the next row
         print(f"{name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        return dict(name=f"{name} (failed: {type(e).__name__})", us=float("nan"), tflops=float("nan"),
+        return dict(name=f"{name} (failed: {type(e).__name__})", key=key, us=float("nan"), tflops=float("nan"),
                     err=float("nan"), ok=False)
-    return dict(name=name, us=us, tflops=flops / us / 1e6, err=err, ok=err < 1e-2)
+    return dict(name=name, key=key, us=us, tflops=flops / us / 1e6, err=err, ok=err < 1e-2)
 
 
 def matmul_rows(quack) -> list[dict]:
@@ -78,14 +79,17 @@ def tile(bm, bn, warps, stages, flatten=True, per_sm=1) -> dict:
 # 128 x 256, 8 warps, 3 stages at 213 KB of shared memory and 226 registers: one program per SM, so its epilogue
 # (reading a, writing g_h) stalls the tensor cores. The 128 x 128 tiles fit two programs per SM (82-115 KB,
 # 96-174 registers), whose epilogues can overlap each other's main loops.
-MLP_TILES = {
-    "128x256, 8 warps, 3 stages, flattened (kernels/mlp.py)": None,
-    "128x256, 8 warps, 3 stages, not flattened": tile(128, 256, 8, 3, flatten=False),
-    "128x128, 8 warps, 3 stages, not flattened, 2 per SM": tile(128, 128, 8, 3, flatten=False, per_sm=2),
-    "128x128, 8 warps, 2 stages, flattened, 2 per SM": tile(128, 128, 8, 2, per_sm=2),
-    "128x128, 8 warps, 2 stages, not flattened, 2 per SM": tile(128, 128, 8, 2, flatten=False, per_sm=2),
-    "128x128, 4 warps, 3 stages, not flattened, 2 per SM": tile(128, 128, 4, 3, flatten=False, per_sm=2),
-    "128x128, 4 warps, 2 stages, flattened, 2 per SM": tile(128, 128, 4, 2, per_sm=2),
+MLP_TILES = {  # key (bench_train.py --mlp-tiles): (what, tiles; None = kernels/mlp.py's own)
+    "kept": ("128x256, 8 warps, 3 stages, flattened (kernels/mlp.py)", None),
+    "256_s3_noflat": ("128x256, 8 warps, 3 stages, not flattened", tile(128, 256, 8, 3, flatten=False)),
+    "128_w8_s3_noflat_x2": ("128x128, 8 warps, 3 stages, not flattened, 2 per SM",
+                            tile(128, 128, 8, 3, flatten=False, per_sm=2)),
+    "128_w8_s2_x2": ("128x128, 8 warps, 2 stages, flattened, 2 per SM", tile(128, 128, 8, 2, per_sm=2)),
+    "128_w8_s2_noflat_x2": ("128x128, 8 warps, 2 stages, not flattened, 2 per SM",
+                            tile(128, 128, 8, 2, flatten=False, per_sm=2)),
+    "128_w4_s3_noflat_x2": ("128x128, 4 warps, 3 stages, not flattened, 2 per SM",
+                            tile(128, 128, 4, 3, flatten=False, per_sm=2)),
+    "128_w4_s2_x2": ("128x128, 4 warps, 2 stages, flattened, 2 per SM", tile(128, 128, 4, 2, per_sm=2)),
 }
 
 
@@ -104,10 +108,11 @@ def fused_rows(quack, tuned: bool) -> list[dict]:
     h_bf16 = h.to(torch.bfloat16)
     rows = [timed("relu2 fwd: cuBLAS matmul alone (no epilogue)", flops, lambda: x @ w1.t(), h),
             timed("relu2 bwd: cuBLAS matmul alone (no epilogue)", flops, lambda: g @ w2, g.float() @ w2.float())]
-    for name, tiles in MLP_TILES.items():
-        rows += [timed(f"relu2 fwd: {name}", flops, lambda: mlp._launch(x, w1, None, True, False, 0.0, tiles), a_want),
-                 timed(f"relu2 bwd (reads a): {name}", flops, lambda: mlp._launch(g, w2, a, False, True, 0.0, tiles),
-                       g_h_want)]
+    for key, (what, tiles) in MLP_TILES.items():
+        rows += [timed(f"relu2 fwd: {what}", flops, lambda: mlp._launch(x, w1, None, True, False, 0.0, tiles), a_want,
+                       key=f"fwd:{key}"),
+                 timed(f"relu2 bwd (reads a): {what}", flops, lambda: mlp._launch(g, w2, a, False, True, 0.0, tiles),
+                       g_h_want, key=f"bwd:{key}")]
     if quack is not None:
         rows += [
             timed("relu2 fwd: quack gemm_act, writes a", flops,
@@ -135,15 +140,24 @@ def markdown(rows: list[dict]) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tuned", action="store_true", help="also time quack's autotuned relu^2 GEMMs")
+    parser.add_argument("--json", help="write every row here, and the fastest correct MLP_TILES key per direction")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gemm.py needs a CUDA GPU")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     quack, reason = quack_or_reason()
     print("quack: " + (f"{getattr(sys.modules.get('quack'), '__version__', '?')}" if quack else f"absent ({reason})"))
-    print(markdown(fused_rows(quack, args.tuned)), flush=True)
+    fused = fused_rows(quack, args.tuned)
+    print(markdown(fused), flush=True)
+    best = {way: min((r for r in fused if r["ok"] and r["key"].startswith(way + ":")), key=lambda r: r["us"])["key"]
+            for way in ("fwd", "bwd")}
+    print(f"fastest tiles: {best['fwd']}, {best['bwd']} (bench_train.py --mlp-tiles "
+          f"{best['fwd'].split(':')[1]},{best['bwd'].split(':')[1]})")
     print()
-    print(markdown(matmul_rows(quack)))
+    rows = matmul_rows(quack)
+    print(markdown(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(fused=fused, matmuls=rows, best=best), indent=1))
 
 
 if __name__ == "__main__":

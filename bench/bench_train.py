@@ -131,6 +131,19 @@ def time_steps(step_fn, steps: int, sync_every_step: bool) -> tuple[list[float],
     return [a.elapsed_time(b) for a, b in zip(ends, ends[1:])], host
 
 
+def use_mlp_tiles(keys: str) -> str:
+    """Set kernels/mlp.py's forward and backward tiles to bench_gemm.MLP_TILES[FWD] and [BWD] (from "FWD,BWD")."""
+    from bench_gemm import MLP_TILES
+    from kernels import mlp
+
+    fwd, bwd = keys.split(",")
+    for key, entry in (fwd, "gpu"), (bwd, "gpu_bwd"):
+        if key not in MLP_TILES:
+            sys.exit(f"--mlp-tiles: {key!r} is not one of {', '.join(MLP_TILES)}")
+        mlp._TILES[entry] = MLP_TILES[key][1] or mlp._TILES[entry]
+    return f"fwd {fwd}, bwd {bwd}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40, help="timed steps")
@@ -147,6 +160,8 @@ def main() -> None:
     ap.add_argument("--expand-kv", action="store_true",
                     help="give every query head its own copy of its KV head before attention (MHA inside the "
                          "compiled graph), to time FA4's backward without its GQA accumulators")
+    ap.add_argument("--mlp-tiles", metavar="FWD,BWD",
+                    help="kernels/mlp.py's forward and backward GEMMs at these bench_gemm.MLP_TILES keys")
     opts = ap.parse_args()
 
     rank, world, local_rank, device = tg.setup_distributed()
@@ -160,6 +175,8 @@ def main() -> None:
         tg.ATTENTION = lambda q, k, v: attention(q, *(x.repeat_interleave(q.size(2) // x.size(2), dim=2)
                                                       for x in (k, v)))
         runtime += " +expand_kv"
+    if opts.mlp_tiles:
+        runtime += " mlp tiles " + use_mlp_tiles(opts.mlp_tiles)
     autocast = tg.make_autocast(device)
     model, train_model, optimizers, loader = tg.build_training(args, device, rank, world, local_rank)
     model.set_qat(opts.qat)

@@ -13,7 +13,8 @@
 #   bash bench/fa4_session.sh prepare [WHEEL_DIR]    # here, once (~5 min on 2 cores); WHEEL_DIR=/tmp/fa4
 #   bash bench/fa4_session.sh bench [ARGS...]        # GPU, carry [".carry_fa4"]: install, bench_attention.py ARGS
 #   bash bench/fa4_session.sh train [ATTENTION...]   # GPU: install, bench_train.py at each ATTENTION (cudnn fa4);
-#                                                    # NAME+expand_kv times NAME on K/V repeated to every query head
+#                                                    # NAME+expand_kv times NAME on K/V repeated to every query head,
+#                                                    # NAME@FWD,BWD with kernels/mlp.py at bench_gemm.py's MLP_TILES
 #   bash bench/fa4_session.sh losses [STEPS] [SEEDS] # GPU: install, compare_losses.py ATTENTION=cudnn vs fa4
 #   bash bench/fa4_session.sh gemm [--tuned]         # GPU: install, bench_gemm.py: cuBLAS vs quack's GEMMs (quack-kernels
 #                                                    # comes with FA4), kernels/mlp.py vs quack's relu^2 GEMMs
@@ -156,19 +157,22 @@ EOF
     shift
     [ $# -gt 0 ] || set -- cudnn fa4
     install
-    for attention in "$@"; do  # NAME+expand_kv: ATTENTION=NAME with bench_train.py --expand-kv
-      echo "== bench_train ATTENTION=$attention"
-      extra=() && [[ $attention == *+expand_kv ]] && extra=(--expand-kv)
-      log=$OUT/train_${attention//+/_}.txt  # '+' is not among the names a run's $OUT brings back
-      DATA_PATH=$DATA ATTENTION=${attention%+expand_kv} python3 bench/bench_train.py --steps 20 "${extra[@]}" \
-        >"$log" 2>&1 || echo "rc=$?"
+    for spec in "$@"; do  # ATTENTION[+expand_kv][@FWD,BWD]: bench_train.py --expand-kv, --mlp-tiles FWD,BWD
+      attention=${spec%%[+@]*}
+      echo "== bench_train ATTENTION=$attention ($spec)"
+      extra=()
+      [[ $spec == *+expand_kv* ]] && extra+=(--expand-kv)
+      [[ $spec == *@* ]] && extra+=(--mlp-tiles "${spec#*@}")
+      log=$OUT/train_$(printf %s "$spec" | tr -c 'A-Za-z0-9_-' _).txt  # $OUT brings back plain names only
+      DATA_PATH=$DATA ATTENTION=$attention python3 bench/bench_train.py --steps 20 "${extra[@]}" >"$log" 2>&1 \
+        || echo "rc=$?"
       grep -E "^(device|attention|\| [0-9])" "$log" || tail -5 "$log"
     done
     ;;
   gemm)
     shift
     install
-    python3 bench/bench_gemm.py "$@" 2>&1 | grep -vE "UserWarning|exe_args" | tee "$OUT/bench_gemm.txt"
+    python3 bench/bench_gemm.py --json "$OUT/bench_gemm.json" "$@" 2>&1 | grep -vE "UserWarning|exe_args" | tee "$OUT/bench_gemm.txt"
     ;;
   profile)
     shift

@@ -98,6 +98,7 @@ if triton is not None:
 # where that many programs fit an SM's registers and shared memory at once.
 _TILES = {
     "gpu": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "gpu_bwd": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     "gpu_fp32": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
     "interpreter": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2),
 }
@@ -128,7 +129,8 @@ def _launch(a: Tensor, b: Tensor, aux: Tensor | None, b_kmajor: bool, backward: 
     m, k = a.shape
     n = b.shape[0] if b_kmajor else b.shape[1]
     out = torch.empty((m, n), dtype=a.dtype, device=a.device)
-    tiles = dict(tiles or _TILES["interpreter" if not a.is_cuda else "gpu_fp32" if a.dtype == torch.float32 else "gpu"])
+    kind = "interpreter" if not a.is_cuda else "gpu_fp32" if a.dtype == torch.float32 else "gpu_bwd" if backward else "gpu"
+    tiles = dict(tiles or _TILES[kind])
     per_sm = tiles.pop("PROGRAMS_PER_SM", 1)
     bm, bn, bk = tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_K"]
     descriptor = TensorDescriptor.from_tensor
