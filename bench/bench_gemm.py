@@ -42,16 +42,17 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want).norm() / want.norm()).item()
 
 
-def timed(name: str, flops: float, fn, want: torch.Tensor, key: str = "") -> dict:
-    """A row; a call that raises (a config quack or Triton cannot build here) is a row that says why."""
+def timed(name: str, flops: float, fn, want: torch.Tensor, tiles_key: tuple[str, str] | None = None) -> dict:
+    """A row; a call that raises (a config quack or Triton cannot build here) is a row that says why. tiles_key:
+    (direction, MLP_TILES key) of a kernels/mlp.py row."""
     try:
         err = rel_err(fn(), want)
         us = 1000 * median_ms(fn)
     except Exception as e:  # noqa: BLE001 - report and go on to the next row
         print(f"{name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        return dict(name=f"{name} (failed: {type(e).__name__})", key=key, us=float("nan"), tflops=float("nan"),
-                    err=float("nan"), ok=False)
-    return dict(name=name, key=key, us=us, tflops=flops / us / 1e6, err=err, ok=err < 1e-2)
+        return dict(name=f"{name} (failed: {type(e).__name__})", tiles_key=tiles_key, us=float("nan"),
+                    tflops=float("nan"), err=float("nan"), ok=False)
+    return dict(name=name, tiles_key=tiles_key, us=us, tflops=flops / us / 1e6, err=err, ok=err < 1e-2)
 
 
 def matmul_rows(quack) -> list[dict]:
@@ -110,9 +111,9 @@ def fused_rows(quack, tuned: bool) -> list[dict]:
             timed("relu2 bwd: cuBLAS matmul alone (no epilogue)", flops, lambda: g @ w2, g.float() @ w2.float())]
     for key, (what, tiles) in MLP_TILES.items():
         rows += [timed(f"relu2 fwd: {what}", flops, lambda: mlp._launch(x, w1, None, True, False, 0.0, tiles), a_want,
-                       key=f"fwd:{key}"),
+                       tiles_key=("fwd", key)),
                  timed(f"relu2 bwd (reads a): {what}", flops, lambda: mlp._launch(g, w2, a, False, True, 0.0, tiles),
-                       g_h_want, key=f"bwd:{key}")]
+                       g_h_want, tiles_key=("bwd", key))]
     if quack is not None:
         rows += [
             timed("relu2 fwd: quack gemm_act, writes a", flops,
@@ -128,6 +129,13 @@ def fused_rows(quack, tuned: bool) -> list[dict]:
             timed("relu2 bwd: quack gemm_dact, autotuned", flops,
                   lambda: quack.gemm_dact(g, w2, h_bf16, activation="relu_sq")[0], g_h_want)]
     return rows
+
+
+def fastest_tiles(rows: list[dict]) -> dict[str, str]:
+    """The MLP_TILES key of the fastest correct kernels/mlp.py row in each direction ("kept" where none passed)."""
+    return {way: min((r for r in rows if r["ok"] and r["tiles_key"] and r["tiles_key"][0] == way),
+                     key=lambda r: r["us"], default=dict(tiles_key=(way, "kept")))["tiles_key"][1]
+            for way in ("fwd", "bwd")}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -149,10 +157,8 @@ def main():
     print("quack: " + (f"{getattr(sys.modules.get('quack'), '__version__', '?')}" if quack else f"absent ({reason})"))
     fused = fused_rows(quack, args.tuned)
     print(markdown(fused), flush=True)
-    best = {way: min((r for r in fused if r["ok"] and r["key"].startswith(way + ":")), key=lambda r: r["us"])["key"]
-            for way in ("fwd", "bwd")}
-    print(f"fastest tiles: {best['fwd']}, {best['bwd']} (bench_train.py --mlp-tiles "
-          f"{best['fwd'].split(':')[1]},{best['bwd'].split(':')[1]})")
+    best = fastest_tiles(fused)
+    print(f"fastest correct tiles: bench_train.py --mlp-tiles {best['fwd']},{best['bwd']}")
     print()
     rows = matmul_rows(quack)
     print(markdown(rows))
