@@ -16,7 +16,7 @@
 #                                                    # NAME+expand_kv times NAME on K/V repeated to every query head,
 #                                                    # NAME@FWD,BWD with kernels/mlp.py at bench_gemm.py's MLP_TILES
 #   bash bench/fa4_session.sh losses [STEPS] [SEEDS] # GPU: install, compare_losses.py ATTENTION=cudnn vs fa4
-#   bash bench/fa4_session.sh gemm [--tuned]         # GPU: install, bench_gemm.py: cuBLAS vs quack's GEMMs (quack-kernels
+#   bash bench/fa4_session.sh gemm [ARGS...]         # GPU: install, bench_gemm.py: cuBLAS vs quack's GEMMs (quack-kernels
 #                                                    # comes with FA4), kernels/mlp.py vs quack's relu^2 GEMMs
 #   bash bench/fa4_session.sh profile [KNOB=V ...]   # GPU: install, bench_train.py ATTENTION=fa4 --profile: the kernel
 #                                                    # families and a per-kernel TSV in $OUT (e.g. PRESET=frontier)
