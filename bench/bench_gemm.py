@@ -71,36 +71,24 @@ def matmul_rows(quack) -> list[dict]:
     return rows
 
 
-def tile(bm, bn, warps, stages, flatten=True, per_sm=1, prefetch=False) -> dict:
+def tile(bm, bn, warps, stages, flatten=True, per_sm=1) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, num_warps=warps, num_stages=stages, FLATTEN=flatten,
-                PROGRAMS_PER_SM=per_sm, PREFETCH_AUX=prefetch)
+                PROGRAMS_PER_SM=per_sm)
 
 
-# kernels/mlp.py's GEMM with other tiles. The backward's epilogue reads a (98,304 x 1,536 bf16, ~0.3 GB) after the
-# main loop, ~120 us at HBM speed that nothing overlaps at one program per SM (docs/PERF.md). Triton 3.6's ptxas for
-# sm90 (compiled here, no GPU): kept 213 KB of shared memory, 168 registers. Prefetched ("pf", backward only), a is
-# loaded into registers before the main loop and first used after it; only unflattened loops keep it that way (the
-# flattened pipeline converts its layout, so waits for it, at the tile's start): 128 x 128 x 8 warps at 166-169
-# registers, 128 x 256 at 255 with 66-112 bytes spilled, 128 x 128 x 4 warps at 255 with 132 spilled (2 per SM).
-# Each prefetched entry has its unprefetched twin. Measured on an H100 and dropped (all slower than kept in both
-# directions): flattened 128 x 128 at 2 stages, 8 or 4 warps, 2 per SM.
+# kernels/mlp.py's GEMM with other tiles. Triton 3.6's ptxas for sm90 (compiled here, no GPU) puts the backward at
+# 128 x 256, 8 warps, 3 stages at 213 KB of shared memory: one program per SM, so its epilogue (reading a, writing
+# g_h) stalls the tensor cores. The 128 x 128 tiles fit two programs per SM, whose epilogues can overlap each other's
+# main loops. Measured on an H100 (docs/PERF.md), kept is the fastest in both directions; dropped after that
+# measurement: flattened 128 x 128 at 2 stages (8 or 4 warps, 2 per SM), and a loaded into registers before the
+# main loop (commit 0e6c788).
 MLP_TILES = {  # key (bench_train.py --mlp-tiles): (what, tiles; None = kernels/mlp.py's own)
     "kept": ("128x256, 8 warps, 3 stages, flattened (kernels/mlp.py)", None),
     "256_s3_noflat": ("128x256, 8 warps, 3 stages, not flattened", tile(128, 256, 8, 3, flatten=False)),
-    "256_s3_noflat_pf": ("128x256, 8 warps, 3 stages, not flattened, a prefetched",
-                         tile(128, 256, 8, 3, flatten=False, prefetch=True)),
-    "256_s2_noflat_pf": ("128x256, 8 warps, 2 stages, not flattened, a prefetched",
-                         tile(128, 256, 8, 2, flatten=False, prefetch=True)),
     "128_w8_s3_noflat_x2": ("128x128, 8 warps, 3 stages, not flattened, 2 per SM",
                             tile(128, 128, 8, 3, flatten=False, per_sm=2)),
-    "128_w8_s3_noflat_pf": ("128x128, 8 warps, 3 stages, not flattened, a prefetched",
-                            tile(128, 128, 8, 3, flatten=False, prefetch=True)),
-    "128_w8_s4_noflat_pf": ("128x128, 8 warps, 4 stages, not flattened, a prefetched",
-                            tile(128, 128, 8, 4, flatten=False, prefetch=True)),
     "128_w4_s3_noflat_x2": ("128x128, 4 warps, 3 stages, not flattened, 2 per SM",
                             tile(128, 128, 4, 3, flatten=False, per_sm=2)),
-    "128_w4_s3_noflat_pf_x2": ("128x128, 4 warps, 3 stages, not flattened, a prefetched, 2 per SM",
-                               tile(128, 128, 4, 3, flatten=False, per_sm=2, prefetch=True)),
 }
 
 
@@ -120,11 +108,10 @@ def fused_rows(quack, tuned: bool) -> list[dict]:
     rows = [timed("relu2 fwd: cuBLAS matmul alone (no epilogue)", flops, lambda: x @ w1.t(), h),
             timed("relu2 bwd: cuBLAS matmul alone (no epilogue)", flops, lambda: g @ w2, g.float() @ w2.float())]
     for key, (what, tiles) in MLP_TILES.items():
-        if not (tiles or {}).get("PREFETCH_AUX"):  # the forward has no a to prefetch: the twin's row is its row
-            rows.append(timed(f"relu2 fwd: {what}", flops, lambda: mlp._launch(x, w1, None, True, False, 0.0, tiles),
-                              a_want, tiles_key=("fwd", key)))
-        rows.append(timed(f"relu2 bwd (reads a): {what}", flops,
-                          lambda: mlp._launch(g, w2, a, False, True, 0.0, tiles), g_h_want, tiles_key=("bwd", key)))
+        rows += [timed(f"relu2 fwd: {what}", flops, lambda: mlp._launch(x, w1, None, True, False, 0.0, tiles), a_want,
+                       tiles_key=("fwd", key)),
+                 timed(f"relu2 bwd (reads a): {what}", flops, lambda: mlp._launch(g, w2, a, False, True, 0.0, tiles),
+                       g_h_want, tiles_key=("bwd", key))]
     if quack is not None:
         rows += [
             timed("relu2 fwd: quack gemm_act, writes a", flops,

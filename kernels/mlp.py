@@ -16,7 +16,7 @@ is relu(h) to within bf16 rounding, the same precision as the bf16 h the unfused
 The GEMM is persistent (one program per SM walks over output tiles, so the loads of the next tile overlap the
 epilogue of the last) and moves tiles with TMA descriptors; it needs sm90+ and rows aligned to 16 bytes, and shapes
 it cannot take run the same math in torch. On an H100 at the model's 98304 x 512 -> 1536 shape (docs/PERF.md) the
-forward runs at ~610 TFLOP/s (cuBLAS without the epilogue: ~650) and the backward, which also reads a, at ~400.
+forward runs at ~580 TFLOP/s (cuBLAS without the epilogue: ~650) and the backward, which also reads a, at ~400.
 """
 
 import functools
@@ -43,12 +43,9 @@ if triton is not None:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     @triton.jit
-    def _relu2_epilogue(acc, aux, c_desc, aux_desc, om, on, BACKWARD: tl.constexpr, SLOPE: tl.constexpr,
-                        AUX_LOADED: tl.constexpr):
+    def _relu2_epilogue(acc, c_desc, aux_desc, om, on, BACKWARD: tl.constexpr, SLOPE: tl.constexpr):
         if BACKWARD:
-            if not AUX_LOADED:  # else aux holds the tile, loaded before the main loop
-                aux = aux_desc.load([om, on])
-            aux = aux.to(tl.float32)
+            aux = aux_desc.load([om, on]).to(tl.float32)
             if SLOPE == 0.0:  # aux is relu(h)^2
                 out = 2.0 * tl.sqrt(aux) * acc
             else:  # aux is h
@@ -63,21 +60,16 @@ if triton is not None:
         c_desc.store([om, on], out.to(c_desc.dtype))
 
     @triton.jit
-    def _column_halves(t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        return tl.split(tl.permute(tl.reshape(t, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-
-    @triton.jit
     def _matmul_relu2_kernel(
-        a_desc, b_desc, c_desc, aux_desc, aux_ptr, aux_stride, M, N, K, programs,
+        a_desc, b_desc, c_desc, aux_desc, M, N, K, programs,
         B_KMAJOR: tl.constexpr, BACKWARD: tl.constexpr, SLOPE: tl.constexpr, FP32_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        FLATTEN: tl.constexpr = True, PREFETCH_AUX: tl.constexpr = False,
+        FLATTEN: tl.constexpr = True,
     ):
         """C = relu(A @ B)^2 (forward) or C = 2 sqrt(AUX) * (A @ B) (backward; AUX is the forward's C); with SLOPE,
         C = leaky_relu(A @ B)^2 and AUX = A @ B (forward), C = 2 leaky'(AUX) leaky(AUX) * (A @ B) (backward). B is
         stored (N, K) when B_KMAJOR (a weight used as W.T), else (K, N). Persistent: this program computes
-        output tiles program_id, program_id + programs, ... PREFETCH_AUX (backward): the tile's AUX is loaded into
-        registers before the main loop, so that read overlaps the MMAs instead of following them."""
+        output tiles program_id, program_id + programs, ..."""
         grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         per_group = GROUP_M * grid_n
         for tile in tl.range(tl.program_id(0), grid_m * grid_n, programs, flatten=FLATTEN):
@@ -87,10 +79,6 @@ if triton is not None:
             om = (first_m + (tile % per_group) % group_rows) * BLOCK_M
             on = ((tile % per_group) // group_rows) * BLOCK_N
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            if BACKWARD and PREFETCH_AUX:  # a plain load: it is waited on at its first use, after the loop
-                rows, cols = om + tl.arange(0, BLOCK_M), on + tl.arange(0, BLOCK_N)
-                aux = tl.load(aux_ptr + rows[:, None] * aux_stride + cols[None, :],
-                              mask=(rows[:, None] < M) & (cols[None, :] < N), other=0.0)
             for k in range(0, K, BLOCK_K):  # out-of-range rows and columns of a tile load as zeros
                 a = a_desc.load([om, k])
                 b = b_desc.load([on, k]).T if B_KMAJOR else b_desc.load([k, on])
@@ -99,13 +87,9 @@ if triton is not None:
                 else:
                     acc = tl.dot(a, b, acc)
             # the epilogue in two column halves: half the registers and store buffer at a time
-            acc0, acc1 = _column_halves(acc, BLOCK_M, BLOCK_N)
-            aux0, aux1 = acc0, acc1  # unused unless prefetched
-            if BACKWARD and PREFETCH_AUX:
-                aux0, aux1 = _column_halves(aux, BLOCK_M, BLOCK_N)
-            loaded: tl.constexpr = BACKWARD and PREFETCH_AUX
-            _relu2_epilogue(acc0, aux0, c_desc, aux_desc, om, on, BACKWARD, SLOPE, loaded)
-            _relu2_epilogue(acc1, aux1, c_desc, aux_desc, om, on + BLOCK_N // 2, BACKWARD, SLOPE, loaded)
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            _relu2_epilogue(acc0, c_desc, aux_desc, om, on, BACKWARD, SLOPE)
+            _relu2_epilogue(acc1, c_desc, aux_desc, om, on + BLOCK_N // 2, BACKWARD, SLOPE)
 
 
 # Tiles, measured on an H100 (docs/PERF.md); fp32 (tests) needs smaller ones to fit shared memory, and the
@@ -150,13 +134,12 @@ def _launch(a: Tensor, b: Tensor, aux: Tensor | None, b_kmajor: bool, backward: 
     per_sm = tiles.pop("PROGRAMS_PER_SM", 1)
     bm, bn, bk = tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_K"]
     descriptor = TensorDescriptor.from_tensor
-    aux_or_out = aux if aux is not None else out
     tile_count = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 8
     programs = min(tile_count, per_sm * sms)
     _matmul_relu2_kernel[(programs,)](
         descriptor(a, [bm, bk]), descriptor(b, [bn, bk] if b_kmajor else [bk, bn]), descriptor(out, [bm, bn // 2]),
-        descriptor(aux_or_out, [bm, bn // 2]), aux_or_out, aux_or_out.stride(0), m, n, k, programs, B_KMAJOR=b_kmajor,
+        descriptor(aux if aux is not None else out, [bm, bn // 2]), m, n, k, programs, B_KMAJOR=b_kmajor,
         BACKWARD=backward, SLOPE=slope, FP32_DOT=a.dtype == torch.float32 or not a.is_cuda, **tiles,
     )
     return out

@@ -39,8 +39,8 @@ def test_mlp_tiles_option_sets_forward_and_backward_entries(monkeypatch):
 
     monkeypatch.setattr(mlp, "_TILES", dict(mlp._TILES))
     kept_fwd = mlp._TILES["gpu"]
-    assert bench_train.use_mlp_tiles("kept,128_w8_s3_noflat_pf") == "fwd kept, bwd 128_w8_s3_noflat_pf"
-    assert mlp._TILES["gpu"] is kept_fwd and mlp._TILES["gpu_bwd"] == bg.MLP_TILES["128_w8_s3_noflat_pf"][1]
+    assert bench_train.use_mlp_tiles("kept,128_w8_s3_noflat_x2") == "fwd kept, bwd 128_w8_s3_noflat_x2"
+    assert mlp._TILES["gpu"] is kept_fwd and mlp._TILES["gpu_bwd"] == bg.MLP_TILES["128_w8_s3_noflat_x2"][1]
     with pytest.raises(SystemExit, match="not one of"):
         bench_train.use_mlp_tiles("kept,no_such_tiles")
 
@@ -50,7 +50,7 @@ def test_fastest_tiles_skips_failed_and_wrong_rows():
         return dict(tiles_key=(way, key), us=us, ok=ok)
 
     rows = [row("fwd", "kept", 250.0), row("fwd", "128_w8_s3_noflat_x2", 240.0, ok=False), row("bwd", "kept", 385.0),
-            row("bwd", "128_w4_s3_noflat_pf_x2", 300.0), row("bwd", "256_s3_noflat", float("nan"), ok=False),
+            row("bwd", "128_w4_s3_noflat_x2", 300.0), row("bwd", "256_s3_noflat", float("nan"), ok=False),
             dict(tiles_key=None, us=100.0, ok=True)]  # a cuBLAS or quack row takes no part
-    assert bg.fastest_tiles(rows) == {"fwd": "kept", "bwd": "128_w4_s3_noflat_pf_x2"}
+    assert bg.fastest_tiles(rows) == {"fwd": "kept", "bwd": "128_w4_s3_noflat_x2"}
     assert bg.fastest_tiles([]) == {"fwd": "kept", "bwd": "kept"}

@@ -456,26 +456,6 @@ def test_relu2_gemm_tile_overrides(flatten, per_sm, backward):
     assert rel_err(got, want) <= 2 * TOL[dtype]
 
 
-@needs_triton
-@pytest.mark.parametrize("flatten", [False, True], ids=["loop", "flattened"])
-@pytest.mark.parametrize("slope", [0.0, 0.5])
-def test_relu2_gemm_backward_with_prefetched_aux(flatten, slope):
-    """The backward with its aux (a, or h for a leaky slope) loaded before the main loop (PREFETCH_AUX) against
-    float64, on rows and columns that leave the last tiles partly out of range (the load's mask)."""
-    torch.manual_seed(7 + int(flatten))
-    on_gpu = DEVICE == "cuda"
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    x, w1, w2 = mlp_inputs(200, 64, 192, dtype)
-    g = torch.randn(200, 64, device=DEVICE).to(dtype)
-    tiles = dict(BLOCK_M=64 if on_gpu else 32, BLOCK_N=128 if on_gpu else 64, BLOCK_K=32, GROUP_M=2, FLATTEN=flatten,
-                 PREFETCH_AUX=True, **(dict(num_warps=4, num_stages=2) if on_gpu else {}))
-    h = x.double() @ w1.double().T
-    aux = h if slope else torch.relu(h).square()
-    got = mlp_kernels._launch(g, w2, aux.to(dtype), b_kmajor=False, backward=True, slope=slope, tiles=tiles)
-    want = 2 * torch.where(h > 0, h, slope * slope * h) * (g.double() @ w2.double())
-    assert rel_err(got, want) <= 2 * TOL[dtype]
-
-
 def test_leaky_relu2_reference_hand_computed():
     """leaky(h)^2 and its derivative by hand at h = 2, -2, 0 with slope 0.5: 4, 1, 0 and 4, -1, 0; the fallback
     path (no Triton) gives them too."""
