@@ -158,9 +158,9 @@ def main():
     print(markdown(fused), flush=True)
     best = fastest_tiles(fused)
     print(f"fastest correct tiles: bench_train.py --mlp-tiles {best['fwd']},{best['bwd']}")
-    print()
     rows = [] if args.fused_only else matmul_rows(quack)
-    print(markdown(rows))
+    if rows:
+        print("\n" + markdown(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(fused=fused, matmuls=rows, best=best), indent=1))
 
