@@ -80,8 +80,8 @@ def tile(bm, bn, warps, stages, flatten=True, per_sm=1) -> dict:
 # 128 x 256, 8 warps, 3 stages at 213 KB of shared memory: one program per SM, so its epilogue (reading a, writing
 # g_h) stalls the tensor cores. The 128 x 128 tiles fit two programs per SM, whose epilogues can overlap each other's
 # main loops. Measured on an H100 (docs/PERF.md), kept is the fastest in both directions; dropped after that
-# measurement: flattened 128 x 128 at 2 stages (8 or 4 warps, 2 per SM), and a loaded into registers before the
-# main loop (commit 0e6c788).
+# measurement: 128 x 128 at 2 stages, 2 per SM (8 warps flattened or not, 4 warps flattened), and a loaded into
+# registers before the main loop (commit 0e6c788).
 MLP_TILES = {  # key (bench_train.py --mlp-tiles): (what, tiles; None = kernels/mlp.py's own)
     "kept": ("128x256, 8 warps, 3 stages, flattened (kernels/mlp.py)", None),
     "256_s3_noflat": ("128x256, 8 warps, 3 stages, not flattened", tile(128, 256, 8, 3, flatten=False)),
