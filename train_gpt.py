@@ -97,6 +97,7 @@ class Hyperparameters:
     parallel_from: int = 0  # from this layer on, attention and MLP read one input and write two lanes; 0 = off
     recur_layers: str = ""  # depth recurrence: "a-b" runs layers a..b again with the same weights; "" = off
     recur_at: str = ""  # comma list: the fraction of training at which each further pass of RECUR_LAYERS starts
+    doc_attention: bool = False  # attention never crosses a BOS, in training and in every evaluation
     # optimisers
     matrix_lr: float = 0.025
     tied_embed_lr: float = 0.035
@@ -110,7 +111,8 @@ class Hyperparameters:
     muon_weight_decay: float = 0.04
     wd_taper_start_frac: float = 1.0  # Muon's weight decay tapers linearly from this fraction of the run ...
     wd_taper_final_mult: float = 1.0  # ... to WD x this at its end (1 = no taper)
-    adam_weight_decay: float = 0.04
+    adam_weight_decay: float = 0.04  # Adam's groups: the control tensors ...
+    embed_weight_decay: float = 0.04  # ... and the embedding tables
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -151,13 +153,22 @@ class Hyperparameters:
     # test-time training: score-first LoRA on the artifact's model, after the sliding-window score (docs/TTT.md)
     ttt_enabled: bool = False
     ttt_lora_rank: int = 8
-    ttt_lora_targets: str = "q,v,head"  # comma list: q, k, v (every block's projections), head (final hidden state)
+    ttt_lora_alpha: float = 0.0  # the adapters' output is scaled by alpha / rank (0: not scaled)
+    ttt_lora_targets: str = "q,v,head"  # comma list of q, k, v, o (attention), mlp (every block's), head (final hidden)
     ttt_lr: float = 0.003  # Adam on the adapters
+    ttt_beta1: float = 0.9
+    ttt_beta2: float = 0.999
+    ttt_weight_decay: float = 0.0  # decoupled, per step lr * wd
     ttt_chunk: int = 256  # a document's targets are scored this many at a time, each chunk then trains its adapters
     ttt_batch_docs: int = 64  # lanes: runs of documents adapted side by side, each lane with its own adapters
     ttt_reset: bool = True  # fresh adapters at every document start (0: they carry on through the lane's documents)
-    ttt_phases: int = 1  # consecutive parts of the documents; between two, SGD on the base weights over the part scored
-    ttt_global_lr: float = 0.0  # that SGD's learning rate (needed when TTT_PHASES > 1)
+    ttt_warm_a: bool = False  # a fresh adapter keeps its lane's A (B and the Adam state still start over)
+    ttt_phases: int = 1  # the first TTT_PREFIX_DOCS documents in this many parts; after each, SGD on the base weights
+    ttt_prefix_docs: int = 0  # ... over all text scored so far; 0 = every document (no update after the last part)
+    ttt_global_lr: float = 0.0  # that SGD's learning rate
+    ttt_global_momentum: float = 0.0
+    ttt_global_tokens: int = 32_768  # tokens a step, in EVAL_SEQ_LEN sequences
+    ttt_global_clip: float = 0.0  # gradient-norm clip of each step (0 = off)
     # systems
     compile: bool = True  # torch.compile on CUDA (CPU always runs eager)
     fused_kernels: str = "mlp,qkv"  # Triton kernels on CUDA: none | all | a comma list of mlp, qkv, loss, norm
@@ -186,13 +197,26 @@ class Hyperparameters:
 
 
 # Each preset's values in one place, as field names; a run's `config:` line shows what they resolved to.
-# frontier: the model half of the 1.0611 stack (SPEC section 5, docs/FRONTIER.md).
+# frontier: the 1.0611 record's stack (SPEC sections 5 and 8, docs/FRONTIER.md) but for the vocabulary, which comes
+# with the data (VOCAB_SIZE=8192 and its shards), LQER and the compressor. Its values are the record's where this
+# project has no measurement that says otherwise; docs/FRONTIER.md lists where they differ and why.
 PRESETS = {
-    "frontier": dict(mlp_mult=4, mlp_leaky_slope=0.5, xsa_last_n=11, qk_gain_init=5.0, parallel_from=8,
-                     recur_layers="3-5", recur_at="0.35,0.5", skip_gate=True, attn_gate_dims=12, smear_bos_fix=True,
-                     muon_ns_coeffs="polar", muon_row_normalize=True, muon_momentum=0.97, beta2=0.99,
-                     ema_decay=0.9965, min_lr=0.10, warmdown_iters=-1, warmdown_frac=0.85, wd_taper_start_frac=0.70,
-                     wd_taper_final_mult=0.50),  # the vocabulary comes with the data: VOCAB_SIZE=8192 + its shards
+    "frontier": dict(
+        # model
+        mlp_mult=4, mlp_leaky_slope=0.5, xsa_last_n=11, qk_gain_init=5.0, parallel_from=8, recur_layers="3-5",
+        recur_at="0.35,0.35", skip_gate=True, attn_gate_dims=12, smear_bos_fix=True, doc_attention=True,
+        rope_train_len=2048,
+        # optimisers and schedule
+        muon_ns_coeffs="polar", muon_row_normalize=True, muon_momentum=0.97, beta2=0.99, matrix_lr=0.026,
+        tied_embed_lr=0.03, scalar_lr=0.02, muon_weight_decay=0.095, embed_weight_decay=0.085, adam_weight_decay=0.02,
+        ema_decay=0.9965, min_lr=0.10, warmdown_iters=-1, warmdown_frac=0.85, wd_taper_start_frac=0.70,
+        wd_taper_final_mult=0.50,
+        # export
+        sdclip_k_mlp=11.5, sdclip_k_attn=13.0, sdclip_k_embed=14.0, embed_bits=7,
+        # score-first TTT: per-document LoRA, three global updates over the first 2,500 documents
+        ttt_enabled=True, ttt_lora_rank=80, ttt_lora_alpha=144.0, ttt_lora_targets="q,k,v,o,mlp,head", ttt_lr=1e-4,
+        ttt_beta1=0.0, ttt_beta2=0.99, ttt_weight_decay=0.5, ttt_chunk=48, ttt_warm_a=True, ttt_phases=3,
+        ttt_prefix_docs=2500, ttt_global_lr=0.001, ttt_global_momentum=0.9, ttt_global_clip=1.0),
 }
 
 
@@ -237,12 +261,12 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
     for name in ("ITERATIONS", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_SEQ_LEN",
                  "TRAIN_BATCH_TOKENS", "GRAD_ACCUM_STEPS", "VOCAB_SIZE", "EVAL_STRIDE", "EVAL_BATCH_SEQS",
                  "MUON_BACKEND_STEPS", "SWA_EVERY", "TRAIN_LOG_EVERY", "TTT_LORA_RANK", "TTT_CHUNK", "TTT_BATCH_DOCS",
-                 "TTT_PHASES"):
+                 "TTT_PHASES", "TTT_GLOBAL_TOKENS"):
         need(getattr(a, name.lower()) >= 1, name, "must be at least 1")
     for name in ("WARMUP_STEPS", "VAL_LOSS_EVERY", "MAX_WALLCLOCK_SECONDS", "LOGIT_SOFTCAP",
                  "GRAD_CLIP_NORM", "BIGRAM_VOCAB_SIZE", "MUON_MOMENTUM_WARMUP_STEPS", "XSA_LAST_N", "ROPE_DIMS",
-                 "MATRIX_LR", "TIED_EMBED_LR", "SCALAR_LR", "MUON_WEIGHT_DECAY", "ADAM_WEIGHT_DECAY", "TTT_LR",
-                 "TTT_GLOBAL_LR"):
+                 "MATRIX_LR", "TIED_EMBED_LR", "SCALAR_LR", "MUON_WEIGHT_DECAY", "ADAM_WEIGHT_DECAY", "EMBED_WEIGHT_DECAY", "TTT_LR",
+                 "TTT_GLOBAL_LR", "TTT_LORA_ALPHA", "TTT_WEIGHT_DECAY", "TTT_PREFIX_DOCS", "TTT_GLOBAL_CLIP"):
         need(getattr(a, name.lower()) >= 0, name, "must not be negative")
     need(0 <= a.seed < 2**32, "SEED", "must lie in [0, 2**32): numpy's seed range")
     need(0 <= a.beta1 < 1, "BETA1", "must lie in [0, 1)")
@@ -321,8 +345,11 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
     need(bool(targets) and set(targets) <= set(TTT_TARGETS) and len(set(targets)) == len(targets), "TTT_LORA_TARGETS",
          f"must be a comma list of distinct names among {', '.join(TTT_TARGETS)}")
     a.ttt_lora_targets = ",".join(t for t in TTT_TARGETS if t in targets)
-    need(a.ttt_phases == 1 or a.ttt_global_lr > 0, "TTT_PHASES",
-         "is above 1 but TTT_GLOBAL_LR=0: the phases exist for the global update between them; set TTT_GLOBAL_LR")
+    need(a.ttt_phases == 1 and a.ttt_prefix_docs == 0 or a.ttt_global_lr > 0, "TTT_GLOBAL_LR",
+         f"is 0, but TTT_PHASES={a.ttt_phases} and TTT_PREFIX_DOCS={a.ttt_prefix_docs} ask for global updates "
+         f"between parts of the documents; set TTT_GLOBAL_LR")
+    for name in ("TTT_BETA1", "TTT_BETA2", "TTT_GLOBAL_MOMENTUM"):
+        need(0 <= getattr(a, name.lower()) < 1, name, "must lie in [0, 1)")
     need(0 <= a.mlp_leaky_slope < 1, "MLP_LEAKY_SLOPE", "must lie in [0, 1)")
     need(0 <= a.attn_gate_dims <= a.model_dim, "ATTN_GATE_DIMS", f"must lie in [0, MODEL_DIM={a.model_dim}]")
     need(0 <= a.parallel_from < a.num_layers, "PARALLEL_FROM", f"must lie in [0, NUM_LAYERS={a.num_layers})")
@@ -338,7 +365,7 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
     need(all(0 <= f < 1 for f in starts) and starts == sorted(starts), "RECUR_AT",
          "must be non-decreasing fractions of training in [0, 1)")
     need(bool(starts) == bool(a.recur_layers.strip()), "RECUR_AT", "and RECUR_LAYERS are set together or not at all")
-    graphs = 1 + len(starts) - starts.count(0.0) + (a.late_qat_threshold > 0)  # depths from the first step on, QAT
+    graphs = len(recurrence_depths(a)) + (a.late_qat_threshold > 0)  # depths from the first step on, QAT
     need(not starts or a.warmup_steps == 0 or a.warmup_steps >= graphs, "WARMUP_STEPS",
          f"must be 0 or at least {graphs}: one step per graph the run compiles (recurrence depths, QAT)")
     need(not (a.parallel_from and first < a.parallel_from <= last), "PARALLEL_FROM",
@@ -354,6 +381,12 @@ def recur_span(args: Hyperparameters) -> tuple[int, int]:
 
 def recur_starts(args: Hyperparameters) -> list[float]:
     return [float(s) for s in args.recur_at.split(",") if s.strip()]
+
+
+def recurrence_depths(args: Hyperparameters) -> list[int]:
+    """Every number of passes the run trains at, from its first step on (RECUR_AT=0.35,0.35: 1 and 3)."""
+    starts = recur_starts(args)
+    return sorted({1 + sum(s <= f for s in starts) for f in [0.0, *starts]})
 
 
 def full_passes(args: Hyperparameters) -> int:
@@ -812,12 +845,17 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
     return (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
 
 
-def attend_to_cache(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Attention of one new position q (B, 1, H, D) to every cached position k, v (B, t, Hkv, D), itself the last:
-    no mask is needed. fp32 softmax; used only for sampling, where one query per sequence is cheap."""
+def attend_to_cache(q: Tensor, k: Tensor, v: Tensor, start: Tensor | None = None) -> Tensor:
+    """Attention of one new position q (B, 1, H, D) to the cached positions k, v (B, t, Hkv, D), itself the last,
+    from position start[b] on (its document's BOS under DOC_ATTENTION; all of them for None). fp32 softmax; used
+    only for sampling, where one query per sequence is cheap."""
     B, _, H, D = q.shape
     qg = q.view(B, k.size(2), H // k.size(2), D).float()
-    p = torch.einsum("bhgd,bthd->bhgt", qg, k.float()).div(math.sqrt(D)).softmax(-1)
+    scores = torch.einsum("bhgd,bthd->bhgt", qg, k.float()).div(math.sqrt(D))
+    if start is not None:
+        before = torch.arange(k.size(1), device=k.device)[None, :] < start[:, None]
+        scores = scores.masked_fill(before[:, None, None, :], -math.inf)
+    p = scores.softmax(-1)
     return torch.einsum("bhgt,bthd->bhgd", p, v.float()).reshape(B, 1, H, D).to(q.dtype)
 
 
@@ -833,15 +871,16 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(args.model_dim, args.model_dim, int6=True, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((self.num_heads,), args.qk_gain_init))
         self.xsa = xsa
-        self.lora = None  # test-time training: x -> the adapters' addition to the qkv output (TTTAdapters.attach)
+        # test-time training: x -> the adapters' addition to the qkv output, y -> to the output (TTTAdapters.attach)
+        self.lora = self.lora_o = None
         # Sparse attention-output gate (the 1.0611 stack): head h's output x 2 sigmoid(gate_h . x[:dims]), read
         # from a narrow slice of the input; zero-init, so it starts as the identity
         self.gate = nn.Parameter(torch.zeros(self.num_heads, args.attn_gate_dims)) if args.attn_gate_dims else None
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], value_embed: Tensor | None, out_scale: Tensor,
-                kv_append=None) -> Tensor:
-        """out_scale * attention(x), the per-channel scale applied through the output projection's weight. With
-        kv_append (sampling), x is one new position and attends to the keys and values cached before it."""
+                attend: Callable | None = None) -> Tensor:
+        """out_scale * attention(x), the per-channel scale applied through the output projection's weight.
+        attend(q, k, v): the attention itself (GPT.attention_for; ATTENTION when None)."""
         B, T, C = x.shape
         self.c_q.observe(x)  # (c_k and c_v read the same input: they share its Hessian)
         # one matmul for q, k and v (three separate weights, so Muon and int6 still see three matrices)
@@ -851,14 +890,15 @@ class CausalSelfAttention(nn.Module):
             qkv = qkv + self.lora(x).to(qkv.dtype)
         q, k, v = QKV_HEADS(qkv, *rope, self.q_gain, None if value_embed is None else value_embed.to(qkv.dtype),
                             self.num_heads, self.num_kv_heads)
-        y = ATTENTION(q, k, v) if kv_append is None else attend_to_cache(q, *kv_append(k, v))
+        y = (attend or ATTENTION)(q, k, v)
         if self.xsa:
             y = exclude_self_value(y, v)
         if self.gate is not None:
             y = y * (2 * torch.sigmoid(F.linear(x[..., :self.gate.size(1)], self.gate.to(x.dtype))))[..., None]
         y = y.reshape(B, T, C)
         self.proj.observe(y)
-        return F.linear(y, self.proj.scaled_weight(out_scale, y.dtype))
+        out = F.linear(y, self.proj.scaled_weight(out_scale, y.dtype))
+        return out if self.lora_o is None else out + self.lora_o(y).to(out.dtype)
 
 
 class MLP(nn.Module):
@@ -867,6 +907,7 @@ class MLP(nn.Module):
         self.fc = CastedLinear(dim, mult * dim, int6=True)
         self.proj = CastedLinear(mult * dim, dim, int6=True, zero_init=True)
         self.slope = slope
+        self.lora = None  # test-time training: x -> the adapters' addition to the output (TTTAdapters.attach)
 
     def forward(self, x: Tensor, out_scale: Tensor) -> Tensor:
         """out_scale * mlp(x), the per-channel scale applied through the output projection's weight."""
@@ -874,7 +915,8 @@ class MLP(nn.Module):
         self.fc.observe(x)
         if self.proj.hessian is not None:  # calibration only: the fused kernel never materialises relu(x W^T)^2
             self.proj.observe(mlp_activation(F.linear(x, w_fc), self.slope))
-        return RELU2_MLP(x, w_fc, self.proj.scaled_weight(out_scale, x.dtype), self.slope)
+        out = RELU2_MLP(x, w_fc, self.proj.scaled_weight(out_scale, x.dtype), self.slope)
+        return out if self.lora is None else out + self.lora(x).to(out.dtype)
 
 
 class Block(nn.Module):
@@ -892,20 +934,20 @@ class Block(nn.Module):
         self.lane_mix = nn.Parameter(torch.ones(2, dim)) if self.parallel else None
 
     def forward(self, x: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor], value_embed: Tensor | None,
-                kv_append=None) -> Tensor:
+                attend: Callable | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn(rms_norm(x) * self.ln_scale, rope, value_embed, self.attn_scale, kv_append)
+        x = x + self.attn(rms_norm(x) * self.ln_scale, rope, value_embed, self.attn_scale, attend)
         return x + self.mlp(rms_norm(x) * self.ln_scale, self.mlp_scale)
 
     def forward_parallel(self, a: Tensor, m: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor],
-                         value_embed: Tensor | None, kv_append=None) -> tuple[Tensor, Tensor]:
+                         value_embed: Tensor | None, attend: Callable | None = None) -> tuple[Tensor, Tensor]:
         """Parallel residuals (the 1.0611 stack, from layer 8): attention and MLP read one input, a learned
         per-channel mix of the two lanes, and each adds its output to its own lane: a (attention), m (MLP). The
         lanes start as (x, 0), so at init this is x + attn(x) + mlp(x)."""
         lane, mix = self.lane_mix.to(a.dtype), self.resid_mix.to(a.dtype)
         h = rms_norm(mix[0] * (lane[0] * a + lane[1] * m) + mix[1] * x0) * self.ln_scale
-        return a + self.attn(h, rope, value_embed, self.attn_scale, kv_append), m + self.mlp(h, self.mlp_scale)
+        return a + self.attn(h, rope, value_embed, self.attn_scale, attend), m + self.mlp(h, self.mlp_scale)
 
 
 class SmearGate(nn.Module):
@@ -975,16 +1017,23 @@ class KVCache:
         self.k = self.v = None  # allocated at the first append, in the dtype the attention computes in
         self.rope = model.rotary(length, device)
         self.pos = 0
+        # DOC_ATTENTION: each row attends from its latest BOS on, as training and evaluation do
+        self.start = torch.zeros(batch, dtype=torch.long, device=device) if model.doc_attention else None
 
-    def layer(self, i: int):
-        def append(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-            """Store this position's k, v (B, 1, Hkv, D) of layer i; return all of them up to it."""
+    def see(self, ids: Tensor) -> None:
+        """The token ids (B,) at the position about to be computed."""
+        if self.start is not None:
+            self.start = torch.where(ids == BOS_ID, self.pos, self.start)
+
+    def layer(self, i: int) -> Callable:
+        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            """Store this position's k, v (B, 1, Hkv, D) of block run i, then attend to all of them up to it."""
             if self.k is None:
                 self.k, self.v = (torch.zeros(self.shape, device=k.device, dtype=k.dtype) for _ in range(2))
             self.k[i, :, self.pos], self.v[i, :, self.pos] = k[:, 0], v[:, 0]
-            return self.k[i, :, :self.pos + 1], self.v[i, :, :self.pos + 1]
+            return attend_to_cache(q, self.k[i, :, :self.pos + 1], self.v[i, :, :self.pos + 1], self.start)
 
-        return append
+        return attend
 
 
 def layer_schedule(num_layers: int, first: int, last: int, passes: int) -> list[int]:
@@ -997,7 +1046,7 @@ def layer_schedule(num_layers: int, first: int, last: int, passes: int) -> list[
 class GPT(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
-        self.softcap, self.residual_fp32 = args.logit_softcap, args.residual_fp32
+        self.softcap, self.residual_fp32, self.doc_attention = args.logit_softcap, args.residual_fp32, args.doc_attention
         self.qat_config = (args.quant_mode, args.sdclip_k_attn, args.sdclip_k_mlp)
         self.tok_emb = nn.Embedding(args.vocab_size, args.model_dim)
         self.bigram = (BigramHash(args.bigram_vocab_size, args.bigram_dim, args.model_dim, args.smear_bos_fix)
@@ -1079,11 +1128,13 @@ class GPT(nn.Module):
         sequences so far and only position cache.pos is computed, from the cached positions before it (B, 1, D)."""
         if cache is None:
             x, rope, own = self.embed(ids), self.rotary(ids.size(1), ids.device), ids
+            attend = document_attention(ids) if self.doc_attention else ATTENTION
         else:
             # SmearGate reads the previous position, whose BigramHash reads the one before: embed the last three
             p = cache.pos
             x, own = self.embed(ids[:, max(p - 2, 0):p + 1])[:, -1:], ids[:, p:p + 1]
             rope = tuple(t[:, p:p + 1] for t in cache.rope)
+            cache.see(ids[:, p])
         x0 = x
         ve = self.ve(own) if self.ve is not None else None
         # U-Net skips move on a block's first run only, so they pair the same layers whatever the recurrence;
@@ -1095,7 +1146,7 @@ class GPT(nn.Module):
                 x = self.add_skip(x, skips.pop(), i - self.num_encoder)
             slot = self.ve_slot.get(i)
             block_args = (x0, rope, None if slot is None else self.ve.layer_scales[slot].to(ve.dtype) * ve,
-                          None if cache is None else cache.layer(n))
+                          attend if cache is None else cache.layer(n))
             if block.parallel:
                 x, m = block.forward_parallel(x, torch.zeros_like(x) if m is None else m, *block_args)
             else:
@@ -1260,6 +1311,72 @@ def select_attention(choice: str, device: torch.device, heads: int, kv_heads: in
     return name
 
 
+# DOC_ATTENTION (the 1.0611 stack's variable-length attention, PR #1530): a position attends only to earlier positions
+# of its own document. A row holds consecutive pieces of the stream, so a document longer than a row is cut at the
+# row's edges and a row may start mid-document; every BOS starts a new document. Compiled CUDA graphs run
+# FlexAttention on a block mask built from the rows' documents; eager code runs SDPA with the dense mask, which is
+# also the CPU reference.
+FLEX_BLOCK = 128
+
+
+def document_ids(ids: Tensor) -> Tensor:
+    """(B, T) -> the number of BOS tokens at or before each position: equal ids, same document."""
+    return (ids == BOS_ID).cumsum(1, dtype=torch.int32)
+
+
+def dense_document_attention(q: Tensor, k: Tensor, v: Tensor, docs: Tensor) -> Tensor:
+    """Causal attention within documents through a (B, T, T) boolean mask; q (B, T, H, D), k, v (B, T, Hkv, D)."""
+    T, groups = q.size(1), q.size(2) // k.size(2)
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril() & (docs[:, :, None] == docs[:, None, :])
+    k, v = (t.repeat_interleave(groups, dim=2).transpose(1, 2) for t in (k, v))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # ATTENTION may have switched every SDPA backend but its own off (only_sdpa); these two take any mask
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask[:, None]).transpose(1, 2)
+
+
+def document_block_mask(docs: Tensor):
+    """FlexAttention's BlockMask of causal attention within documents, from the rows' document ids (T a multiple of
+    FLEX_BLOCK): blocks of keys wholly before the query block and in its one document need no mask, blocks that
+    share no document with it are skipped, the rest apply the mask per position."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n = docs.size(1) // FLEX_BLOCK
+    first, last = docs[:, ::FLEX_BLOCK], docs[:, FLEX_BLOCK - 1::FLEX_BLOCK]  # (B, n): each block's first/last document
+    i = torch.arange(n, device=docs.device)
+    reached = (i[None, :] <= i[:, None]) & (last[:, None, :] >= first[:, :, None])  # [b, query block, key block]
+    whole = (i[None, :] < i[:, None]) & (first[:, None, :] == last[:, :, None])
+
+    def listed(blocks: Tensor) -> tuple[Tensor, Tensor]:  # per query block: how many key blocks, which (first)
+        order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return blocks.sum(-1, dtype=torch.int32)[:, None], order[:, None]
+
+    def same_document(b, h, q, kv):
+        return (q >= kv) & (docs[b, q] == docs[b, kv])
+
+    return BlockMask.from_kv_blocks(*listed(reached & ~whole), *listed(whole), BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=same_document)
+
+
+def flex_document_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                       enable_gqa=k.size(2) != q.size(2))
+    return y.transpose(1, 2)
+
+
+def document_attention(ids: Tensor) -> Callable:
+    """attend(q, k, v) for the rows ids (B, T), shared by every layer of one forward."""
+    docs = document_ids(ids)
+    if ids.is_cuda and torch.compiler.is_compiling() and ids.size(1) % FLEX_BLOCK == 0:
+        return functools.partial(flex_document_attention, block_mask=document_block_mask(docs))
+    if bool((docs[:, -1] == docs[:, 0]).all()):  # eager, and every row one document: the causal kernel is exact
+        return ATTENTION
+    return functools.partial(dense_document_attention, docs=docs)
+
+
 # -----------------------------------------------------------------------------
 # Optimisers: Muon (orthogonalised momentum) for the linear layers' matrices, Adam for embeddings and control tensors.
 
@@ -1351,9 +1468,10 @@ def build_optimizers(model: GPT, args: Hyperparameters) -> list[torch.optim.Opti
     for name, p in model.named_parameters():
         {"int6": matrices, "matrix": matrices, "embedding": embeddings}.get(kinds.get(name), controls).append(p)
     adam = torch.optim.AdamW(
-        [dict(params=embeddings, lr=args.tied_embed_lr, base_lr=args.tied_embed_lr),
-         dict(params=controls, lr=args.scalar_lr, base_lr=args.scalar_lr)],
-        betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.adam_weight_decay,
+        [dict(params=embeddings, lr=args.tied_embed_lr, base_lr=args.tied_embed_lr,
+              weight_decay=args.embed_weight_decay),
+         dict(params=controls, lr=args.scalar_lr, base_lr=args.scalar_lr, weight_decay=args.adam_weight_decay)],
+        betas=(args.beta1, args.beta2), eps=args.adam_eps,
         fused=next(model.parameters()).is_cuda)
     muon = Muon(matrices, lr=args.matrix_lr, momentum=args.muon_momentum, backend_steps=args.muon_backend_steps,
                 weight_decay=args.muon_weight_decay, polar=args.muon_ns_coeffs == "polar",
@@ -1523,11 +1641,11 @@ def make_window_forward(model: GPT, stride: int, compile_it: bool):
 # -----------------------------------------------------------------------------
 # Score-first test-time training (TTT_ENABLED; docs/TTT.md): the validation documents in stream order, each scored a
 # chunk at a time with evaluate()'s windows cut at its own start, every chunk adapting the document's LoRA adapters
-# only after all of its targets are scored. Phases: after each part of the documents, SGD on the base weights over
-# that part, which is scored by then. Every score comes from weights that saw only targets scored before it.
+# only after all of its targets are scored. Phases: after each part of the first TTT_PREFIX_DOCS documents, SGD on the
+# base weights over all text scored so far. Every score comes from weights that saw only targets scored before it.
 
-TTT_TARGETS = ("q", "k", "v", "head")
-TTT_ADAM = (0.9, 0.999, 1e-8)  # the adapters' Adam: beta1, beta2, eps
+TTT_TARGETS = ("q", "k", "v", "o", "mlp", "head")
+TTT_ADAM_EPS = 1e-8
 
 
 def document_spans(tokens: Tensor) -> list[tuple[int, int]]:
@@ -1546,6 +1664,14 @@ def contiguous_parts(spans: list[tuple[int, int]], parts: int) -> list[list[tupl
     return [spans[len(spans) * i // parts:len(spans) * (i + 1) // parts] for i in range(parts)]
 
 
+def ttt_parts(spans: list[tuple[int, int]], args: Hyperparameters) -> list[list[tuple[int, int]]]:
+    """The documents as TTT scores them, a global update after every part but the last: the first TTT_PREFIX_DOCS
+    (all for 0) in TTT_PHASES parts, then the rest in one (the 1.0611 record: 2,500 documents, updates after 833,
+    1,666 and 2,500)."""
+    prefix = min(args.ttt_prefix_docs or len(spans), len(spans))
+    return [part for part in contiguous_parts(spans[:prefix], args.ttt_phases) + [spans[prefix:]] if part]
+
+
 def scoring_window(p, seq_len: int, stride: int):
     """Start of the evaluate() window that scores target p of a document (positions from its BOS; an int or a
     tensor): the first window for p <= seq_len, else the one whose last `stride` targets hold p."""
@@ -1553,15 +1679,17 @@ def scoring_window(p, seq_len: int, stride: int):
 
 
 class TTTAdapters:
-    """Rank-r LoRA adapters, one set per lane: target t adds (x A_t^T) B_t^T to its output, for q/k/v in every block
-    and on the final hidden state for head. B starts at zero (a fresh adapter changes nothing) and A at one seeded draw
-    that every document shares, so a document's fresh adapter never depends on which or how many came before it.
+    """Rank-r LoRA adapters, one set per lane: target t adds alpha/r (x A_t^T) B_t^T to its output: q/k/v to the
+    attention's input projections, o to its output projection, mlp to the MLP's output (from its input), each in
+    every block (a recurrent block's passes share them), and head to the final hidden state. B starts at zero (a
+    fresh adapter changes nothing) and A at one seeded draw that every document shares, so a document's fresh adapter
+    never depends on which or how many came before it, unless TTT_WARM_A keeps the A its lane learned (PR #1765).
     `rows` maps each sequence of the next forward to its lane."""
 
     def __init__(self, model: GPT, args: Hyperparameters, lanes: int, device: torch.device):
         attn, dim = model.blocks[0].attn, model.tok_emb.weight.size(1)
         widths = {"q": attn.num_heads * attn.head_dim, "k": attn.num_kv_heads * attn.head_dim,
-                  "v": attn.num_kv_heads * attn.head_dim, "head": dim}
+                  "v": attn.num_kv_heads * attn.head_dim, "o": dim, "mlp": dim, "head": dim}
         targets = args.ttt_lora_targets.split(",")
         names = [f"{i}.{t}" for i in range(len(model.blocks)) for t in targets if t != "head"]
         names += ["head"] if "head" in targets else []
@@ -1573,31 +1701,39 @@ class TTTAdapters:
         self.params = [*self.a.values(), *self.b.values()]
         self.moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in self.params]
         self.steps = torch.zeros(lanes, device=device)
-        self.widths, self.lr, self.rows = widths, args.ttt_lr, torch.zeros(0, dtype=torch.long, device=device)
+        self.scale = args.ttt_lora_alpha / r if args.ttt_lora_alpha else 1.0
+        self.args, self.targets = args, targets
+        self.widths, self.rows = widths, torch.zeros(0, dtype=torch.long, device=device)
 
     def delta(self, name: str, x: Tensor) -> Tensor:
         if name not in self.a:
             return x.new_zeros(*x.shape[:-1], self.widths[name.split(".")[-1]])
         a, b = (t[name][self.rows].transpose(1, 2).to(x.dtype) for t in (self.a, self.b))
-        return (x @ a) @ b
+        return (x @ a) @ b * self.scale
 
     def qkv_delta(self, layer: int, x: Tensor) -> Tensor:
         return torch.cat([self.delta(f"{layer}.{t}", x) for t in "qkv"], dim=-1)
 
     def attach(self, model: GPT) -> None:
         for i, block in enumerate(model.blocks):
-            block.attn.lora = functools.partial(self.qkv_delta, i)
+            if {"q", "k", "v"} & set(self.targets):
+                block.attn.lora = functools.partial(self.qkv_delta, i)
+            if "o" in self.targets:
+                block.attn.lora_o = functools.partial(self.delta, f"{i}.o")
+            if "mlp" in self.targets:
+                block.mlp.lora = functools.partial(self.delta, f"{i}.mlp")
 
     @staticmethod
     def detach(model: GPT) -> None:
         for block in model.blocks:
-            block.attn.lora = None
+            block.attn.lora = block.attn.lora_o = block.mlp.lora = None
 
     @torch.no_grad()
     def reset(self, lanes: Tensor) -> None:
-        """Fresh adapters and Adam state for the lanes in the bool mask."""
+        """Fresh adapters (A kept under TTT_WARM_A) and Adam state for the lanes in the bool mask."""
         for n in self.a:
-            self.a[n][lanes] = self.a0[n]
+            if not self.args.ttt_warm_a:
+                self.a[n][lanes] = self.a0[n]
             self.b[n][lanes] = 0
         for m, v in self.moments:
             m[lanes], v[lanes] = 0, 0
@@ -1605,16 +1741,17 @@ class TTTAdapters:
 
     @torch.no_grad()
     def adam_step(self, lanes: Tensor) -> None:
-        """One Adam step of the lanes in the bool mask (the others keep adapters and state)."""
-        b1, b2, eps = TTT_ADAM
+        """One AdamW step of the lanes in the bool mask (the others keep adapters and state)."""
+        b1, b2, lr, wd = self.args.ttt_beta1, self.args.ttt_beta2, self.args.ttt_lr, self.args.ttt_weight_decay
         self.steps += lanes
-        t = self.steps.clamp_min(1)
+        t = self.steps.clamp_min(1).view(-1, 1, 1)
+        on = lanes.view(-1, 1, 1)
         for p, (m, v) in zip(self.params, self.moments, strict=True):
-            g, on = p.grad, lanes.view(-1, 1, 1)
+            g = p.grad
             m.copy_(torch.where(on, b1 * m + (1 - b1) * g, m))
             v.copy_(torch.where(on, b2 * v + (1 - b2) * g * g, v))
-            step = (m / (1 - b1 ** t).view(-1, 1, 1)) / ((v / (1 - b2 ** t).view(-1, 1, 1)).sqrt() + eps)
-            p -= self.lr * on * step
+            step = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + TTT_ADAM_EPS)
+            p -= lr * on * (step + wd * p)
             p.grad = None
 
 
@@ -1639,21 +1776,24 @@ def ttt_chunk_step(model: GPT, adapters: TTTAdapters, tokens: Tensor, docs, lear
     length = torch.tensor([b - a for _, a, b, _ in docs], device=dev)
     length = length[torch.searchsorted(torch.tensor([d[0] for d in docs], device=dev), lane)]
     offsets = torch.arange(L + 1, device=dev)
-    idx = first[:, None] + torch.minimum(start[:, None] + offsets, length[:, None])  # never past the document's end
-    p = start[:, None] + offsets[None, 1:]  # each window position's target, from the document's BOS
+    # inputs never past the document's last token, targets never past its end (the next BOS): a window holds one
+    # document, padded after its last input, which no score reads (the attention is causal)
+    pos = start[:, None] + offsets
+    inputs = first[:, None] + torch.minimum(pos[:, :-1], length[:, None] - 1)
+    targets = first[:, None] + torch.minimum(pos[:, 1:], length[:, None])
+    p = pos[:, 1:]  # each window position's target, from the document's BOS
     mask = (scoring_window(p, L, s) == start[:, None]) & (p > lo[:, None]) & (p <= hi[:, None])
     per_lane = torch.zeros(len(adapters.steps), device=dev).index_add_(0, lane, mask.sum(1).float())
     weight = mask * (learn[lane] / per_lane[lane].clamp_min(1))[:, None]
     for i in range(0, len(lane), args.eval_batch_seqs):
         rows = slice(i, i + args.eval_batch_seqs)
         adapters.rows = lane[rows]
-        window = tokens[idx[rows]]
         grad = bool(weight[rows].any())
         with torch.set_grad_enabled(grad):
-            h = model.hidden(window[:, :-1])
+            h = model.hidden(tokens[inputs[rows]])
             if "head" in adapters.a:
                 h = h + adapters.delta("head", h).to(h.dtype)
-            losses = model.token_losses(h, window[:, 1:], "none")
+            losses = model.token_losses(h, tokens[targets[rows]], "none")
         m = mask[rows]
         out[(first[rows, None] + p[rows])[m]] = losses.detach()[m].float()
         scored[(first[rows, None] + p[rows])[m]] = True
@@ -1680,7 +1820,8 @@ def ttt_phase(model: GPT, tokens: Tensor, spans: list[tuple[int, int]], args: Hy
             docs, learn = [(k, *lanes[k][doc[k]], lo[k]) for k in active], [False] * len(lanes)
             for k, a, b, start in docs:
                 last = start + args.ttt_chunk >= b - a
-                learn[k] = args.ttt_lr > 0 and not (last and (args.ttt_reset or doc[k] + 1 == len(lanes[k])))
+                reads = not args.ttt_reset or args.ttt_warm_a  # the next document reads the adapters, or their A
+                learn[k] = args.ttt_lr > 0 and not (last and (not reads or doc[k] + 1 == len(lanes[k])))
                 doc[k], lo[k] = (doc[k] + 1, 0) if last else (doc[k], start + args.ttt_chunk)
             stats["windows"] += ttt_chunk_step(model, adapters, tokens, docs, torch.tensor(learn, device=tokens.device),
                                                args, out, scored)
@@ -1689,16 +1830,16 @@ def ttt_phase(model: GPT, tokens: Tensor, spans: list[tuple[int, int]], args: Hy
         adapters.detach(model)
 
 
-def global_update(model: GPT, tokens: Tensor, phase: list[tuple[int, int]], args: Hyperparameters, rank: int,
-                  world: int) -> None:
-    """SGD on every base weight over the phase just scored (by all ranks: the first all_reduce waits for them):
-    sequences of EVAL_SEQ_LEN cut from its stream range, TRAIN_BATCH_TOKENS of them a step, each rank its contiguous
-    share in micro-batches of EVAL_BATCH_SEQS, the gradient the mean over the step's targets. Which sequences make a
-    step does not depend on the world size."""
+def global_update(model: GPT, tokens: Tensor, end: int, args: Hyperparameters, rank: int, world: int) -> None:
+    """SGD (TTT_GLOBAL_MOMENTUM, TTT_GLOBAL_CLIP) on every base weight over the stream up to position `end`, all of it
+    scored by then (by all ranks: the first all_reduce waits for them): sequences of EVAL_SEQ_LEN cut from it,
+    TTT_GLOBAL_TOKENS of them a step, each rank its contiguous share in micro-batches of EVAL_BATCH_SEQS, the gradient
+    the mean over the step's targets. Which sequences make a step does not depend on the world size."""
     L, dev = args.eval_seq_len, tokens.device
-    starts = list(range(phase[0][0], phase[-1][1] - L + 1, L)) if phase else []
-    per_step = max(1, args.train_batch_tokens // L)
+    starts = list(range(0, end - L + 1, L))
+    per_step = max(1, args.ttt_global_tokens // L)
     params = [p.requires_grad_() for p in model.parameters()]
+    momenta = [torch.zeros_like(p) for p in params]
     for i in range(0, len(starts), per_step):
         step = starts[i:i + per_step]
         mine = step[len(step) * rank // world:len(step) * (rank + 1) // world]
@@ -1714,9 +1855,13 @@ def global_update(model: GPT, tokens: Tensor, phase: list[tuple[int, int]], args
         flat = torch.cat([g.float().flatten() for g in grads])
         if world > 1:
             dist.all_reduce(flat)
+        flat /= len(step) * L
+        if args.ttt_global_clip > 0:
+            flat *= (args.ttt_global_clip / flat.norm().clamp_min(1e-12)).clamp(max=1.0)
         with torch.no_grad():
-            for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
-                p -= args.ttt_global_lr / (len(step) * L) * g.view_as(p)
+            for p, m, g in zip(params, momenta, flat.split([p.numel() for p in params]), strict=True):
+                m.mul_(args.ttt_global_momentum).add_(g.view_as(p))
+                p -= args.ttt_global_lr * m
     for p in params:
         p.requires_grad_(False)
 
@@ -1730,22 +1875,22 @@ def synced_ms(t0: float, device: torch.device) -> float:
 def ttt_losses(model: GPT, tokens: Tensor, args: Hyperparameters, rank: int, world: int
                ) -> tuple[Tensor, Tensor, dict]:
     """Per-target TTT losses (float32, indexed by stream position), the mask of the targets this rank scored (its
-    contiguous share of each phase's documents) and this rank's counts and times. Leaves the model with the phases'
+    contiguous share of each part's documents) and this rank's counts and times. Leaves the model with the parts'
     global updates applied."""
     spans, n, dev = document_spans(tokens), tokens.numel() - 1, tokens.device
     out, scored = torch.zeros(n + 1, device=dev), torch.zeros(n + 1, dtype=torch.bool, device=dev)
     stats = dict(documents=0, windows=0, steps=0, adapt_ms=0.0, global_ms=0.0)
     for p in model.parameters():
         p.requires_grad_(False)
-    phases = contiguous_parts(spans, args.ttt_phases)
-    for k, phase in enumerate(phases):
-        t0, share = time.perf_counter(), contiguous_parts(phase, world)[rank]
+    parts = ttt_parts(spans, args)
+    for k, part in enumerate(parts):
+        t0, share = time.perf_counter(), contiguous_parts(part, world)[rank]
         ttt_phase(model, tokens, share, args, out, scored, stats)
         stats["documents"] += len(share)
         stats["adapt_ms"] += synced_ms(t0, dev)
-        if k + 1 < len(phases):
+        if k + 1 < len(parts):
             t0 = time.perf_counter()
-            global_update(model, tokens, phase, args, rank, world)
+            global_update(model, tokens, part[-1][1], args, rank, world)
             stats["global_ms"] += synced_ms(t0, dev)
     return out, scored, stats
 
@@ -2427,7 +2572,7 @@ def model_config(args: Hyperparameters) -> dict:
     keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_base",
             "rope_dims", "rope_train_len", "logit_softcap", "xsa_last_n", "ln_scale", "bigram_vocab_size",
             "bigram_dim", "ve_layers", "ve_dim", "smear_gate", "train_seq_len", "mlp_leaky_slope", "smear_bos_fix",
-            "skip_gate", "attn_gate_dims", "parallel_from", "recur_layers", "recur_at")
+            "skip_gate", "attn_gate_dims", "parallel_from", "recur_layers", "recur_at", "doc_attention")
     return {k.upper(): getattr(args, k) for k in keys}
 
 
@@ -2896,7 +3041,7 @@ def warm_up(model: GPT, train_model, loader: TrainLoader, optimizers, args: Hype
     initial_model = copy.deepcopy(model.state_dict())
     initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     full = full_passes(args)
-    graphs = [(p, False) for p in range(recurrence_passes(0, 0.0, args), full + 1)]
+    graphs = [(p, False) for p in recurrence_depths(args)]
     graphs += [(full, True)] if args.late_qat_threshold > 0 else []
     for i in range(args.warmup_steps):
         model.passes, qat = graphs[i * len(graphs) // args.warmup_steps]

@@ -176,6 +176,11 @@ def test_warm_up_compiles_every_recurrence_depth_and_qat_at_full_depth(monkeypat
 
     tg.warm_up(model, model, Loader(), [], args, None)
     assert sorted(set(seen)) == [(1, False), (2, False), (3, False), (3, True)] and model.passes == 1
+    # two passes switched on together (the 1.0611 record's 3 passes from 35%): the 2-pass graph never runs
+    seen.clear()
+    tg.warm_up(model, model, Loader(), [], tiny_args(RECUR_LAYERS="0-1", RECUR_AT="0.35,0.35", WARMUP_STEPS=2), None)
+    assert sorted(set(seen)) == [(1, False), (3, False)]
+    assert tg.recurrence_depths(tiny_args(RECUR_LAYERS="0-1", RECUR_AT="0,0.5,0.5")) == [2, 4]
 
 
 def test_frontier_preset_runs_end_to_end_and_fits(tiny_env, tmp_path):
@@ -193,9 +198,8 @@ def test_frontier_preset_runs_end_to_end_and_fits(tiny_env, tmp_path):
     lines = log_body(tmp_path / "logs" / "frontier.txt")
     config = json.loads(next(ln for ln in lines if ln.startswith("config: "))[len("config: "):])
     assert config["PRESET"] == "frontier" and config["MLP_MULT"] == 4 and config["RECUR_LAYERS"] == "3-5"
-    # RECUR_AT 0.35, 0.5 of 8 steps: a second pass from step 3 (0.375 >= 0.35), a third from step 4 (hand-computed)
-    assert [ln for ln in lines if ln.startswith("recurrence:")] == ["recurrence: passes:2 step:3",
-                                                                    "recurrence: passes:3 step:4"]
+    # RECUR_AT 0.35, 0.35 of 8 steps: three passes from step 3 (0.375 >= 0.35; hand-computed), never two
+    assert [ln for ln in lines if ln.startswith("recurrence:")] == ["recurrence: passes:3 step:3"]
     total = int(lines[-1].split()[1])
     assert lines[-2].startswith("val_bpb: ") and total <= tg.ARTIFACT_LIMIT
 

@@ -244,13 +244,22 @@ def test_ranks_share_the_documents_and_the_sums(model, monkeypatch, world):
 
 
 BAD_KNOBS = {  # knob=value: the start of resolve()'s message
-    "TTT_LORA_TARGETS=q,o": "TTT_LORA_TARGETS='q,o': must be a comma list of distinct names among q, k, v, head",
+    "TTT_LORA_TARGETS=q,x": "TTT_LORA_TARGETS='q,x': must be a comma list of distinct names among q, k, v, o, mlp, head",
     "TTT_LORA_TARGETS=q,q": "TTT_LORA_TARGETS='q,q': must be a comma list of distinct names",
     "TTT_LORA_TARGETS=": "TTT_LORA_TARGETS='': must be a comma list",
-    "TTT_PHASES=3": "TTT_PHASES=3: is above 1 but TTT_GLOBAL_LR=0",
+    "TTT_PHASES=3": "TTT_GLOBAL_LR=0.0: is 0, but TTT_PHASES=3 and TTT_PREFIX_DOCS=0 ask for global updates",
+    "TTT_PREFIX_DOCS=10": "TTT_GLOBAL_LR=0.0: is 0, but TTT_PHASES=1 and TTT_PREFIX_DOCS=10 ask for global updates",
+    "TTT_PREFIX_DOCS=-1": "TTT_PREFIX_DOCS=-1: must not be negative",
     "TTT_CHUNK=0": "TTT_CHUNK=0: must be at least 1",
     "TTT_BATCH_DOCS=0": "TTT_BATCH_DOCS=0: must be at least 1",
+    "TTT_GLOBAL_TOKENS=0": "TTT_GLOBAL_TOKENS=0: must be at least 1",
     "TTT_LR=-1": "TTT_LR=-1.0: must not be negative",
+    "TTT_WEIGHT_DECAY=-0.5": "TTT_WEIGHT_DECAY=-0.5: must not be negative",
+    "TTT_LORA_ALPHA=-1": "TTT_LORA_ALPHA=-1.0: must not be negative",
+    "TTT_GLOBAL_CLIP=-1": "TTT_GLOBAL_CLIP=-1.0: must not be negative",
+    "TTT_BETA1=1": "TTT_BETA1=1.0: must lie in [0, 1)",
+    "TTT_BETA2=-0.1": "TTT_BETA2=-0.1: must lie in [0, 1)",
+    "TTT_GLOBAL_MOMENTUM=1": "TTT_GLOBAL_MOMENTUM=1.0: must lie in [0, 1)",
     "TTT_GLOBAL_LR=nan": "TTT_GLOBAL_LR=nan: must be a finite number",
 }
 
@@ -261,7 +270,7 @@ def test_ttt_knobs_are_checked_at_start():
         with pytest.raises(tg.ConfigError) as e:
             tiny_args(**{knob: value})
         assert str(e.value).startswith(words), (case, str(e.value))
-    assert tiny_args(TTT_LORA_TARGETS=" head,q").ttt_lora_targets == "q,head", "targets in their canonical order"
+    assert tiny_args(TTT_LORA_TARGETS=" head,mlp,q,o").ttt_lora_targets == "q,o,mlp,head", "in canonical order"
 
 
 # ----------------------------------------------------------------------------------------------------------------
