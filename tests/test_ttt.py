@@ -57,6 +57,11 @@ def ttt(model, tokens: torch.Tensor, rank: int = 0, world: int = 1, **knobs) -> 
 
 
 LENGTHS = [40, 1, 75, 13, 30, 52, 8, 64]  # 283 targets in 8 documents; one of them only a BOS
+# the 1.0611 record's TTT (every target, warm A, AdamW with beta1 0, three global updates over a prefix of the
+# documents with momentum and clipping), at this scale: a prefix of 6 of the 8 documents, two sequences a step
+RECORD_TTT = dict(TTT_LORA_TARGETS="q,k,v,o,mlp,head", TTT_LORA_ALPHA=8.0, TTT_BETA1=0.0, TTT_BETA2=0.99,
+                  TTT_WEIGHT_DECAY=0.5, TTT_WARM_A=1, TTT_PHASES=3, TTT_PREFIX_DOCS=6, TTT_GLOBAL_LR=5.0,
+                  TTT_GLOBAL_MOMENTUM=0.9, TTT_GLOBAL_CLIP=1.0, TTT_GLOBAL_TOKENS=64)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -68,6 +73,8 @@ LENGTHS = [40, 1, 75, 13, 30, 52, 8, 64]  # 283 targets in 8 documents; one of t
     dict(TTT_RESET=0),
     dict(TTT_PHASES=2, TTT_GLOBAL_LR=20.0),
     dict(TTT_PHASES=3, TTT_GLOBAL_LR=20.0, TTT_RESET=0, TTT_BATCH_DOCS=1, TTT_LORA_TARGETS="q,k,v,head"),
+    RECORD_TTT,
+    dict(RECORD_TTT, DOC_ATTENTION=1, TTT_PREFIX_DOCS=0, TTT_PHASES=2),
 ])
 def test_no_score_depends_on_a_later_token(model, knobs):
     """Every token after p replaced (the BOS of each document kept: how many documents the stream holds is fixed by
@@ -117,6 +124,171 @@ def test_a_huge_global_step_changes_no_score_of_the_phase_it_learned_from(model)
     boundary = tg.document_spans(tokens)[4][0]  # the first document of the second phase
     assert torch.equal(bits(huge[:boundary + 1]), bits(tiny[:boundary + 1]))
     assert (huge[boundary + 1:] != tiny[boundary + 1:]).all()
+
+
+def test_global_updates_read_only_text_already_scored(model):
+    """For each global update of the record's schedule (after documents 2, 4 and 6 of 8), every token after the
+    first target of the next part replaced: that target's score, taken with the updated weights, stays the same to
+    the bit, so no update read a token it had not scored yet."""
+    tokens, knobs = docs_stream(LENGTHS), dict(RECORD_TTT, TTT_LR=0)
+    ref, _ = ttt(model, tokens, **knobs)
+    spans = tg.document_spans(tokens)
+    g = torch.Generator().manual_seed(2)
+    for boundary in (spans[2][0], spans[4][0], spans[6][0]):  # the BOS that starts the next part
+        p = boundary + 1
+        perturbed = torch.where((torch.arange(tokens.numel()) > p) & (tokens != tg.BOS_ID),
+                                torch.randint(4, 1024, tokens.shape, generator=g), tokens)
+        out, _ = ttt(model, perturbed, **knobs)
+        assert torch.equal(bits(out[:p + 1]), bits(ref[:p + 1])), f"an update before {p} read past it"
+    tiny, _ = ttt(model, tokens, **dict(knobs, TTT_GLOBAL_LR=1e-30))  # control: the updates do change later scores
+    assert (tiny[spans[2][0] + 1:] != ref[spans[2][0] + 1:]).all()
+
+
+def test_the_global_update_reads_the_stream_up_to_its_end_and_no_further(model):
+    """global_update(end): a token changed after `end` leaves the updated weights the same to the bit, one changed
+    before it (the first document included: the updates are cumulative) changes them. (The tail after the last
+    whole sequence, here positions 128..159, is left out.)"""
+    args = tiny_args(**{**TTT, **RECORD_TTT})
+    tokens = docs_stream(LENGTHS)
+    end = tg.document_spans(tokens)[4][1]
+
+    def updated(stream):
+        m = copy.deepcopy(model)
+        tg.global_update(m, stream, end, args, 0, 1)
+        return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+    ref = updated(tokens)
+    assert end == 159
+    for pos, same in ((end + 1, True), (end + 30, True), (127, False), (3, False)):
+        changed = tokens.clone()
+        changed[pos] = 5 if tokens[pos] != 5 else 6
+        assert torch.equal(bits(updated(changed)), bits(ref)) == same, (pos, same)
+
+
+@pytest.mark.parametrize("clip", [1.0, 1e4])
+def test_global_update_is_sgd_with_momentum_and_clipping(model, clip):
+    """Two steps of two 32-token sequences: the same weights as torch.optim.SGD (momentum 0.9) after
+    clip_grad_norm_ of the mean loss over each step's targets, computed here from scratch (a clip that acts, and one
+    far above the gradient's norm)."""
+    args = tiny_args(**{**TTT, **RECORD_TTT, "TTT_GLOBAL_CLIP": clip})
+    tokens = docs_stream(LENGTHS)
+    got = copy.deepcopy(model)
+    tg.global_update(got, tokens, 4 * 32 + 5, args, 0, 1)  # 4 whole sequences, the rest left out
+    ref = copy.deepcopy(model)
+    params = list(ref.parameters())
+    opt = torch.optim.SGD(params, lr=args.ttt_global_lr, momentum=args.ttt_global_momentum)
+    for step in ((0, 32), (64, 96)):
+        window = tokens[torch.tensor(step)[:, None] + torch.arange(33)]
+        loss = ref.token_losses(ref.hidden(window[:, :-1]), window[:, 1:], "none").mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, args.ttt_global_clip)
+        opt.step()
+    for a, b in zip(got.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_phases_split_a_prefix_of_the_documents():
+    spans = [(i, i + 1) for i in range(10)]
+    sizes = lambda **k: [len(p) for p in tg.ttt_parts(spans, tiny_args(**k))]  # noqa: E731
+    assert sizes(TTT_PHASES=3, TTT_PREFIX_DOCS=6, TTT_GLOBAL_LR=1) == [2, 2, 2, 4]  # the record's 833/1666/2500
+    assert sizes(TTT_PHASES=3, TTT_GLOBAL_LR=1) == [3, 3, 4]  # no prefix: every document, no update after the last
+    assert sizes(TTT_PHASES=3, TTT_PREFIX_DOCS=50, TTT_GLOBAL_LR=1) == [3, 3, 4]
+    assert sizes(TTT_PHASES=1, TTT_PREFIX_DOCS=4, TTT_GLOBAL_LR=1) == [4, 6]  # one update after the prefix
+    assert sizes(TTT_PHASES=3, TTT_PREFIX_DOCS=2, TTT_GLOBAL_LR=1) == [1, 1, 8]  # empty parts dropped
+
+
+def test_warm_a_carries_a_lanes_a_into_the_next_document_but_not_its_b():
+    """TTT_WARM_A=1 under reset: B starts at zero for every document, so its first chunk scores as a fresh
+    adapter's (the same whatever came before), while its later chunks see the A that the earlier documents taught
+    (they differ after two different documents; without warm A they do not: the reset test)."""
+    model = random_model(tiny_args(), seed=7)
+    doc = docs_stream([60], seed=5)
+    a, b = docs_stream([30, 50], seed=1), docs_stream([81, 9], seed=2)
+    knobs = dict(TTT_BATCH_DOCS=1, TTT_WARM_A=1)
+    out_a, _ = ttt(model, torch.cat([a, doc]), **knobs)
+    out_b, _ = ttt(model, torch.cat([b, doc]), **knobs)
+    tail_a, tail_b = out_a[-doc.numel() + 1:], out_b[-doc.numel() + 1:]
+    chunk = TTT["TTT_CHUNK"]
+    assert torch.equal(bits(tail_a[:chunk]), bits(tail_b[:chunk]))
+    assert (tail_a[chunk:] - tail_b[chunk:]).abs().max() > 1e-4
+    # a document's last chunk still steps: the next document reads the A it leaves (a document of two chunks: the
+    # first step moves only B, A's gradient being 0 while B is, so only the last chunk's step can move A)
+    short = docs_stream([20], seed=4)
+    warm, _ = ttt(model, torch.cat([short, doc]), **knobs)
+    cold, _ = ttt(model, torch.cat([short, doc]), TTT_BATCH_DOCS=1)
+    assert (warm[20 + 1 + chunk:] - cold[20 + 1 + chunk:]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("target", tg.TTT_TARGETS)
+def test_every_target_adapts(model, target):
+    """Each adapter alone learns a document that repeats itself (q, k, v, o and mlp in every block; head)."""
+    g = torch.Generator().manual_seed(3)
+    phrase = torch.randint(4, 1024, (12,), generator=g)
+    tokens = torch.cat([torch.tensor([tg.BOS_ID]), phrase.repeat(10)])
+    knobs = dict(TTT_BATCH_DOCS=1, TTT_LORA_TARGETS=target)
+    base, _ = ttt(model, tokens, TTT_LR=0, **knobs)
+    tuned, _ = ttt(model, tokens, TTT_LR=0.02, **knobs)
+    late = slice(1 + TTT["TTT_CHUNK"], None)
+    assert tuned[late].mean() < base[late].mean() - 0.2
+
+
+def test_adapters_add_alpha_over_rank_times_x_a_b():
+    """delta = alpha / r (x A^T) B^T per lane, against a float64 product; TTT_LORA_ALPHA=0 leaves it unscaled."""
+    model = random_model(tiny_args(), seed=7)
+    for alpha, scale in ((0.0, 1.0), (10.0, 10.0 / 4)):
+        adapters = tg.TTTAdapters(model, tiny_args(**{**TTT, "TTT_LORA_ALPHA": alpha}), 3, CPU)
+        g = torch.Generator().manual_seed(4)
+        with torch.no_grad():
+            for n in adapters.a:
+                adapters.a[n].copy_(torch.randn(adapters.a[n].shape, generator=g))
+                adapters.b[n].copy_(torch.randn(adapters.b[n].shape, generator=g))
+        adapters.rows = torch.tensor([2, 0])
+        x = torch.randn(2, 5, 64, generator=g)
+        ref = scale * torch.einsum("btd,brd,bwr->btw", x.double(), adapters.a["1.v"][[2, 0]].double(),
+                                   adapters.b["1.v"][[2, 0]].double())
+        torch.testing.assert_close(adapters.delta("1.v", x).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_step_is_adamw_on_the_lanes_that_learn():
+    """Three steps with beta1 0, beta2 0.99 and weight decay 0.5 against torch.optim.AdamW on each learning lane's
+    slice; a lane that does not learn keeps its adapters and moments."""
+    model = random_model(tiny_args(), seed=7)
+    args = tiny_args(**{**TTT, **RECORD_TTT, "TTT_LR": 0.01})
+    adapters = tg.TTTAdapters(model, args, 2, CPU)
+    lanes = [torch.tensor([True, False]), torch.tensor([True, True]), torch.tensor([True, False])]
+    refs = {lane: [p[lane].detach().clone().requires_grad_() for p in adapters.params] for lane in (0, 1)}
+    opts = {lane: torch.optim.AdamW(refs[lane], lr=args.ttt_lr, betas=(args.ttt_beta1, args.ttt_beta2),
+                                    eps=tg.TTT_ADAM_EPS, weight_decay=args.ttt_weight_decay) for lane in (0, 1)}
+    g = torch.Generator().manual_seed(5)
+    for on in lanes:
+        grads = [torch.randn(p.shape, generator=g) for p in adapters.params]
+        for p, grad in zip(adapters.params, grads, strict=True):
+            p.grad = grad.clone()
+        adapters.adam_step(on)
+        for lane in (0, 1):
+            if on[lane]:
+                for r, grad in zip(refs[lane], grads, strict=True):
+                    r.grad = grad[lane].clone()
+                opts[lane].step()
+    for lane in (0, 1):
+        for p, r in zip(adapters.params, refs[lane], strict=True):
+            torch.testing.assert_close(p[lane], r, rtol=1e-5, atol=1e-6)
+
+
+def test_ttt_scores_the_same_with_and_without_document_attention(model, monkeypatch):
+    """TTT windows hold one document each (cut at its BOS, padded inside it with its own last token), so they never
+    need the document mask (the fast causal kernel runs) and DOC_ATTENTION changes none of their scores: the same
+    rule as the training and the sliding evaluation."""
+    tokens = docs_stream(LENGTHS)
+    plain, _ = ttt(model, tokens)
+
+    def no_mask(*a, **k):
+        raise AssertionError("a TTT window held two documents")
+
+    monkeypatch.setattr(tg, "dense_document_attention", no_mask)
+    doc, _ = ttt(model, tokens, DOC_ATTENTION=1)
+    assert torch.equal(bits(doc), bits(plain))
 
 
 @pytest.mark.parametrize("lanes", [1, 3])
