@@ -1123,11 +1123,13 @@ class GPT(nn.Module):
         w = self.skip_weights[i].to(x.dtype)
         return x + torch.sigmoid(w) * (skip - x) if self.skip_gate else x + w * skip
 
-    def hidden(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Final normalised hidden states (B, T, D) for token ids (B, T). With a cache (sampling), ids holds the
+    def hidden(self, ids: Tensor, cache: KVCache | None = None, rope_len: int = 0) -> Tensor:
+        """Final normalised hidden states (B, T, D) for token ids (B, T), the first T positions of a sequence of
+        rope_len (the rotary base depends on the whole length; default T). With a cache (sampling), ids holds the
         sequences so far and only position cache.pos is computed, from the cached positions before it (B, 1, D)."""
         if cache is None:
-            x, rope, own = self.embed(ids), self.rotary(ids.size(1), ids.device), ids
+            rope = tuple(t[:, :ids.size(1)] for t in self.rotary(max(rope_len, ids.size(1)), ids.device))
+            x, own = self.embed(ids), ids
             attend = document_attention(ids) if self.doc_attention else ATTENTION
         else:
             # SmearGate reads the previous position, whose BigramHash reads the one before: embed the last three
@@ -1785,20 +1787,24 @@ def ttt_chunk_step(model: GPT, adapters: TTTAdapters, tokens: Tensor, docs, lear
     mask = (scoring_window(p, L, s) == start[:, None]) & (p > lo[:, None]) & (p <= hi[:, None])
     per_lane = torch.zeros(len(adapters.steps), device=dev).index_add_(0, lane, mask.sum(1).float())
     weight = mask * (learn[lane] / per_lane[lane].clamp_min(1))[:, None]
+    # a window runs only up to its last scored target (rounded up to 64), in the rotary table of the full L: what a
+    # short document's chunks cost follows the document, not L
+    width = (mask * torch.arange(1, L + 1, device=dev)).amax(1)
     for i in range(0, len(lane), args.eval_batch_seqs):
         rows = slice(i, i + args.eval_batch_seqs)
+        w = min(L, -(-int(width[rows].max()) // 64) * 64)
         adapters.rows = lane[rows]
         grad = bool(weight[rows].any())
         with torch.set_grad_enabled(grad):
-            h = model.hidden(tokens[inputs[rows]])
+            h = model.hidden(tokens[inputs[rows, :w]], rope_len=L)
             if "head" in adapters.a:
                 h = h + adapters.delta("head", h).to(h.dtype)
-            losses = model.token_losses(h, tokens[targets[rows]], "none")
-        m = mask[rows]
-        out[(first[rows, None] + p[rows])[m]] = losses.detach()[m].float()
-        scored[(first[rows, None] + p[rows])[m]] = True
+            losses = model.token_losses(h, tokens[targets[rows, :w]], "none")
+        m, at = mask[rows, :w], (first[rows, None] + p[rows, :w])
+        out[at[m]] = losses.detach()[m].float()
+        scored[at[m]] = True
         if grad:
-            (losses * weight[rows]).sum().backward()
+            (losses * weight[rows, :w]).sum().backward()
     if learn.any():
         adapters.adam_step(learn)
     return len(lane)

@@ -356,6 +356,21 @@ def test_lr0_scores_each_document_as_evaluate_scores_it_alone(model, seq_len, st
     assert bpb == pytest.approx(loss / math.log(2) * count / nbytes, rel=1e-12)
 
 
+def test_short_windows_keep_the_rotary_of_the_full_window():
+    """A TTT window runs only up to its last scored target (64 of 128 positions here), yet in the rotary table of
+    EVAL_SEQ_LEN, as every window of the stream evaluation: with the base NTK-scaled for 128 (ROPE_TRAIN_LEN=64), a
+    short document scores as the first 128-token window holding it (padded after it) scores it."""
+    args = tiny_args(ROPE_TRAIN_LEN=64)
+    model = random_model(args, seed=7)
+    tokens = docs_stream(LENGTHS)
+    out, _ = ttt(model, tokens, TTT_LR=0, ROPE_TRAIN_LEN=64, EVAL_SEQ_LEN=128, EVAL_STRIDE=32)
+    for a, b in tg.document_spans(tokens):
+        window = torch.cat([tokens[a:b + 1], torch.full((129 - (b + 1 - a),), 7)])
+        with torch.no_grad():
+            ref = model.token_losses(model.hidden(window[None, :128]), window[None, 1:], "none")[0, :b - a]
+        torch.testing.assert_close(out[a + 1:b + 1], ref, rtol=1e-5, atol=1e-5)
+
+
 def test_lr0_on_one_document_is_evaluate(model):
     """A stream that is one document: TTT with TTT_LR=0 is evaluate() exactly (loss, bpb, tokens, bytes)."""
     tokens, luts = docs_stream([150], seed=4), synthetic_luts(1024)
