@@ -119,19 +119,24 @@ def write_shard(path: str | Path, tokens: Iterable[int] | np.ndarray, magic: int
 
 
 class ShardWriter:
-    """Cuts one split's token stream into shards of exactly shard_tokens tokens (the last one may be shorter)."""
+    """Cuts one split's token stream into shards of exactly shard_tokens tokens (the last one may be shorter); with
+    max_shards, it is full after that many and takes no more tokens."""
 
     def __init__(self, output_dir: Path, split: str, shard_tokens: int, pattern: str = SHARD_PATTERN,
-                 magic: int = SHARD_MAGIC):
+                 magic: int = SHARD_MAGIC, max_shards: int | None = None):
         self.output_dir, self.split, self.shard_tokens = output_dir, split, shard_tokens
-        self.pattern, self.magic = pattern, magic
+        self.pattern, self.magic, self.max_shards = pattern, magic, max_shards
         self.buf: np.ndarray | None = None
         self.fill = 0
         self.files: list[dict] = []
 
+    @property
+    def full(self) -> bool:
+        return self.max_shards is not None and len(self.files) >= self.max_shards
+
     def write(self, tokens: np.ndarray) -> None:
         pos = 0
-        while pos < len(tokens):
+        while pos < len(tokens) and not self.full:
             if self.buf is None:
                 self.buf = np.empty(self.shard_tokens, dtype=np.uint16)
             take = min(self.shard_tokens - self.fill, len(tokens) - pos)
@@ -445,7 +450,7 @@ def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
 
 
 def _validate_args(val_docs: int, shard_tokens: int, workers: int, tokenizer, vocab_size,
-                   tokenizer_train_docs: int, tokenizer_max_doc_bytes: int) -> None:
+                   tokenizer_train_docs: int, tokenizer_max_doc_bytes: int, train_shards: int | None) -> None:
     if (tokenizer is None) == (vocab_size is None):
         raise BuildError("pass exactly one of --tokenizer PATH (use an existing sentencepiece model) or "
                          "--vocab-size V (train one here with the official settings)")
@@ -453,6 +458,8 @@ def _validate_args(val_docs: int, shard_tokens: int, workers: int, tokenizer, vo
         raise BuildError(f"--vocab-size {vocab_size}: must be in 1..{MAX_VOCAB} so token ids fit the shards' uint16")
     if val_docs < 0:
         raise BuildError(f"--val-docs must be >= 0, got {val_docs}")
+    if train_shards is not None and train_shards < 0:
+        raise BuildError(f"--train-shards must be >= 0, got {train_shards}")
     if shard_tokens < 1 or shard_tokens >= 2**31:
         raise BuildError(f"--shard-tokens must be in 1..{2**31 - 1}, got {shard_tokens}")
     if workers < 1:
@@ -480,11 +487,11 @@ def build_shards(inputs: Iterable[str | Path], output_dir: str | Path, *, val_do
                  shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int = 1, txt_mode: str = "line",
                  tokenizer_train_docs: int = DEFAULT_TOKENIZER_TRAIN_DOCS,
                  tokenizer_max_doc_bytes: int = DEFAULT_TOKENIZER_MAX_DOC_BYTES, overwrite: bool = False,
-                 case_ops: bool = False, log: Callable[[str], None] = print) -> dict:
+                 case_ops: bool = False, train_shards: int | None = None, log: Callable[[str], None] = print) -> dict:
     """Build shards + tokenizer.model + manifest.json in output_dir (with case_ops, also the validation shards' byte
-    sidecars); returns the manifest."""
+    sidecars; with train_shards, stop once that many train shards are full); returns the manifest."""
     _validate_args(val_docs, shard_tokens, workers, tokenizer, vocab_size, tokenizer_train_docs,
-                   tokenizer_max_doc_bytes)
+                   tokenizer_max_doc_bytes, train_shards)
     if txt_mode not in TXT_MODES:
         raise BuildError(f"--txt-mode must be one of {TXT_MODES}, got {txt_mode!r}")
     paths = check_inputs(inputs)
@@ -518,7 +525,8 @@ def build_shards(inputs: Iterable[str | Path], output_dir: str | Path, *, val_do
 
     counts: dict = {"val_raw_bytes": 0, "val_bytes": 0}
     splits = {name: {"docs": 0, "tokens": 0, "files": []} for name in ("val", "train")}
-    writers = {name: ShardWriter(output_dir, name, shard_tokens) for name in splits}
+    writers = {name: ShardWriter(output_dir, name, shard_tokens, max_shards=train_shards if name == "train" else None)
+               for name in splits}
     sidecar = ShardWriter(output_dir, "val", shard_tokens, BYTES_PATTERN, BYTES_MAGIC)  # cut where the val shards are
     bos = np.array([BOS_ID], dtype=np.uint16)
 
@@ -542,12 +550,15 @@ def build_shards(inputs: Iterable[str | Path], output_dir: str | Path, *, val_do
             counts["val_bytes"] += int(nbytes.sum())
         splits[split]["docs"] += 1
         splits[split]["tokens"] += 1 + len(ids)
+        if writers["train"].full:
+            break
         if time.time() - last_report > 10:
             last_report = time.time()
             tokens = splits["val"]["tokens"] + splits["train"]["tokens"]
             log(f"  {index + 1:,} docs, {tokens:,} tokens ({tokens / (last_report - started):,.0f} tokens/s)")
     for name in splits:
         splits[name]["files"] = writers[name].close()  # closing twice is harmless: nothing left to flush
+        splits[name]["tokens"] = sum(f["tokens"] for f in splits[name]["files"])  # the last document may be cut
     sidecars = sidecar.close()
 
     n_docs = splits["val"]["docs"] + splits["train"]["docs"]
@@ -570,6 +581,7 @@ def build_shards(inputs: Iterable[str | Path], output_dir: str | Path, *, val_do
         "bos_id": BOS_ID,
         "append_eos": False,
         "shard_tokens": shard_tokens,
+        "max_train_shards": train_shards,
         "docs_total": n_docs,
         "tokens_total": splits["val"]["tokens"] + splits["train"]["tokens"],
         "docs_skipped_empty": counts["skipped_empty"],
@@ -577,9 +589,7 @@ def build_shards(inputs: Iterable[str | Path], output_dir: str | Path, *, val_do
     }
     if case_ops:
         manifest["caseops"] = caseops_manifest(output_dir, sidecars, counts["val_bytes"], counts["val_raw_bytes"])
-    tmp = output_dir / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, output_dir / MANIFEST_FILE)  # written last: a manifest means the build finished
+    write_manifest(output_dir, manifest)  # written last: a manifest means the build finished
     log(f"wrote {n_docs:,} documents ({splits['val']['docs']:,} val, {splits['train']['docs']:,} train), "
         f"{manifest['tokens_total']:,} tokens in {len(splits['val']['files'])} val + {len(splits['train']['files'])} "
         f"train shards to {output_dir} in {time.time() - started:.1f} s; {counts['skipped_empty']} empty documents "
@@ -591,6 +601,12 @@ def build_shards(inputs: Iterable[str | Path], output_dir: str | Path, *, val_do
             f"({counts['val_raw_bytes']:,} raw), written to {len(sidecars)} byte sidecar(s)")
     log(f"train with: DATA_PATH={output_dir} TOKENIZER_PATH={output_dir / TOKENIZER_FILE} VOCAB_SIZE={actual_vocab}")
     return manifest
+
+
+def write_manifest(output_dir: Path, manifest: dict) -> None:
+    tmp = output_dir / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, output_dir / MANIFEST_FILE)
 
 
 def caseops_manifest(output_dir: Path, sidecars: list[dict], val_bytes: int, val_raw_bytes: int) -> dict:
@@ -629,6 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-max-doc-bytes", type=int, default=DEFAULT_TOKENIZER_MAX_DOC_BYTES,
                    help="with --vocab-size: longer documents are left out of tokenizer training (sentencepiece's "
                         "max_sentence_length; the official trainer kept the default, %(default)s)")
+    p.add_argument("--train-shards", type=int, metavar="N",
+                   help="stop once N train shards are full (default: encode every document)")
     p.add_argument("--caseops", action="store_true",
                    help="lowercase the text with case markers (data/caseops.py) before tokenizing, and write the "
                         "validation tokens' original byte counts beside the shards (see data/README.md)")
@@ -643,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
                      vocab_size=args.vocab_size, shard_tokens=args.shard_tokens, workers=args.workers,
                      txt_mode=args.txt_mode, tokenizer_train_docs=args.tokenizer_train_docs,
                      tokenizer_max_doc_bytes=args.tokenizer_max_doc_bytes, overwrite=args.overwrite,
-                     case_ops=args.caseops)
+                     case_ops=args.caseops, train_shards=args.train_shards)
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
