@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 
 import build_shards
-import caseops
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 VAL_DOCS = 400

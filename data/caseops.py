@@ -23,11 +23,11 @@ added after Unicode 3.2. Every pair of the table has the same UTF-8 length in bo
 stands for exactly its own bytes of the original.
 
 Normalisation. The caseops pipeline (data/build_shards.py --caseops) first normalises each document as the
-challenge's tokenizers do (sentencepiece nmt_nfkc, extra whitespace removed: canonical()), then applies encode(),
+challenge's tokenizers do (sentencepiece nmt_nfkc, extra whitespace removed: normalizer()), then applies encode(),
 and tokenizes with sentencepiece's identity normalisation. Normalising after encode() would not commute with the
 case change: NFKC composes "j" + U+030C into 'ǰ' but leaves "J" + U+030C alone (there is no precomposed capital),
-so the marker would lose its letter. Hence decode(tokens' text) == canonical(document), whose UTF-8 length is what
-the challenge's byte rule counts for a plain tokenizer (SPEC.md §3), and token_bytes() charges exactly those bytes.
+so the marker would lose its letter. Hence decode(the tokens' text) == the normalised document, whose UTF-8 length
+is what the challenge's byte rule counts for a plain tokenizer (SPEC.md §3), and token_bytes() charges exactly that.
 """
 
 from __future__ import annotations
@@ -85,7 +85,6 @@ def _char_class(chars) -> str:
 
 
 LETTERS = UPPER | LOWER
-_UPPER = f"[{_char_class(UPPER)}]"
 _LOWER = f"[{_char_class(LOWER)}]"
 _MARKER = f"[{_char_class(MARKERS)}]"
 # encode visits only upper-case letters and literal markers (sparse), then reads the whole word around the letter
@@ -155,6 +154,9 @@ def normalizer():
     as a standalone sentencepiece normaliser: normalizer().normalize(doc) == sp.decode(sp.encode(doc)) for them."""
     import sentencepiece as spm
 
+    if not hasattr(spm, "SentencePieceNormalizer"):
+        raise ImportError(f"caseops needs sentencepiece >= 0.2.0 (SentencePieceNormalizer); this is "
+                          f"{spm.__version__}: pip install -U sentencepiece")
     return spm.SentencePieceNormalizer(rule_name="nmt_nfkc", add_dummy_prefix=False, escape_whitespaces=False,
                                        remove_extra_whitespaces=True)
 
