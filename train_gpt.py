@@ -407,14 +407,15 @@ SHARD_HEADER_INTS = 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
 FIX_SHARDS = "re-download it with data/cached_challenge_fineweb.py or rebuild it with data/build_shards.py"
 MANIFEST_FILE = "manifest.json"  # written beside the shards by data/build_shards.py
+BYTES_MAGIC = 20240521  # data/build_shards.py --caseops: the original bytes of each val token, in the shard format
 
 
 class DataError(RuntimeError):
     """Shards or tokenizer that cannot be used as they are; the message says which file and what to do."""
 
 
-def read_shard_header(path: str | Path) -> int:
-    """Validate a shard's header against its size on disk and return its token count."""
+def read_shard_header(path: str | Path, magic: int = SHARD_MAGIC) -> int:
+    """Validate a shard's (or byte sidecar's) header against its size on disk and return its token count."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such shard file; {FIX_SHARDS}")
@@ -423,9 +424,9 @@ def read_shard_header(path: str | Path) -> int:
         raise DataError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header "
                         f"(truncated file); {FIX_SHARDS}")
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
-    if int(header[0]) != SHARD_MAGIC:
-        raise DataError(f"{path}: magic number {int(header[0])} is not {SHARD_MAGIC}, so this is not a token shard; "
-                        f"{FIX_SHARDS}")
+    if int(header[0]) != magic:
+        what = "token shard" if magic == SHARD_MAGIC else "byte sidecar"
+        raise DataError(f"{path}: magic number {int(header[0])} is not {magic}, so this is not a {what}; {FIX_SHARDS}")
     if int(header[1]) != SHARD_VERSION:
         raise DataError(f"{path}: shard version {int(header[1])} is not supported (expected {SHARD_VERSION}); "
                         f"{FIX_SHARDS}")
@@ -570,16 +571,16 @@ def load_validation_tokens(data_path: str, vocab_size: int) -> Tensor:
     return torch.from_numpy(tokens.astype(np.int64))
 
 
-def check_manifest_tokenizer(data_path: str, tokenizer_path: str) -> None:
+def check_manifest_tokenizer(data_path: str, tokenizer_path: str) -> dict:
     """data/build_shards.py records the sha256 of the tokenizer it encoded with in DATA_PATH/manifest.json.
     Another tokenizer of the same size would score a wrong val_bpb without any other sign, so where that
-    manifest exists, the tokenizer must be the one it names."""
+    manifest exists, the tokenizer must be the one it names. Returns the manifest ({} where there is none)."""
     manifest = Path(data_path) / MANIFEST_FILE
     if not manifest.is_file():
-        return
+        return {}
     try:
-        entry = json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]
-        recorded, copy_name = str(entry["sha256"]), str(entry["file"])
+        content = json.loads(manifest.read_text(encoding="utf-8"))
+        recorded, copy_name = str(content["tokenizer"]["sha256"]), str(content["tokenizer"]["file"])
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{manifest}: not a manifest of data/build_shards.py ({type(e).__name__}: {e}); "
                         f"rebuild the shards or remove the file") from None
@@ -588,6 +589,30 @@ def check_manifest_tokenizer(data_path: str, tokenizer_path: str) -> None:
         raise DataError(f"TOKENIZER_PATH={tokenizer_path} (sha256 {actual[:12]}...) is not the tokenizer the shards "
                         f"under DATA_PATH were built with ({manifest} says sha256 {recorded[:12]}...); set "
                         f"TOKENIZER_PATH={Path(data_path) / copy_name}, the copy build_shards.py keeps there")
+    return content
+
+
+def load_sidecar_bytes(data_path: str, caseops: dict, n_tokens: int) -> Tensor:
+    """Caseops shards (data/build_shards.py --caseops) are lowercase text with case markers, so their pieces do not
+    spell the original bytes: a sidecar beside the val shards holds, per token, the bytes of the text it stands for."""
+    try:
+        entries = [(Path(data_path) / str(e["name"]), str(e["sha256"])) for e in caseops["sidecars"]]
+    except (KeyError, TypeError):
+        entries = []
+    if not entries:
+        raise DataError(f"{Path(data_path) / MANIFEST_FILE}: its caseops entry lists no byte sidecars; rebuild the "
+                        f"shards with data/build_shards.py --caseops")
+    for path, sha256 in entries:
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+            raise DataError(f"DATA_PATH={data_path} holds caseops shards, but their byte sidecar {path.name} is "
+                            f"{'missing' if not path.is_file() else 'not the one its manifest names'}: val_bpb "
+                            f"counts the original text's bytes from it; rebuild with data/build_shards.py --caseops")
+    counts = np.concatenate([np.fromfile(p, dtype="<u2", count=read_shard_header(p, BYTES_MAGIC),
+                                         offset=SHARD_HEADER_BYTES) for p, _ in entries])
+    if len(counts) != n_tokens:
+        raise DataError(f"the byte sidecars under DATA_PATH={data_path} count {len(counts)} tokens, the validation "
+                        f"shards {n_tokens}; rebuild with data/build_shards.py --caseops")
+    return torch.from_numpy(counts.astype(np.int32))
 
 
 # -----------------------------------------------------------------------------
@@ -639,29 +664,40 @@ def target_bytes(prev: Tensor, tgt: Tensor, luts: tuple[Tensor, Tensor, Tensor])
     return base[tgt] + (leading_space[tgt] & ~boundary[prev]).to(base.dtype)
 
 
-def check_scorable(tokens: Tensor, luts: tuple[Tensor, Tensor, Tensor], data_path: str) -> None:
+def stream_bytes(tokens: Tensor, luts: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """Per position of the token stream, the bytes of its token as a target (position 0 is never one: 0); in chunks,
+    so the temporaries stay small."""
+    chunk = 1 << 22
+    windows = (tokens[i:i + chunk + 1] for i in range(0, tokens.numel() - 1, chunk))
+    parts = [target_bytes(w[:-1], w[1:], luts).int() for w in windows]
+    return torch.cat([torch.zeros(1, dtype=torch.int32)] + parts)
+
+
+def check_scorable(token_bytes: Tensor, data_path: str) -> None:
     """val_bpb divides by the bytes scored: validation text of only control tokens (BOS) has none, and would fail
-    only after all of training. Read in chunks, stopping at the first byte (almost always in the first chunk)."""
-    chunk = 1 << 20
-    for i in range(0, tokens.numel() - 1, chunk):
-        window = tokens[i:i + chunk + 1]
-        if target_bytes(window[:-1], window[1:], luts).sum() > 0:
-            return
-    raise DataError(f"the validation shards under DATA_PATH={data_path} hold no text: their {tokens.numel()} tokens "
-                    f"decode to 0 bytes (only control tokens such as BOS), so val_bpb is undefined; {FIX_SHARDS}")
+    only after all of training."""
+    if int(token_bytes.sum()) == 0:
+        raise DataError(f"the validation shards under DATA_PATH={data_path} hold no text: their {token_bytes.numel()} "
+                        f"tokens decode to 0 bytes (only control tokens such as BOS), so val_bpb is undefined; "
+                        f"{FIX_SHARDS}")
 
 
-def load_inputs(args: Hyperparameters) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+def load_inputs(args: Hyperparameters) -> tuple[Tensor, Tensor, str]:
     """Everything the run reads, checked before its log is opened (a bad path then costs no log file and truncates
-    nothing): (the byte tables of val_bpb, the validation tokens)."""
+    nothing): (per position of the validation stream, the bytes its token stands for as a target; the validation
+    tokens; where those bytes come from)."""
     sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
-    check_manifest_tokenizer(args.data_path, args.tokenizer_path)
-    luts = byte_luts(sp, args.vocab_size)
+    manifest = check_manifest_tokenizer(args.data_path, args.tokenizer_path)
     val_tokens = load_validation_tokens(args.data_path, args.vocab_size)
-    check_scorable(val_tokens, luts, args.data_path)
+    if "caseops" in manifest:
+        token_bytes = load_sidecar_bytes(args.data_path, manifest["caseops"], val_tokens.numel())
+        source = f"caseops_sidecar version:{manifest['caseops'].get('version')}"
+    else:
+        token_bytes, source = stream_bytes(val_tokens, byte_luts(sp, args.vocab_size)), "tokenizer_pieces"
+    check_scorable(token_bytes, args.data_path)
     if not args.eval_only:
         check_train_shards(list_shards(os.path.join(args.data_path, "fineweb_train_*.bin")))
-    return luts, val_tokens
+    return token_bytes, val_tokens, source
 
 
 # -----------------------------------------------------------------------------
@@ -1590,25 +1626,27 @@ def windows_for_rank(n_targets: int, seq_len: int, stride: int, rank: int, world
 
 
 @torch.no_grad()
-def evaluate(model: GPT, forward_fn, tokens: Tensor, luts, seq_len: int, stride: int, batch_seqs: int,
+def evaluate(model: GPT, forward_fn, tokens: Tensor, token_bytes: Tensor, seq_len: int, stride: int, batch_seqs: int,
              rank: int, world: int, device: torch.device) -> tuple[float, float, int, int]:
     """Returns (val_loss in nats/token, val_bpb, tokens scored, bytes scored), summed over all ranks.
-    forward_fn(x, y) -> per-token losses (B, stride) of the last `stride` positions of each window."""
+    forward_fn(x, y) -> per-token losses (B, stride) of the last `stride` positions of each window;
+    token_bytes[i]: the bytes the token at stream position i stands for as a target (load_inputs)."""
     n = tokens.numel() - 1
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
-    luts = tuple(t.to(device) for t in luts)
+    token_bytes = token_bytes.to(device)
     tokens = tokens.to(device)
 
-    def account(losses: Tensor, prev: Tensor, tgt: Tensor, mask: Tensor) -> None:
+    def account(losses: Tensor, pos: Tensor, mask: Tensor) -> None:
         sums[0] += (losses.double() * mask).sum()
         sums[1] += mask.sum()
-        sums[2] += (target_bytes(prev, tgt, luts) * mask).sum()
+        sums[2] += (token_bytes[pos] * mask).sum()
 
     if rank == 0:  # the first window scores every target it holds, with whatever context precedes it
         first = min(seq_len, n)
         x, y = tokens[:first][None], tokens[1:first + 1][None]
         h = model.hidden(x)
-        account(model.token_losses(h, y, "none").view(1, -1), x, y, torch.ones_like(y, dtype=torch.float64))
+        account(model.token_losses(h, y, "none").view(1, -1), torch.arange(1, first + 1, device=device),
+                torch.ones_like(y, dtype=torch.float64))
     starts = windows_for_rank(n, seq_len, stride, rank, world)
     batch_seqs = max(1, min(batch_seqs, len(starts)))
     offsets = torch.arange(seq_len + 1, device=device)
@@ -1622,7 +1660,7 @@ def evaluate(model: GPT, forward_fn, tokens: Tensor, luts, seq_len: int, stride:
         losses = forward_fn(x, y).view(batch_seqs, stride)
         pos = idx[:, seq_len - stride + 1:]  # target positions in the stream
         mask = (pos <= n) & (torch.arange(batch_seqs, device=device)[:, None] < real)
-        account(losses, x[:, -stride:], y[:, -stride:], mask.double())
+        account(losses, pos.clamp(max=n), mask.double())
     if world > 1:
         dist.all_reduce(sums)
     loss_sum, count, nbytes = sums.tolist()
@@ -1901,13 +1939,13 @@ def ttt_losses(model: GPT, tokens: Tensor, args: Hyperparameters, rank: int, wor
     return out, scored, stats
 
 
-def ttt_evaluate(model: GPT, tokens: Tensor, luts, args: Hyperparameters, rank: int, world: int,
+def ttt_evaluate(model: GPT, tokens: Tensor, token_bytes: Tensor, args: Hyperparameters, rank: int, world: int,
                  device: torch.device) -> tuple[float, float, int, int, dict]:
     """evaluate()'s (val_loss, val_bpb, tokens, bytes) of the score-first TTT losses, summed over all ranks, and
     this rank's counts and times (ttt_losses)."""
     tokens = tokens.to(device)
     out, scored, stats = ttt_losses(model, tokens, args, rank, world)
-    nbytes = target_bytes(tokens[:-1], tokens[1:], tuple(t.to(device) for t in luts))
+    nbytes = token_bytes[1:].to(device)
     sums = torch.stack([(out.double() * scored)[1:].sum(), scored[1:].double().sum(),
                         (nbytes * scored[1:]).double().sum()])
     if world > 1:
@@ -3175,7 +3213,7 @@ def main(opened: list[Logger] | None = None) -> None:
         args.run_id = run_id[0]
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    luts, val_tokens = load_inputs(args)
+    token_bytes, val_tokens, bytes_source = load_inputs(args)
     runtime = prepare_runtime(args, device)
     log = open_run_log(args, rank)
     if opened is not None:
@@ -3183,6 +3221,7 @@ def main(opened: list[Logger] | None = None) -> None:
     compile_on = args.compile and device.type == "cuda"
     log_header(log, args)
     log(f"world_size:{world} grad_accum_steps:{args.grad_accum_steps} {runtime}")
+    log(f"val_bytes_from:{bytes_source}")
     autocast = make_autocast(device)
     code_bytes = sum(f.stat().st_size for f in project_code_files())
 
@@ -3191,7 +3230,7 @@ def main(opened: list[Logger] | None = None) -> None:
         model.eval()
         with autocast():
             fwd = make_window_forward(model, stride, compile_on)
-            loss, bpb, n_tok, n_bytes = evaluate(model, fwd, val_tokens, luts, seq_len, stride, batch_seqs,
+            loss, bpb, n_tok, n_bytes = evaluate(model, fwd, val_tokens, token_bytes, seq_len, stride, batch_seqs,
                                                  rank, world, device)
         model.train()
         return loss, bpb, n_tok, n_bytes, 1000 * (time.perf_counter() - t0)
@@ -3205,7 +3244,7 @@ def main(opened: list[Logger] | None = None) -> None:
         t0 = time.perf_counter()
         model.eval()
         with autocast():
-            loss, bpb, _, _, stats = ttt_evaluate(model, val_tokens, luts, args, rank, world, device)
+            loss, bpb, _, _, stats = ttt_evaluate(model, val_tokens, token_bytes, args, rank, world, device)
         return loss, bpb, 1000 * (time.perf_counter() - t0), stats
     if artifact is not None:
         log(f"eval_only: {artifact.path} bytes:{artifact.nbytes} sha256:{artifact.sha256} "

@@ -27,8 +27,7 @@ def main() -> None:
     args = tg.resolve(tg.Hyperparameters.from_env(), world)
     runtime = tg.prepare_runtime(args, device)
     autocast = tg.make_autocast(device)
-    luts = tg.byte_luts(tg.load_tokenizer(args.tokenizer_path, args.vocab_size), args.vocab_size)
-    tokens = tg.load_validation_tokens(args.data_path, args.vocab_size)
+    token_bytes, tokens, _ = tg.load_inputs(args)
     model = tg.GPT(args).to(device).eval()
     fwd = tg.make_window_forward(model, args.eval_stride, args.compile)
     times = []
@@ -36,7 +35,7 @@ def main() -> None:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with autocast():
-            _, _, n_tok, _ = tg.evaluate(model, fwd, tokens, luts, args.eval_seq_len, args.eval_stride,
+            _, _, n_tok, _ = tg.evaluate(model, fwd, tokens, token_bytes, args.eval_seq_len, args.eval_stride,
                                          args.eval_batch_seqs, rank, world, device)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)

@@ -42,8 +42,7 @@ def main() -> None:
     runtime = tg.prepare_runtime(base, device)
     autocast = tg.make_autocast(device)
     compile_on = base.compile and device.type == "cuda"
-    luts = tg.byte_luts(tg.load_tokenizer(base.tokenizer_path, base.vocab_size), base.vocab_size)
-    val = tg.load_validation_tokens(base.data_path, base.vocab_size)
+    token_bytes, val, _ = tg.load_inputs(base)
     code_bytes = sum(f.stat().st_size for f in tg.project_code_files())
 
     model = tg.GPT(base).to(device)
@@ -56,10 +55,10 @@ def main() -> None:
     def score(weights: dict) -> tuple[float, float]:
         scored.load_state_dict(weights)
         with autocast():
-            plain = tg.evaluate(scored, windows[base.train_seq_len], val, luts, base.train_seq_len,
+            plain = tg.evaluate(scored, windows[base.train_seq_len], val, token_bytes, base.train_seq_len,
                                 base.train_seq_len, plain_batch, 0, 1, device)[1]
-            sliding = tg.evaluate(scored, windows[base.eval_stride], val, luts, base.eval_seq_len, base.eval_stride,
-                                  base.eval_batch_seqs, 0, 1, device)[1]
+            sliding = tg.evaluate(scored, windows[base.eval_stride], val, token_bytes, base.eval_seq_len,
+                                  base.eval_stride, base.eval_batch_seqs, 0, 1, device)[1]
         return plain, sliding
 
     pre = score(state)

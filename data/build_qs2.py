@@ -5,9 +5,14 @@ set (its train shard a link to the same train shard). BOS before every document,
 
     python data/build_qs2.py OUT_DIR                                                   # sp1024, as ../shared/tools
     python data/build_qs2.py OUT_DIR --tokenizer ../shared/data/tokenizers/fineweb_8192_bpe.model    # sp8192
+    python data/build_qs2.py OUT_DIR --vocab-size 8192             # a tokenizer trained here on the train split
+    python data/build_qs2.py OUT_DIR --vocab-size 8192 --caseops   # the same, on caseops text (data/caseops.py)
 
 With sp1024 the counts are those of ../shared/tools/build_qs2.py (train 8,673,806, val 572,876, fw 628,457 tokens).
-Train with DATA_PATH=OUT_DIR TOKENIZER_PATH=<the tokenizer> VOCAB_SIZE=<its size>; OUT_DIR/tokenizer.model is a copy.
+--vocab-size trains with data/build_shards.py's trainer (official settings) on the train split only, so a plain and
+a caseops tokenizer of the same size come from the same documents. --caseops also writes each val set's byte sidecar.
+Train with DATA_PATH=OUT_DIR (or OUT_DIR/fw) TOKENIZER_PATH=OUT_DIR/tokenizer.model VOCAB_SIZE=<its size>; each
+folder's manifest.json names the tokenizer (and, with --caseops, the sidecar).
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,41 +30,87 @@ import build_shards
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 VAL_DOCS = 400
+SIDECAR = build_shards.BYTES_PATTERN.format(split="val", index=0)
 
 
-def encode(sp, docs: list[str]) -> np.ndarray:
-    return np.array([t for ids in sp.encode(docs) for t in [build_shards.BOS_ID] + ids], dtype=np.uint16)
+def write_split(folder: Path, name: str, encoded: list, docs: list[str]) -> dict:
+    """One shard of BOS + ids per document (and, where the encoder counted bytes, a caseops val split, its byte
+    sidecar); the split's manifest entry."""
+    ids = [np.concatenate([[build_shards.BOS_ID], d]).astype(np.uint16) for d, _ in encoded]
+    tokens = build_shards.write_shard(folder / name, np.concatenate(ids))
+    entry = {"docs": len(docs), "tokens": tokens, "files": [{"name": name, "tokens": tokens}]}
+    if encoded[0][1] is not None:
+        counts = np.concatenate([np.concatenate([[0], c]) for _, c in encoded]).astype(np.uint16)
+        build_shards.write_shard(folder / SIDECAR, counts, build_shards.BYTES_MAGIC)
+        entry["caseops"] = build_shards.caseops_manifest(folder, [{"name": SIDECAR, "tokens": tokens}],
+                                                         int(counts.sum(dtype=np.int64)),
+                                                         sum(len(d.encode("utf-8")) for d in docs))
+    return entry
 
 
-def build(out: Path, tokenizer: Path, mix: list[str], fineweb: list[str], val_docs: int = VAL_DOCS) -> dict:
-    """Writes the shards; returns {shard path relative to out: tokens}."""
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+def build(out: Path, model_proto: bytes, mix: list[str], fineweb: list[str], val_docs: int = VAL_DOCS,
+          case_ops: bool = False, tokenizer_info: dict | None = None) -> dict:
+    """Writes the shards, tokenizer.model and a manifest.json in out and out/fw; returns {shard path relative to
+    out: tokens}."""
+    encoder = build_shards.DocumentEncoder(model_proto, case_ops)
     (out / "fw").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tokenizer, out / build_shards.TOKENIZER_FILE)
-    counts = {}
-    for name, docs in (("fineweb_train_000000.bin", mix[:-val_docs]), ("fineweb_val_000000.bin", mix[-val_docs:]),
-                       ("fw/fineweb_val_000000.bin", fineweb)):
-        counts[name] = build_shards.write_shard(out / name, encode(sp, docs))
-    link = out / "fw" / "fineweb_train_000000.bin"
-    if not link.exists():
-        os.symlink("../fineweb_train_000000.bin", link)
+    (out / build_shards.TOKENIZER_FILE).write_bytes(model_proto)
+    train = write_split(out, "fineweb_train_000000.bin", encoder(mix[:-val_docs], 0), mix[:-val_docs])
+    tokenizer = {"file": build_shards.TOKENIZER_FILE, "sha256": build_shards.sha256_file(out / "tokenizer.model"),
+                 "vocab_size": encoder.sp.get_piece_size(), **(tokenizer_info or {})}
+    counts = {"fineweb_train_000000.bin": train["tokens"]}
+    for folder, docs in ((out, mix[-val_docs:]), (out / "fw", fineweb)):
+        val = write_split(folder, "fineweb_val_000000.bin", encoder(docs, len(docs)), docs)
+        counts[str((folder / "fineweb_val_000000.bin").relative_to(out))] = val["tokens"]
+        manifest = {"tokenizer": tokenizer, "bos_id": build_shards.BOS_ID, "append_eos": False,
+                    "splits": {"val": val, "train": train}}
+        if "caseops" in val:
+            manifest["caseops"] = val.pop("caseops")
+        build_shards.write_manifest(folder, manifest)
+    for name in ("fineweb_train_000000.bin", build_shards.TOKENIZER_FILE):
+        link = out / "fw" / name
+        if not link.exists():
+            os.symlink(f"../{name}", link)
     return counts
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
-    p.add_argument("--tokenizer", type=Path, default=SHARED / "tokenizers" / "fineweb_1024_bpe.model")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", type=Path, default=SHARED / "tokenizers" / "fineweb_1024_bpe.model")
+    tok.add_argument("--vocab-size", type=int, help="train a tokenizer of this size on the train split instead")
+    p.add_argument("--caseops", action="store_true", help="lowercase text with case markers (data/caseops.py); "
+                                                          "writes each val set's byte sidecar")
     p.add_argument("--data", type=Path, default=SHARED, help="folder with english_mix/ and fineweb_docs/")
     a = p.parse_args()
     with build_shards.open_text(a.data / "english_mix" / "english_mix.jsonl.zst", ".zst", "\n") as f:
         mix = [json.loads(line)["text"] for line in f if line.strip()]
     with open(a.data / "fineweb_docs" / "fineweb_200docs.jsonl", encoding="utf-8") as f:
         fineweb = [json.loads(line)["text"] for line in f if line.strip()]
-    for name, n in build(a.out, a.tokenizer, mix, fineweb).items():
+    t0 = time.perf_counter()
+    try:
+        if a.vocab_size is None:
+            proto, info = a.tokenizer.read_bytes(), {"source": str(a.tokenizer)}
+        else:
+            proto, facts = build_shards.train_tokenizer(mix[:-VAL_DOCS], a.vocab_size,
+                                                        build_shards.DEFAULT_TOKENIZER_MAX_DOC_BYTES, a.caseops)
+            info = {"source": "trained on the QS-2 train split", "train_docs": facts["docs_used"],
+                    "settings": build_shards.tokenizer_settings(a.caseops)}
+            print(f"tokenizer: {a.vocab_size} pieces trained on {facts['docs_used']:,} documents in "
+                  f"{time.perf_counter() - t0:.1f} s")
+        counts = build(a.out, proto, mix, fineweb, VAL_DOCS, a.caseops, info)
+    except build_shards.BuildError as exc:
+        sys.exit(f"error: {exc}")
+    for name, n in counts.items():
         print(f"{a.out / name}: {n:,} tokens, {(a.out / name).stat().st_size:,} bytes")
+    for folder in (a.out, a.out / "fw"):
+        manifest = json.loads((folder / build_shards.MANIFEST_FILE).read_text())
+        if "caseops" in manifest:
+            print(f"{folder}: val bytes {manifest['caseops']['val_bytes']:,} (caseops sidecar; raw UTF-8 "
+                  f"{manifest['caseops']['val_raw_bytes']:,})")
+    print(f"built in {time.perf_counter() - t0:.1f} s; train with DATA_PATH={a.out} "
+          f"TOKENIZER_PATH={a.out / build_shards.TOKENIZER_FILE} VOCAB_SIZE={manifest['tokenizer']['vocab_size']}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ line with a "text" field), each optionally compressed as .gz or .zst. The tokeni
 OUTPUT_DIR/tokenizer.model. Every document becomes BOS (id 1) + its tokens (no EOS); the first --val-docs
 documents form fineweb_val_*.bin, the rest fineweb_train_*.bin, each split's stream cut into shards of exactly
 --shard-tokens tokens (the last one shorter). Whitespace-only documents are skipped and counted. The output is
-byte-identical whatever --workers is. See data/README.md.
+byte-identical whatever --workers is. With --caseops the tokenizer sees each document lowercased with case markers
+(data/caseops.py) and every validation shard gets a sidecar of per-token original byte counts. See data/README.md.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Callable, Iterable, Iterator, TextIO
 
 import numpy as np
 
+import caseops
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # The format, as train_gpt's reader checks it (a test asserts the two agree). Repeated here rather than imported
@@ -39,6 +42,10 @@ SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 SHARD_HEADER_INTS = 256
 SHARD_PATTERN = "fineweb_{split}_{index:06d}.bin"
+# --caseops: beside each validation shard, the original UTF-8 bytes of each of its tokens, in the shard format with
+# its own magic ("fineweb_valbytes_*", which the shards' glob "fineweb_val_*" does not match)
+BYTES_MAGIC = 20240521
+BYTES_PATTERN = "fineweb_{split}bytes_{index:06d}.bin"
 
 DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_TOKENIZER_TRAIN_DOCS = 200_000
@@ -68,6 +75,9 @@ SP_TRAIN_THREADS = 16
 # sentencepiece's own default max_sentence_length, which the official trainer kept: longer documents are left out
 # of tokenizer training (they are still encoded into the shards).
 DEFAULT_TOKENIZER_MAX_DOC_BYTES = 4192
+# --caseops: sentencepiece's sentence limit is this multiple of --tokenizer-max-doc-bytes (a marker of 3 bytes per
+# upper-case letter at most quadruples an ASCII text)
+CASEOPS_SENTENCE_ALLOWANCE = 4
 
 FORMATS = (".txt", ".jsonl")
 COMPRESSIONS = (".gz", ".zst")
@@ -82,7 +92,7 @@ class BuildError(ValueError):
 # Shard writer
 
 
-def write_shard(path: str | Path, tokens: Iterable[int] | np.ndarray) -> int:
+def write_shard(path: str | Path, tokens: Iterable[int] | np.ndarray, magic: int = SHARD_MAGIC) -> int:
     """Write one shard (256 little-endian int32 header [magic, version, n_tokens, 0...] + uint16 ids); returns n_tokens.
 
     Written to a temporary name and renamed, so an interrupted run never leaves a shard that looks complete.
@@ -99,7 +109,7 @@ def write_shard(path: str | Path, tokens: Iterable[int] | np.ndarray) -> int:
     if arr.size >= 2**31:
         raise BuildError(f"{path}: {arr.size} tokens do not fit the int32 count in the header; use smaller shards")
     header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, arr.size)
+    header[:3] = (magic, SHARD_VERSION, arr.size)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(header.tobytes())
@@ -109,17 +119,24 @@ def write_shard(path: str | Path, tokens: Iterable[int] | np.ndarray) -> int:
 
 
 class ShardWriter:
-    """Cuts one split's token stream into shards of exactly shard_tokens tokens (the last one may be shorter)."""
+    """Cuts one split's token stream into shards of exactly shard_tokens tokens (the last one may be shorter); with
+    max_shards, it is full after that many and takes no more tokens."""
 
-    def __init__(self, output_dir: Path, split: str, shard_tokens: int):
+    def __init__(self, output_dir: Path, split: str, shard_tokens: int, pattern: str = SHARD_PATTERN,
+                 magic: int = SHARD_MAGIC, max_shards: int | None = None):
         self.output_dir, self.split, self.shard_tokens = output_dir, split, shard_tokens
+        self.pattern, self.magic, self.max_shards = pattern, magic, max_shards
         self.buf: np.ndarray | None = None
         self.fill = 0
         self.files: list[dict] = []
 
+    @property
+    def full(self) -> bool:
+        return self.max_shards is not None and len(self.files) >= self.max_shards
+
     def write(self, tokens: np.ndarray) -> None:
         pos = 0
-        while pos < len(tokens):
+        while pos < len(tokens) and not self.full:
             if self.buf is None:
                 self.buf = np.empty(self.shard_tokens, dtype=np.uint16)
             take = min(self.shard_tokens - self.fill, len(tokens) - pos)
@@ -132,8 +149,8 @@ class ShardWriter:
     def _flush(self) -> None:
         if self.fill == 0:
             return
-        name = SHARD_PATTERN.format(split=self.split, index=len(self.files))
-        write_shard(self.output_dir / name, self.buf[:self.fill])
+        name = self.pattern.format(split=self.split, index=len(self.files))
+        write_shard(self.output_dir / name, self.buf[:self.fill], self.magic)
         self.files.append({"name": name, "tokens": self.fill})
         self.fill = 0
 
@@ -280,11 +297,21 @@ def load_tokenizer(model_proto: bytes, source: str):
     return sp
 
 
-def train_tokenizer(docs: Iterable[str], vocab_size: int, max_doc_bytes: int) -> tuple[bytes, dict]:
-    """Train a sentencepiece BPE model with the official settings; returns (model bytes, training facts)."""
+def tokenizer_settings(case_ops: bool) -> dict:
+    return {**SP_TRAIN_SETTINGS, **caseops.TOKENIZER_SETTINGS} if case_ops else SP_TRAIN_SETTINGS
+
+
+def train_tokenizer(docs: Iterable[str], vocab_size: int, max_doc_bytes: int,
+                    case_ops: bool = False) -> tuple[bytes, dict]:
+    """Train a sentencepiece BPE model with the official settings (with case_ops, on the documents' caseops text,
+    data/caseops.py); returns (model bytes, training facts)."""
     import sentencepiece as spm
 
     facts = {"docs_used": 0, "docs_skipped_too_long": 0}
+    normalizer = caseops.normalizer() if case_ops else None
+    # Documents are chosen by their own length, with or without case_ops. Their caseops text is longer (markers), so
+    # sentencepiece's limit allows for that; the rare one longer still (NFKC expansions) is left out and counted.
+    max_sentence_bytes = max_doc_bytes * (CASEOPS_SENTENCE_ALLOWANCE if case_ops else 1)
 
     def sentences() -> Iterator[str]:
         for doc in docs:
@@ -294,14 +321,19 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int, max_doc_bytes: int) ->
             if len(text.encode("utf-8")) > max_doc_bytes:
                 facts["docs_skipped_too_long"] += 1  # counted here so the manifest says what sentencepiece saw
                 continue
+            if normalizer is not None:
+                text = caseops.encode(normalizer.normalize(text))
+                if len(text.encode("utf-8")) > max_sentence_bytes:
+                    facts["docs_skipped_too_long"] += 1
+                    continue
             facts["docs_used"] += 1
             yield text
 
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size,
-                                       max_sentence_length=max_doc_bytes, num_threads=SP_TRAIN_THREADS,
-                                       minloglevel=2, **SP_TRAIN_SETTINGS)
+                                       max_sentence_length=max_sentence_bytes, num_threads=SP_TRAIN_THREADS,
+                                       minloglevel=2, **tokenizer_settings(case_ops))
     except RuntimeError as exc:
         if facts["docs_used"] == 0 and facts["docs_skipped_too_long"] == 0:
             raise BuildError("the train split is empty, so there is nothing to train the tokenizer on: lower "
@@ -314,42 +346,78 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int, max_doc_bytes: int) ->
     return model.getvalue(), facts
 
 
-def _encode_batch(sp, batch: list[str]) -> list[np.ndarray]:
-    # One thread per call: parallelism comes from --workers processes, not from sentencepiece's own threads.
-    return [np.asarray(ids, dtype=np.uint16) for ids in sp.encode(batch, out_type=int, num_threads=1)]
+class DocumentEncoder:
+    """Token ids of a batch of documents. With case_ops, of each document's caseops text (caseops.prepare), and for
+    the first `counted` documents of the batch (validation) also the original bytes of each token, checked: they sum
+    to the UTF-8 length of the normalised document and the tokens decode to its caseops text."""
+
+    def __init__(self, model_proto: bytes, case_ops: bool):
+        self.sp = load_tokenizer(model_proto, "tokenizer")
+        self.normalizer = None
+        if case_ops:
+            try:
+                self.surface, self.markers = caseops.check_tokenizer(self.sp)
+            except ValueError as exc:
+                raise BuildError(f"--caseops: {exc}") from None
+            self.normalizer = caseops.normalizer()
+
+    def __call__(self, batch: list[str], counted: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        # One thread per call: parallelism comes from --workers processes, not from sentencepiece's own threads.
+        if self.normalizer is None:
+            return [(np.asarray(ids, dtype=np.uint16), None)
+                    for ids in self.sp.encode(batch, out_type=int, num_threads=1)]
+        canonical = [self.normalizer.normalize(doc) for doc in batch]
+        texts = [caseops.encode(text) for text in canonical]
+        out = []
+        for i, ids in enumerate(self.sp.encode(texts, out_type=int, num_threads=1)):
+            counts = None
+            if i < counted:
+                counts = caseops.token_bytes(np.asarray(ids), self.surface, self.markers)
+                if int(counts.sum()) != len(canonical[i].encode("utf-8")) or self.sp.decode(ids) != texts[i]:
+                    raise BuildError(f"--caseops: the tokens of a validation document do not stand for its text "
+                                     f"(starts {canonical[i][:40]!r}); build with a tokenizer this script trained "
+                                     f"with --caseops")
+            out.append((np.asarray(ids, dtype=np.uint16), counts))
+        return out
 
 
-_WORKER_SP = None  # each encoding process loads the tokenizer once
+_WORKER_ENCODER = None  # each encoding process loads the tokenizer once
 
 
-def _worker_init(model_proto: bytes) -> None:
-    global _WORKER_SP
-    import sentencepiece as spm
-
-    _WORKER_SP = spm.SentencePieceProcessor(model_proto=model_proto)
+def _worker_init(model_proto: bytes, case_ops: bool) -> None:
+    global _WORKER_ENCODER
+    _WORKER_ENCODER = DocumentEncoder(model_proto, case_ops)
 
 
-def _worker_encode(batch: list[str]) -> list[np.ndarray]:
-    return _encode_batch(_WORKER_SP, batch)
+def _worker_encode(batch: list[str], counted: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    return _WORKER_ENCODER(batch, counted)
 
 
-def encode_documents(docs: Iterable[str], model_proto: bytes, workers: int) -> Iterator[np.ndarray]:
-    """Token ids of each document, in input order, encoded over `workers` processes.
+def encode_documents(docs: Iterable[str], model_proto: bytes, workers: int, case_ops: bool = False,
+                     counted: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """(token ids, original bytes per token or None) of each document, in input order, encoded over `workers`
+    processes; the byte counts (case_ops only) for the first `counted` documents.
 
     Order is kept by collecting batches in submission order, so the output does not depend on the worker count;
     at most 4 batches per worker are in flight, so memory stays bounded however large the input is.
     """
-    if workers <= 1:
-        sp = load_tokenizer(model_proto, "tokenizer")
+    def jobs() -> Iterator[tuple[list[str], int]]:
+        start = 0
         for batch in batch_documents(docs):
-            yield from _encode_batch(sp, batch)
+            yield batch, min(max(counted - start, 0), len(batch))
+            start += len(batch)
+
+    if workers <= 1:
+        encoder = DocumentEncoder(model_proto, case_ops)
+        for batch, n in jobs():
+            yield from encoder(batch, n)
         return
     # spawn, not fork: the parent may hold threads (torch, sentencepiece) that a forked child would inherit broken.
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(model_proto,)) as pool:
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(model_proto, case_ops)) as pool:
         pending: deque = deque()
-        for batch in batch_documents(docs):
-            pending.append(pool.apply_async(_worker_encode, (batch,)))
+        for batch, n in jobs():
+            pending.append(pool.apply_async(_worker_encode, (batch, n)))
             while len(pending) >= 4 * workers:
                 yield from pending.popleft().get()
         while pending:
@@ -372,6 +440,7 @@ def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
     """Refuse to mix a new build with an old one's shards; with overwrite, remove only files this script writes."""
     output_dir.mkdir(parents=True, exist_ok=True)
     ours = sorted(output_dir.glob("fineweb_train_*.bin")) + sorted(output_dir.glob("fineweb_val_*.bin"))
+    ours += sorted(output_dir.glob("fineweb_valbytes_*.bin"))
     ours += [p for p in (output_dir / MANIFEST_FILE, output_dir / TOKENIZER_FILE) if p.exists()]
     if ours and not overwrite:
         raise BuildError(f"{output_dir} already holds a build ({ours[0].name}, ... {len(ours)} files); choose an "
@@ -381,7 +450,7 @@ def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
 
 
 def _validate_args(val_docs: int, shard_tokens: int, workers: int, tokenizer, vocab_size,
-                   tokenizer_train_docs: int, tokenizer_max_doc_bytes: int) -> None:
+                   tokenizer_train_docs: int, tokenizer_max_doc_bytes: int, train_shards: int | None) -> None:
     if (tokenizer is None) == (vocab_size is None):
         raise BuildError("pass exactly one of --tokenizer PATH (use an existing sentencepiece model) or "
                          "--vocab-size V (train one here with the official settings)")
@@ -389,6 +458,8 @@ def _validate_args(val_docs: int, shard_tokens: int, workers: int, tokenizer, vo
         raise BuildError(f"--vocab-size {vocab_size}: must be in 1..{MAX_VOCAB} so token ids fit the shards' uint16")
     if val_docs < 0:
         raise BuildError(f"--val-docs must be >= 0, got {val_docs}")
+    if train_shards is not None and train_shards < 0:
+        raise BuildError(f"--train-shards must be >= 0, got {train_shards}")
     if shard_tokens < 1 or shard_tokens >= 2**31:
         raise BuildError(f"--shard-tokens must be in 1..{2**31 - 1}, got {shard_tokens}")
     if workers < 1:
@@ -397,17 +468,18 @@ def _validate_args(val_docs: int, shard_tokens: int, workers: int, tokenizer, vo
         raise BuildError("--tokenizer-train-docs and --tokenizer-max-doc-bytes must be >= 1")
 
 
-def _validate_written(output_dir: Path, splits: dict) -> None:
-    """Read every shard back with the training script's own strict reader, so writer and reader cannot drift."""
+def _validate_written(output_dir: Path, splits: dict, sidecars: list[dict]) -> None:
+    """Read every shard (and byte sidecar) back with the training script's own strict reader, so writer and reader
+    cannot drift."""
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
     from train_gpt import read_shard_header
 
-    for split in splits.values():
-        for entry in split["files"]:
-            n = read_shard_header(output_dir / entry["name"])
-            if n != entry["tokens"]:
-                raise BuildError(f"{output_dir / entry['name']}: reads back {n} tokens, wrote {entry['tokens']}")
+    written = [(entry, SHARD_MAGIC) for split in splits.values() for entry in split["files"]]
+    for entry, magic in written + [(entry, BYTES_MAGIC) for entry in sidecars]:
+        n = read_shard_header(output_dir / entry["name"], magic)
+        if n != entry["tokens"]:
+            raise BuildError(f"{output_dir / entry['name']}: reads back {n} tokens, wrote {entry['tokens']}")
 
 
 def build_shards(inputs: Iterable[str | Path], output_dir: str | Path, *, val_docs: int,
@@ -415,14 +487,18 @@ def build_shards(inputs: Iterable[str | Path], output_dir: str | Path, *, val_do
                  shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int = 1, txt_mode: str = "line",
                  tokenizer_train_docs: int = DEFAULT_TOKENIZER_TRAIN_DOCS,
                  tokenizer_max_doc_bytes: int = DEFAULT_TOKENIZER_MAX_DOC_BYTES, overwrite: bool = False,
-                 log: Callable[[str], None] = print) -> dict:
-    """Build shards + tokenizer.model + manifest.json in output_dir; returns the manifest."""
+                 case_ops: bool = False, train_shards: int | None = None, log: Callable[[str], None] = print) -> dict:
+    """Build shards + tokenizer.model + manifest.json in output_dir (with case_ops, also the validation shards' byte
+    sidecars; with train_shards, stop once that many train shards are full); returns the manifest."""
     _validate_args(val_docs, shard_tokens, workers, tokenizer, vocab_size, tokenizer_train_docs,
-                   tokenizer_max_doc_bytes)
+                   tokenizer_max_doc_bytes, train_shards)
     if txt_mode not in TXT_MODES:
         raise BuildError(f"--txt-mode must be one of {TXT_MODES}, got {txt_mode!r}")
     paths = check_inputs(inputs)
     output_dir = Path(output_dir)
+    if case_ops and caseops.table_sha256(caseops.PAIRS) != caseops.CASE_TABLE_SHA256:
+        raise BuildError("--caseops: this Python's Unicode database gives another case table than data/caseops.py "
+                         "was made for (CASE_TABLE_SHA256); the text could not be decoded the same elsewhere")
     if tokenizer is not None:
         if not Path(tokenizer).is_file():
             raise BuildError(f"tokenizer not found: {tokenizer}")
@@ -435,47 +511,65 @@ def build_shards(inputs: Iterable[str | Path], output_dir: str | Path, *, val_do
     if tokenizer is None:
         # Trained on the train split only (documents after the first val_docs), so validation text stays unseen.
         log(f"training a {vocab_size}-piece sentencepiece BPE tokenizer on up to {tokenizer_train_docs:,} train "
-            f"documents ...")
+            f"documents{' (caseops text)' if case_ops else ''} ...")
         train_docs = islice(kept_documents(paths, txt_mode, {}), val_docs, val_docs + tokenizer_train_docs)
-        model_proto, facts = train_tokenizer(train_docs, vocab_size, tokenizer_max_doc_bytes)
+        model_proto, facts = train_tokenizer(train_docs, vocab_size, tokenizer_max_doc_bytes, case_ops)
         tokenizer_info = {"source": "trained", "requested_vocab_size": vocab_size, "train_docs": facts["docs_used"],
                           "train_docs_skipped_too_long": facts["docs_skipped_too_long"],
-                          "max_doc_bytes": tokenizer_max_doc_bytes, "settings": SP_TRAIN_SETTINGS}
+                          "max_doc_bytes": tokenizer_max_doc_bytes, "settings": tokenizer_settings(case_ops)}
     sp = load_tokenizer(model_proto, str(tokenizer or "trained tokenizer"))
     (output_dir / TOKENIZER_FILE).write_bytes(model_proto)
     actual_vocab = sp.get_piece_size()
     if vocab_size is not None and actual_vocab != vocab_size:
         log(f"note: the corpus only supports {actual_vocab} pieces, not {vocab_size}; the tokenizer has {actual_vocab}")
 
-    counts: dict = {}
+    counts: dict = {"val_raw_bytes": 0, "val_bytes": 0}
     splits = {name: {"docs": 0, "tokens": 0, "files": []} for name in ("val", "train")}
-    writers = {name: ShardWriter(output_dir, name, shard_tokens) for name in splits}
+    writers = {name: ShardWriter(output_dir, name, shard_tokens, max_shards=train_shards if name == "train" else None)
+               for name in splits}
+    sidecar = ShardWriter(output_dir, "val", shard_tokens, BYTES_PATTERN, BYTES_MAGIC)  # cut where the val shards are
     bos = np.array([BOS_ID], dtype=np.uint16)
+
+    def documents() -> Iterator[str]:
+        for index, doc in enumerate(kept_documents(paths, txt_mode, counts)):
+            if index < val_docs:
+                counts["val_raw_bytes"] += len(doc.encode("utf-8"))
+            yield doc
+
     started = last_report = time.time()
-    for index, ids in enumerate(encode_documents(kept_documents(paths, txt_mode, counts), model_proto, workers)):
+    encoded = encode_documents(documents(), model_proto, workers, case_ops, counted=val_docs)
+    for index, (ids, nbytes) in enumerate(encoded):
         split = "val" if index < val_docs else "train"
         if index == val_docs:
             writers["val"].close()  # the splits never share a shard; closing frees the val buffer early
         writers[split].write(bos)
         writers[split].write(ids)
+        if nbytes is not None:
+            sidecar.write(np.zeros(1, dtype=np.uint16))  # BOS stands for no text
+            sidecar.write(nbytes)
+            counts["val_bytes"] += int(nbytes.sum())
         splits[split]["docs"] += 1
         splits[split]["tokens"] += 1 + len(ids)
+        if writers["train"].full:
+            break
         if time.time() - last_report > 10:
             last_report = time.time()
             tokens = splits["val"]["tokens"] + splits["train"]["tokens"]
             log(f"  {index + 1:,} docs, {tokens:,} tokens ({tokens / (last_report - started):,.0f} tokens/s)")
     for name in splits:
         splits[name]["files"] = writers[name].close()  # closing twice is harmless: nothing left to flush
+        splits[name]["tokens"] = sum(f["tokens"] for f in splits[name]["files"])  # the last document may be cut
+    sidecars = sidecar.close()
 
     n_docs = splits["val"]["docs"] + splits["train"]["docs"]
     if n_docs == 0:
         raise BuildError(f"no non-empty document in the inputs ({counts['skipped_empty']} empty ones skipped)")
     if splits["train"]["docs"] == 0:
-        for entry in splits["val"]["files"]:
+        for entry in splits["val"]["files"] + sidecars:
             (output_dir / entry["name"]).unlink()
         raise BuildError(f"--val-docs {val_docs} takes all {n_docs} non-empty documents, leaving none for training; "
                          f"lower --val-docs")
-    _validate_written(output_dir, splits)
+    _validate_written(output_dir, splits, sidecars)
 
     manifest = {
         "format": {"header_int32": SHARD_HEADER_INTS, "magic": SHARD_MAGIC, "version": SHARD_VERSION,
@@ -487,22 +581,44 @@ def build_shards(inputs: Iterable[str | Path], output_dir: str | Path, *, val_do
         "bos_id": BOS_ID,
         "append_eos": False,
         "shard_tokens": shard_tokens,
+        "max_train_shards": train_shards,
         "docs_total": n_docs,
         "tokens_total": splits["val"]["tokens"] + splits["train"]["tokens"],
         "docs_skipped_empty": counts["skipped_empty"],
         "splits": splits,
     }
-    tmp = output_dir / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, output_dir / MANIFEST_FILE)  # written last: a manifest means the build finished
+    if case_ops:
+        manifest["caseops"] = caseops_manifest(output_dir, sidecars, counts["val_bytes"], counts["val_raw_bytes"])
+    write_manifest(output_dir, manifest)  # written last: a manifest means the build finished
     log(f"wrote {n_docs:,} documents ({splits['val']['docs']:,} val, {splits['train']['docs']:,} train), "
         f"{manifest['tokens_total']:,} tokens in {len(splits['val']['files'])} val + {len(splits['train']['files'])} "
         f"train shards to {output_dir} in {time.time() - started:.1f} s; {counts['skipped_empty']} empty documents "
         f"skipped")
     if val_docs == 0:
         log("note: --val-docs 0, so no validation shard was written")
+    if case_ops:
+        log(f"caseops: the validation tokens stand for {manifest['caseops']['val_bytes']:,} bytes of normalised text "
+            f"({counts['val_raw_bytes']:,} raw), written to {len(sidecars)} byte sidecar(s)")
     log(f"train with: DATA_PATH={output_dir} TOKENIZER_PATH={output_dir / TOKENIZER_FILE} VOCAB_SIZE={actual_vocab}")
     return manifest
+
+
+def write_manifest(output_dir: Path, manifest: dict) -> None:
+    tmp = output_dir / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, output_dir / MANIFEST_FILE)
+
+
+def caseops_manifest(output_dir: Path, sidecars: list[dict], val_bytes: int, val_raw_bytes: int) -> dict:
+    """The manifest's "caseops" entry: how the text was transformed, and the byte sidecars train_gpt.py scores with
+    (val_bytes: their sum, the UTF-8 length of the normalised validation documents)."""
+    files = [{**entry, "sha256": sha256_file(output_dir / entry["name"])} for entry in sidecars]
+    return {"version": caseops.CASEOPS_VERSION, "case_table_sha256": caseops.CASE_TABLE_SHA256,
+            "markers": {name: f"U+{ord(m):04X}" for name, m in zip(("title", "allcaps", "cap", "escape"),
+                                                                    caseops.MARKERS)},
+            "normalization": "nmt_nfkc with extra whitespace removed, before the case transform; the tokenizer "
+                             "keeps its input as it is",
+            "val_bytes": val_bytes, "val_raw_bytes": val_raw_bytes, "sidecars": files}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -529,6 +645,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-max-doc-bytes", type=int, default=DEFAULT_TOKENIZER_MAX_DOC_BYTES,
                    help="with --vocab-size: longer documents are left out of tokenizer training (sentencepiece's "
                         "max_sentence_length; the official trainer kept the default, %(default)s)")
+    p.add_argument("--train-shards", type=int, metavar="N",
+                   help="stop once N train shards are full (default: encode every document)")
+    p.add_argument("--caseops", action="store_true",
+                   help="lowercase the text with case markers (data/caseops.py) before tokenizing, and write the "
+                        "validation tokens' original byte counts beside the shards (see data/README.md)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier build in --output-dir")
     return p
 
@@ -539,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
         build_shards(args.input, args.output_dir, val_docs=args.val_docs, tokenizer=args.tokenizer,
                      vocab_size=args.vocab_size, shard_tokens=args.shard_tokens, workers=args.workers,
                      txt_mode=args.txt_mode, tokenizer_train_docs=args.tokenizer_train_docs,
-                     tokenizer_max_doc_bytes=args.tokenizer_max_doc_bytes, overwrite=args.overwrite)
+                     tokenizer_max_doc_bytes=args.tokenizer_max_doc_bytes, overwrite=args.overwrite,
+                     case_ops=args.caseops, train_shards=args.train_shards)
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -9,7 +9,14 @@ lives under its folder datasets/, env MATCHED_FINEWEB_REMOTE_ROOT_PREFIX overrid
   data/tokenizers/<the variant's tokenizer files>          e.g. fineweb_1024_bpe.model
   data/datasets/fineweb10B_<variant>/fineweb_val_*.bin     always all of them
   data/datasets/fineweb10B_<variant>/fineweb_train_*.bin   the first --train-shards (default 80)
-Files already present and valid are kept; every shard's header is checked after download. See data/README.md.
+Files already present and valid are kept; every shard's header is checked after download.
+
+    python data/cached_challenge_fineweb.py --caseops --vocab-size 8192 --train-shards 10
+
+instead fetches the documents the export was tokenized from (data/docs_selected.jsonl, ~48 GB, and its
+docs_selected.source_manifest.json, which says how many of the first ones are the validation set) and builds caseops
+shards from them with data/build_shards.py --caseops into data/datasets/fineweb10B_sp<V>_caseops/. See
+data/README.md.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_gpt import DataError, read_shard_header  # noqa: E402  (the training script's own strict reader)
 
+import build_shards  # noqa: E402  (run as a file, its folder is on sys.path)
+
 DATA_DIR = Path(__file__).resolve().parent
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 DEFAULT_REMOTE_ROOT = "datasets"
@@ -35,6 +44,9 @@ MANIFEST = "manifest.json"
 # Downloads land here first and move into place only once checked, so a destination file is always complete.
 # Inside data/datasets/ (ignored by git, same filesystem as the destinations, so the move is a rename).
 STAGING = Path("datasets") / ".download"
+DOCS = "docs_selected.jsonl"  # the export's documents, in order: the first docs_val are the validation set
+DOCS_FACTS = "docs_selected.source_manifest.json"
+DEFAULT_CASEOPS_VOCAB = 8192
 VARIANT_RE = re.compile(r"^(sp|byte)\d+$")
 OFFLINE_HINT = ("Without network access, build shards from your own documents instead: python data/build_shards.py "
                 "--input docs.jsonl --output-dir data/datasets/mydocs --vocab-size 1024 --val-docs 1000 "
@@ -56,9 +68,10 @@ class Wanted:
 
     remote: str  # path inside the Hugging Face repo, e.g. datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin
     local: Path
-    kind: str  # "shard" or "tokenizer"
+    kind: str  # "shard", "tokenizer" or "docs"
     expected_tokens: int | None = None  # shards: exact count when the manifest's stats pin it down
     vocab_size: int | None = None  # tokenizer models: piece count the manifest promises
+    expected_bytes: int | None = None  # the documents: size the docs manifest promises
 
 
 # -----------------------------------------------------------------------------
@@ -256,6 +269,8 @@ def problem(w: Wanted, path: Path | None = None) -> str | None:
         return None
     if path.stat().st_size == 0:
         return f"{path}: empty file"
+    if w.expected_bytes is not None and path.stat().st_size != w.expected_bytes:
+        return f"{path}: {path.stat().st_size} bytes, but {DOCS_FACTS} says {w.expected_bytes} (incomplete?)"
     if w.vocab_size is not None and path.suffix == ".model":
         import sentencepiece as spm
 
@@ -285,27 +300,19 @@ def fetch(w: Wanted, download: Download, repo_id: str, data_dir: Path) -> None:
     shutil.move(staged, w.local)
 
 
-def download_variant(variant: str = "sp1024", train_shards: int = DEFAULT_TRAIN_SHARDS, *,
-                     data_dir: Path | None = None, repo_id: str | None = None, remote_root: str | None = None,
-                     download: Download | None = None, refresh_manifest: bool = False,
-                     log: Callable[[str], None] = print) -> dict:
-    """Make data_dir hold a valid copy of the variant's tokenizer, val shards and first train_shards train shards.
-
-    data_dir defaults to this script's folder (data/) and download to hub_download, both looked up at call time;
-    returns counts of what was done and the paths.
-    """
-    download = download or hub_download
+def resolve_hub(download: Download | None, repo_id: str | None, remote_root: str | None,
+                data_dir: Path | None) -> tuple[Download, str, str, Path]:
+    """The download function, repo, export root and local data folder: arguments, else environment, else defaults."""
     repo_id = repo_id or os.environ.get("MATCHED_FINEWEB_REPO_ID") or DEFAULT_REPO_ID
     if remote_root is None:
         remote_root = os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", DEFAULT_REMOTE_ROOT)
-    remote_root = remote_root.strip("/")
-    if train_shards < 0:
-        raise DownloadError(f"--train-shards must be >= 0, got {train_shards}")
-    dataset_name(variant)  # reject a malformed variant before touching the network
-    data_dir = Path(data_dir) if data_dir is not None else DATA_DIR
+    return (download or hub_download, repo_id, remote_root.strip("/"),
+            Path(data_dir) if data_dir is not None else DATA_DIR)
 
-    manifest = get_manifest(download, repo_id, remote_root, data_dir, variant, refresh_manifest, log)
-    wanted = plan(manifest, variant, train_shards, remote_root, data_dir)
+
+def ensure_files(wanted: list[Wanted], download: Download, repo_id: str, data_dir: Path,
+                 log: Callable[[str], None]) -> dict:
+    """Keep each wanted file that is present and valid, fetch the others; returns what was done."""
     done = {"downloaded": 0, "replaced": 0, "kept": 0}
     width = len(str(len(wanted)))
     for i, w in enumerate(wanted, 1):
@@ -323,6 +330,26 @@ def download_variant(variant: str = "sp1024", train_shards: int = DEFAULT_TRAIN_
             done["downloaded"] += 1
             log(f"[{i:>{width}}/{len(wanted)}] {where}: downloading")
         fetch(w, download, repo_id, data_dir)
+    return done
+
+
+def download_variant(variant: str = "sp1024", train_shards: int = DEFAULT_TRAIN_SHARDS, *,
+                     data_dir: Path | None = None, repo_id: str | None = None, remote_root: str | None = None,
+                     download: Download | None = None, refresh_manifest: bool = False,
+                     log: Callable[[str], None] = print) -> dict:
+    """Make data_dir hold a valid copy of the variant's tokenizer, val shards and first train_shards train shards.
+
+    data_dir defaults to this script's folder (data/) and download to hub_download, both looked up at call time;
+    returns counts of what was done and the paths.
+    """
+    download, repo_id, remote_root, data_dir = resolve_hub(download, repo_id, remote_root, data_dir)
+    if train_shards < 0:
+        raise DownloadError(f"--train-shards must be >= 0, got {train_shards}")
+    dataset_name(variant)  # reject a malformed variant before touching the network
+
+    manifest = get_manifest(download, repo_id, remote_root, data_dir, variant, refresh_manifest, log)
+    wanted = plan(manifest, variant, train_shards, remote_root, data_dir)
+    done = ensure_files(wanted, download, repo_id, data_dir, log)
 
     dataset, tokenizer = select_variant(manifest, variant)
     model = next((w.local for w in wanted if w.kind == "tokenizer" and w.local.suffix == ".model"), None)
@@ -335,6 +362,32 @@ def download_variant(variant: str = "sp1024", train_shards: int = DEFAULT_TRAIN_
     return {**done, "dataset_dir": shard_dir, "files": [w.local for w in wanted]}
 
 
+def build_caseops(vocab_size: int = DEFAULT_CASEOPS_VOCAB, train_shards: int = DEFAULT_TRAIN_SHARDS, *,
+                  data_dir: Path | None = None, repo_id: str | None = None, remote_root: str | None = None,
+                  download: Download | None = None, workers: int = 1, overwrite: bool = False,
+                  log: Callable[[str], None] = print) -> dict:
+    """Fetch the export's documents (data/docs_selected.jsonl and its facts) and build caseops shards from them
+    with data/build_shards.py: its first docs_val documents are the validation set, as in the export, and a
+    vocab_size tokenizer is trained on the documents after them. Returns build_shards's manifest."""
+    download, repo_id, remote_root, data_dir = resolve_hub(download, repo_id, remote_root, data_dir)
+    if train_shards < 0:
+        raise DownloadError(f"--train-shards must be >= 0, got {train_shards}")
+    root = PurePosixPath(remote_root) if remote_root else PurePosixPath()
+    facts_file = Wanted(str(root / DOCS_FACTS), data_dir / DOCS_FACTS, "docs")
+    ensure_files([facts_file], download, repo_id, data_dir, log)
+    facts = json.loads(facts_file.local.read_text(encoding="utf-8"))
+    val_docs = facts.get("docs_val", facts.get("num_val_docs")) if isinstance(facts, dict) else None
+    if not isinstance(val_docs, int) or val_docs < 1:
+        raise DownloadError(f"{facts_file.local} names no validation document count (docs_val); "
+                            f"check MATCHED_FINEWEB_REPO_ID / MATCHED_FINEWEB_REMOTE_ROOT_PREFIX")
+    size = facts.get("docs_bytes")
+    docs = Wanted(str(root / DOCS), data_dir / DOCS, "docs", expected_bytes=size if isinstance(size, int) else None)
+    ensure_files([docs], download, repo_id, data_dir, log)
+    out = data_dir / "datasets" / f"fineweb10B_sp{vocab_size}_caseops"
+    return build_shards.build_shards([docs.local], out, val_docs=val_docs, vocab_size=vocab_size, workers=workers,
+                                     train_shards=train_shards, case_ops=True, overwrite=overwrite, log=log)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Download the challenge's cached FineWeb shards and tokenizer from "
                                             "Hugging Face (see data/README.md).")
@@ -345,14 +398,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "whole (default %(default)s)")
     p.add_argument("--refresh-manifest", action="store_true",
                    help="download manifest.json again even if data/manifest.json already lists the variant")
+    caseops = p.add_argument_group("caseops shards, built here from the export's documents (data/caseops.py)")
+    caseops.add_argument("--caseops", action="store_true",
+                         help="fetch data/docs_selected.jsonl and build caseops shards from it instead of "
+                              "downloading a variant's shards")
+    caseops.add_argument("--vocab-size", type=int, default=DEFAULT_CASEOPS_VOCAB,
+                         help="with --caseops: pieces of the tokenizer trained on the train documents "
+                              "(default %(default)s)")
+    caseops.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                         help="with --caseops: encoding processes (default %(default)s)")
+    caseops.add_argument("--overwrite", action="store_true", help="with --caseops: replace an earlier build")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        download_variant(args.variant, args.train_shards, refresh_manifest=args.refresh_manifest)
-    except DataError as exc:
+        if args.caseops:
+            build_caseops(args.vocab_size, args.train_shards, workers=args.workers, overwrite=args.overwrite)
+        else:
+            download_variant(args.variant, args.train_shards, refresh_manifest=args.refresh_manifest)
+    except (DataError, build_shards.BuildError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

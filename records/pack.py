@@ -76,6 +76,7 @@ SERIALIZED_RE = re.compile(r"^Serialized model (?P<format>\S+): (?P<bytes>\d+) b
 CODE_SIZE_RE = re.compile(r"^Code size: (?P<bytes>\d+) bytes$")
 TOTAL_SIZE_RE = re.compile(r"^Total submission size (?P<format>\S+): (?P<bytes>\d+) bytes$")
 VAL_TOKENS_RE = re.compile(r"^val_tokens:(?P<tokens>\d+) val_bytes:(?P<bytes>\d+)$")
+VAL_BYTES_FROM_RE = re.compile(r"^val_bytes_from:(?P<source>.+)$")
 ROUNDTRIP_RE = re.compile(
     rf"^final_(?P<format>\w+)_roundtrip_exact val_loss:(?P<loss>{NUM}) val_bpb:(?P<bpb>{NUM}){TAIL}$")
 SLIDING_RE = re.compile(
@@ -122,6 +123,7 @@ class RunLog:
     eval_time_ms: float | None                  # of the final evaluations together: roundtrip, sliding, TTT
     val_tokens: int
     val_bytes: int
+    val_bytes_from: str                         # tokenizer_pieces, or caseops_sidecar version:N (lowercased text)
     model_bytes: int
     code_size_bytes: int
     total_bytes: int
@@ -224,6 +226,7 @@ def parse_log(path: str | Path) -> RunLog:
     sliding, ttt = last_match(SLIDING_RE, lines), last_match(TTT_RE, lines)
     eval_times = [EVAL_TIME_RE.search(m.group(0)) for m in (roundtrip, sliding, ttt) if m]
     val_set = need(VAL_TOKENS_RE, "val_tokens:N val_bytes:M")
+    bytes_from = last_match(VAL_BYTES_FROM_RE, lines)
     over = last_match(OVER_LIMIT_RE, lines)
     scores = {"`averaging:` val_loss": averaging["loss"], "pre-quant val_bpb": averaging["bpb"],
               "roundtrip val_loss": roundtrip["loss"], "roundtrip val_bpb": roundtrip["bpb"],
@@ -264,6 +267,7 @@ def parse_log(path: str | Path) -> RunLog:
         eval_time_ms=sum(float(t["ms"]) for t in eval_times if t) if any(eval_times) else None,
         val_tokens=int(val_set["tokens"]),
         val_bytes=int(val_set["bytes"]),
+        val_bytes_from=bytes_from["source"] if bytes_from else "tokenizer_pieces",  # logs older than the line
         model_bytes=int(need(SERIALIZED_RE, "Serialized model <format>: N bytes")["bytes"]),
         code_size_bytes=int(need(CODE_SIZE_RE, "Code size: N bytes")["bytes"]),
         total_bytes=int(need(TOTAL_SIZE_RE, "Total submission size <format>: N bytes")["bytes"]),
@@ -374,6 +378,9 @@ def consistency_warnings(runs: list[RunLog], track: str) -> list[str]:
             if "8xNVIDIA H100" not in run.versions:
                 warnings.append(f"{name}: ran on '{run.versions.split('device:')[-1]}', not 8xH100 as the "
                                 f"10min_16mb track requires")
+    if len({r.val_bytes_from for r in runs}) > 1:
+        warnings.append("the seeds counted their validation bytes differently ("
+                        + ", ".join(f"{r.path.name}: {r.val_bytes_from}" for r in runs) + ")")
     varying = config_varying_keys(runs)
     if varying:
         warnings.append(f"the seeds' configs differ in {', '.join(varying)} (besides {'/'.join(PER_SEED_KEYS)})")
@@ -586,7 +593,11 @@ def render_readme(runs: list[RunLog], *, name: str, author: str, github_id: str,
            + f" over {len(runs)} seed{'s' if len(runs) > 1 else ''} ({scored_by}); "
              f"artifact at most {max(r.total_bytes for r in runs):,} bytes "
              f"(cap {ARTIFACT_LIMIT_BYTES:,}).\n",
-           f"Ran on: `{first.versions}`\n" if first.versions else ""]
+           f"Ran on: `{first.versions}`\n" if first.versions else "",
+           (f"Trained and scored on caseops shards (`data/build_shards.py --caseops`, {first.val_bytes_from}): the "
+            f"tokens are lowercase text with case markers, and val_bpb divides by the bytes of the original "
+            f"validation text they stand for, read from the byte sidecar beside the validation shards.\n")
+           if first.val_bytes_from.startswith("caseops") else ""]
 
     out.append("## Configuration\n")
     if defaults is None:
@@ -690,6 +701,7 @@ def submission_record(runs: list[RunLog], *, name: str, author: str, github_id: 
         "logs": [r.path.name for r in runs],
         "artifact_sha256_per_seed": [r.artifact_sha256 for r in runs],
         "hardware": runs[0].versions.split("device:")[-1] if "device:" in runs[0].versions else None,
+        "val_bytes_from": runs[0].val_bytes_from,
     }
     if record is not None:
         sub["record_test"] = {

@@ -164,7 +164,7 @@ def naive_plain_eval(model: tg.GPT, tokens: list[int], luts, seq_len: int):
 def run_evaluate(model, tokens: torch.Tensor, luts, seq_len: int, stride: int, batch_seqs: int, rank: int = 0,
                  world: int = 1):
     fwd = tg.make_window_forward(model, stride, False)
-    return tg.evaluate(model, fwd, tokens, luts, seq_len, stride, batch_seqs, rank, world, CPU)
+    return tg.evaluate(model, fwd, tokens, tg.stream_bytes(tokens, luts), seq_len, stride, batch_seqs, rank, world, CPU)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -773,7 +773,8 @@ def test_evaluate_byte_count_on_real_text(real_text, seq_len, stride):
     tokens = torch.tensor(encode_stream(rt.sp, rt.docs))
     model = _ConstantModel()
     fwd = lambda x, y: torch.zeros(x.size(0), stride)  # noqa: E731
-    _, _, count, nbytes = tg.evaluate(model, fwd, tokens, rt.luts, seq_len, stride, 256, 0, 1, CPU)
+    _, _, count, nbytes = tg.evaluate(model, fwd, tokens, tg.stream_bytes(tokens, rt.luts), seq_len, stride, 256, 0,
+                                      1, CPU)
     assert count == tokens.numel() - 1
     assert nbytes == sum(rt.per_doc_bytes)
 

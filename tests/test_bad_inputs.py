@@ -500,10 +500,10 @@ def test_validation_of_only_bos_tokens_is_refused_at_start(tmp_path, main_in, en
     luts = tg.byte_luts(spm.SentencePieceProcessor(model_file=str(SP1024)), 1024)
     with pytest.raises(tg.DataError, match=r"the validation shards under DATA_PATH=d hold no text: their 5000 tokens "
                                            r"decode to 0 bytes"):
-        tg.check_scorable(torch.ones(5000, dtype=torch.int64), luts, "d")
-    late_text = torch.ones(3 << 20, dtype=torch.int64)
+        tg.check_scorable(tg.stream_bytes(torch.ones(5000, dtype=torch.int64), luts), "d")
+    late_text = torch.ones(9 << 20, dtype=torch.int64)
     late_text[-1] = 300  # one piece with bytes, three chunks in
-    tg.check_scorable(late_text, luts, "d")
+    tg.check_scorable(tg.stream_bytes(late_text, luts), "d")
     data = tmp_path / "data"
     data.mkdir()
     write_shard(data / "fineweb_val_000000.bin", [1] * 500)

@@ -210,6 +210,22 @@ def test_builder_reproduces_sp_encode_across_shards(tmp_path):
     assert json.loads((out / "manifest.json").read_text()) == manifest
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_train_shards_limit_keeps_a_prefix_of_the_train_stream(tmp_path, small_tokenizer, workers):
+    """--train-shards N: exactly N full train shards, the first N * shard_tokens tokens of the whole build's train
+    stream; validation complete."""
+    sp = spm.SentencePieceProcessor(model_file=str(small_tokenizer))
+    docs = synthetic_docs(120, seed=6)
+    src = write_jsonl(tmp_path / "docs.jsonl", docs)
+    manifest = bs.build_shards([src], tmp_path / "o", val_docs=10, tokenizer=small_tokenizer, shard_tokens=300,
+                               train_shards=3, workers=workers, log=quiet)
+    assert [f["tokens"] for f in manifest["splits"]["train"]["files"]] == [300, 300, 300]
+    assert manifest["splits"]["train"]["tokens"] == 900 and manifest["max_train_shards"] == 3
+    assert np.array_equal(read_split(tmp_path / "o", "train"), reference_stream(sp, docs[10:])[:900])
+    assert np.array_equal(read_split(tmp_path / "o", "val"), reference_stream(sp, docs[:10]))
+    assert manifest["splits"]["train"]["docs"] < 110
+
+
 def test_builder_fineweb_token_count_matches_provenance(tmp_path):
     """PROVENANCE.md: the 200 docs are 628,457 sp1024 tokens including one BOS per document."""
     manifest = bs.build_shards([need(FINEWEB_DOCS)], tmp_path / "o", val_docs=50, tokenizer=need(SP1024), log=quiet)
@@ -222,13 +238,51 @@ def test_qs2_builder_splits_the_last_val_docs_off_in_any_tokenizer(tmp_path):
     sp8192 = need(SHARED / "tokenizers" / "fineweb_8192_bpe.model")
     sp = spm.SentencePieceProcessor(model_file=str(sp8192))
     mix, fineweb = synthetic_docs(30, seed=4), synthetic_docs(5, seed=5)
-    counts = build_qs2.build(tmp_path, sp8192, mix, fineweb, val_docs=12)
+    counts = build_qs2.build(tmp_path, sp8192.read_bytes(), mix, fineweb, val_docs=12)
     for name, docs in (("fineweb_train_000000.bin", mix[:18]), ("fineweb_val_000000.bin", mix[18:]),
                        ("fw/fineweb_val_000000.bin", fineweb)):
         want = reference_stream(sp, docs)
         assert np.array_equal(load_shard(tmp_path / name, 8192), want) and counts[name] == len(want), name
     assert (tmp_path / "fw" / "fineweb_train_000000.bin").resolve() == (tmp_path / "fineweb_train_000000.bin")
     assert (tmp_path / "tokenizer.model").read_bytes() == sp8192.read_bytes()
+
+
+@pytest.mark.parametrize("caseops", [False, True])
+def test_qs2_builder_trains_its_tokenizer_on_the_train_split(tmp_path, monkeypatch, caseops):
+    """build_qs2.py --vocab-size V [--caseops] on a stand-in data folder: the tokenizer is build_shards's trained on
+    QS-2's train split only; with --caseops each val set gets its byte sidecar, summing to its normalised text."""
+    import zstandard
+
+    mix, fineweb = synthetic_docs(40, seed=7), synthetic_docs(6, seed=8) + ["Ⅻ NASA ﬁne \ue000 iPhone"]
+    data = tmp_path / "shared"
+    (data / "english_mix").mkdir(parents=True)
+    (data / "fineweb_docs").mkdir()
+    lines = "".join(json.dumps({"text": d}) + "\n" for d in mix).encode()
+    (data / "english_mix" / "english_mix.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    write_jsonl(data / "fineweb_docs" / "fineweb_200docs.jsonl", fineweb)
+    monkeypatch.setattr(build_qs2, "VAL_DOCS", 10)
+    out = tmp_path / "qs2"
+    argv = ["build_qs2.py", str(out), "--vocab-size", "400", "--data", str(data)] + ["--caseops"] * caseops
+    monkeypatch.setattr(sys, "argv", argv)
+    build_qs2.main()
+    proto, _ = bs.train_tokenizer(mix[:-10], 400, bs.DEFAULT_TOKENIZER_MAX_DOC_BYTES, caseops)
+    assert (out / "tokenizer.model").read_bytes() == proto
+    normalizer = bs.caseops.normalizer()
+    for folder, docs in ((out, mix[-10:]), (out / "fw", fineweb)):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["tokenizer"]["sha256"] == hashlib.sha256(proto).hexdigest()
+        assert (folder / "tokenizer.model").read_bytes() == proto
+        train_gpt.check_manifest_tokenizer(str(folder), str(out / "tokenizer.model"))
+        assert manifest["splits"]["val"]["docs"] == len(docs) and manifest["splits"]["train"]["docs"] == 30
+        assert ("caseops" in manifest) == caseops
+        if caseops:
+            sidecar = folder / "fineweb_valbytes_000000.bin"
+            counts = np.fromfile(sidecar, "<u2", offset=1024)
+            assert len(counts) == read_shard_header(folder / "fineweb_val_000000.bin")
+            assert manifest["caseops"]["val_bytes"] == int(counts.sum()) == \
+                sum(len(normalizer.normalize(d).encode()) for d in docs)
+            assert manifest["caseops"]["sidecars"] == [{"name": sidecar.name, "tokens": len(counts),
+                                                        "sha256": bs.sha256_file(sidecar)}]
 
 
 def test_workers_1_and_2_give_identical_bytes(tmp_path):
@@ -577,3 +631,35 @@ def test_default_path_calls_hf_hub_download(tmp_path, hub, monkeypatch):
     assert seen[0] == {"repo_id": "r/r", "filename": "datasets/manifest.json", "repo_type": "dataset",
                        "local_dir": data / dl.STAGING}
     assert (data / "datasets/fineweb10B_sp1024/fineweb_train_000000.bin").is_file()
+
+
+def test_caseops_shards_from_the_exports_documents(tmp_path, hub):
+    """--caseops fetches docs_selected.jsonl and its facts (docs_val) and builds through build_shards --caseops:
+    the same files as that builder run directly on the same documents; a docs file of the wrong size is fetched
+    again."""
+    docs = synthetic_docs(60, seed=9) + ["Ⅻ ﬁne NASA iPhone \ue000"]
+    export = hub.root / "datasets"
+    write_jsonl(export / "docs_selected.jsonl", docs)
+    size = (export / "docs_selected.jsonl").stat().st_size
+    (export / "docs_selected.source_manifest.json").write_text(json.dumps({"docs_val": 12, "num_docs": len(docs),
+                                                                           "docs_bytes": size}))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "docs_selected.jsonl").write_text("truncated")
+    manifest = dl.build_caseops(400, 2, data_dir=data, repo_id="r/r", download=hub, log=quiet)
+    assert hub.paths() == ["datasets/docs_selected.source_manifest.json", "datasets/docs_selected.jsonl"]
+    assert (data / "docs_selected.jsonl").stat().st_size == size
+    out = data / "datasets" / "fineweb10B_sp400_caseops"
+    direct = bs.build_shards([data / "docs_selected.jsonl"], tmp_path / "direct", val_docs=12, vocab_size=400,
+                             train_shards=2, case_ops=True, log=quiet)
+    assert manifest["splits"] == direct["splits"] and manifest["caseops"] == direct["caseops"]
+    for f in (tmp_path / "direct").iterdir():
+        if f.name != "manifest.json":
+            assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    assert manifest["splits"]["val"]["docs"] == 12 and len(manifest["splits"]["train"]["files"]) <= 2
+    n = bs.caseops.normalizer()
+    assert manifest["caseops"]["val_bytes"] == sum(len(n.normalize(d).encode()) for d in docs[:12])
+    (export / "docs_selected.source_manifest.json").write_text(json.dumps({"num_docs": 3}))
+    (data / "docs_selected.source_manifest.json").unlink()
+    with pytest.raises(dl.DownloadError, match=r"docs_selected\.source_manifest\.json names no validation document"):
+        dl.build_caseops(400, 2, data_dir=data, repo_id="r/r", download=hub, log=quiet)

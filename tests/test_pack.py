@@ -81,7 +81,8 @@ def code_file_lines(code: dict[str, bytes]) -> list[str]:
 
 def make_log(path: Path, code: dict[str, bytes], seed: int, steps: int, step_avg: float, pre: float, rt: float,
              sl_loss: float, sl_bpb: float, model_bytes: int, *, config_extra: dict | None = None,
-             truncate: bool = False, over_limit: bool = False, sliding: bool = True, ttt: float | None = None) -> Path:
+             truncate: bool = False, over_limit: bool = False, sliding: bool = True, ttt: float | None = None,
+             bytes_from: str | None = None) -> Path:
     code_bytes = sum(len(d) for d in code.values())
     total = model_bytes + code_bytes
     config = {"RUN_ID": path.stem, "SEED": seed, "NUM_LAYERS": 11, "MODEL_DIM": 576, "MATRIX_LR": 0.025,
@@ -92,6 +93,7 @@ def make_log(path: Path, code: dict[str, bytes], seed: int, steps: int, step_avg
              "device:8xNVIDIA H100 80GB HBM3",
              f"config: {json.dumps(config)}",
              "world_size:8 grad_accum_steps:1 attention:cudnn fused_kernels:none compile:1",
+             *([f"val_bytes_from:{bytes_from}"] if bytes_from else []),
              "model_params:26993756",
              "step:0/20000 val_loss:6.9357 val_bpb:4.1077 train_time:0ms step_avg:0.00ms"]
     for s in [1, 2, 3, 1000, 2000, 4000, 6000, 7000]:
@@ -263,6 +265,25 @@ def test_submission_json_types_and_values(packed):
     assert sub["steps_per_seed"] == [7096, 7101, 7088]
     assert sub["track"] == "10min_16mb"
     assert "record_test" not in sub
+    assert sub["val_bytes_from"] == "tokenizer_pieces"  # the logs have no val_bytes_from line: older logs
+
+
+def test_a_caseops_run_says_so(repo, packed):
+    """A run on caseops shards logs where its val bytes came from; the pack records it in submission.json and the
+    README, and warns when the seeds disagree."""
+    logs = [make_log(repo.tmp / "co" / f"co_s{s[0]}.txt", repo.code, *s, bytes_from="caseops_sidecar version:1")
+            for s in SEEDS[:2]]
+    assert pack.parse_log(logs[0]).val_bytes_from == "caseops_sidecar version:1"
+    result = run_pack(repo, logs=logs, track="non_record_16mb", name="CO")
+    assert json.loads((result.folder / "submission.json").read_text())["val_bytes_from"] == "caseops_sidecar version:1"
+    assert "Trained and scored on caseops shards (`data/build_shards.py --caseops`, caseops_sidecar version:1)" in \
+        (result.folder / "README.md").read_text()
+    assert not any("validation bytes" in w for w in result.warnings)
+    assert "caseops" not in (packed[1].folder / "README.md").read_text()
+    plain = make_log(repo.tmp / "co" / "plain.txt", repo.code, *SEEDS[2], bytes_from="tokenizer_pieces")
+    mixed = run_pack(repo, logs=logs + [plain], track="non_record_16mb", name="Mixed")
+    assert "the seeds counted their validation bytes differently (co_s1337.txt: caseops_sidecar version:1, " \
+           "co_s42.txt: caseops_sidecar version:1, plain.txt: tokenizer_pieces)" in mixed.warnings
 
 
 def test_curves_png_is_a_valid_png(packed):

@@ -349,7 +349,7 @@ def test_lr0_scores_each_document_as_evaluate_scores_it_alone(model, seq_len, st
         loss, _, count, _ = run_evaluate(model, tokens[a:b + 1], one_byte, seq_len, stride, 4)
         assert count == b - a and scored[a + 1:b + 1].all()
         assert out[a + 1:b + 1].double().mean().item() == pytest.approx(loss, rel=1e-6)
-    loss, bpb, count, nbytes, _ = tg.ttt_evaluate(copy.deepcopy(model), tokens, luts,
+    loss, bpb, count, nbytes, _ = tg.ttt_evaluate(copy.deepcopy(model), tokens, tg.stream_bytes(tokens, luts),
                                                   tiny_args(**{**TTT, **knobs}), 0, 1, CPU)
     _, _, ref_count, ref_bytes = run_evaluate(model, tokens, luts, seq_len, stride, 4)
     assert (count, nbytes) == (ref_count, ref_bytes) == (tokens.numel() - 1, ref_bytes)
@@ -375,7 +375,7 @@ def test_lr0_on_one_document_is_evaluate(model):
     """A stream that is one document: TTT with TTT_LR=0 is evaluate() exactly (loss, bpb, tokens, bytes)."""
     tokens, luts = docs_stream([150], seed=4), synthetic_luts(1024)
     args = tiny_args(**{**TTT, "TTT_LR": 0})
-    got = tg.ttt_evaluate(copy.deepcopy(model), tokens, luts, args, 0, 1, CPU)[:4]
+    got = tg.ttt_evaluate(copy.deepcopy(model), tokens, tg.stream_bytes(tokens, luts), args, 0, 1, CPU)[:4]
     ref = run_evaluate(model, tokens, luts, 32, 8, 4)
     assert got[2:] == ref[2:]
     assert got[:2] == pytest.approx(ref[:2], rel=1e-6)
@@ -390,8 +390,8 @@ def test_bytes_on_real_text_are_the_decoded_utf8(model):
     sp = spm.SentencePieceProcessor(model_file=str(SP1024))
     docs = [d[:400] for d in fineweb_texts(5)]
     tokens = torch.tensor(encode_stream(sp, docs))
-    _, _, count, nbytes, _ = tg.ttt_evaluate(copy.deepcopy(model), tokens, tg.byte_luts(sp, 1024), tiny_args(**TTT),
-                                             0, 1, CPU)
+    nbytes_at = tg.stream_bytes(tokens, tg.byte_luts(sp, 1024))
+    _, _, count, nbytes, _ = tg.ttt_evaluate(copy.deepcopy(model), tokens, nbytes_at, tiny_args(**TTT), 0, 1, CPU)
     assert count == tokens.numel() - 1
     assert nbytes == sum(len(sp.decode(sp.encode(d)).encode("utf-8")) for d in docs)
 
@@ -420,11 +420,12 @@ def test_ranks_share_the_documents_and_the_sums(model, monkeypatch, world):
         raise _Reduced
 
     args = tiny_args(**TTT)
-    loss1, _, count1, bytes1, _ = tg.ttt_evaluate(copy.deepcopy(model), tokens, luts, args, 0, 1, CPU)
+    nbytes_at = tg.stream_bytes(tokens, luts)
+    loss1, _, count1, bytes1, _ = tg.ttt_evaluate(copy.deepcopy(model), tokens, nbytes_at, args, 0, 1, CPU)
     monkeypatch.setattr(torch.distributed, "all_reduce", fake_all_reduce)
     for rank in range(world):
         with pytest.raises(_Reduced):
-            tg.ttt_evaluate(copy.deepcopy(model), tokens, luts, args, rank, world, CPU)
+            tg.ttt_evaluate(copy.deepcopy(model), tokens, nbytes_at, args, rank, world, CPU)
     total = torch.stack(captured).sum(0).tolist()
     assert total[1:] == [count1, bytes1]
     assert total[0] / total[1] == pytest.approx(loss1, rel=1e-6)
