@@ -1471,7 +1471,7 @@ def windows_for_rank(n_targets: int, seq_len: int, stride: int, rank: int, world
 
 @torch.no_grad()
 def evaluate(model: GPT, forward_fn, tokens: Tensor, luts, seq_len: int, stride: int, batch_seqs: int,
-             rank: int, world: int, device: torch.device) -> tuple[float, float, int, int]:
+             rank: int, world: int, device: torch.device, log=None) -> tuple[float, float, int, int]:
     """Returns (val_loss in nats/token, val_bpb, tokens scored, bytes scored), summed over all ranks.
     forward_fn(x, y) -> per-token losses (B, stride) of the last `stride` positions of each window."""
     n = tokens.numel() - 1
@@ -1492,6 +1492,7 @@ def evaluate(model: GPT, forward_fn, tokens: Tensor, luts, seq_len: int, stride:
     starts = windows_for_rank(n, seq_len, stride, rank, world)
     batch_seqs = max(1, min(batch_seqs, len(starts)))
     offsets = torch.arange(seq_len + 1, device=device)
+    progress = Progress(log, "sliding_eval" if stride < seq_len else "plain_eval", len(starts))
     for i in range(0, len(starts), batch_seqs):
         batch = torch.tensor(starts[i:i + batch_seqs], device=device)
         real = batch.numel()
@@ -1503,6 +1504,7 @@ def evaluate(model: GPT, forward_fn, tokens: Tensor, luts, seq_len: int, stride:
         pos = idx[:, seq_len - stride + 1:]  # target positions in the stream
         mask = (pos <= n) & (torch.arange(batch_seqs, device=device)[:, None] < real)
         account(losses, x[:, -stride:], y[:, -stride:], mask.double())
+        progress(i + real)
     if world > 1:
         dist.all_reduce(sums)
     loss_sum, count, nbytes = sums.tolist()
@@ -1899,7 +1901,7 @@ def module_kinds(model: nn.Module) -> dict[str, str]:
 
 @torch.no_grad()
 def sample_calibration(model: GPT, n_seqs: int, rows: range, length: int, temperature: float, seed: int,
-                       autocast) -> Tensor:
+                       autocast, log=None) -> Tensor:
     """Rows `rows` of n_seqs sequences of `length` tokens, each BOS and then what the model samples at
     `temperature`, decoded with a KV cache: (len(rows), length) int64 on the model's device. Sampling is Gumbel-max
     with noise drawn for all n_seqs rows from one generator seeded with `seed`, so a row's text does not depend on
@@ -1910,6 +1912,7 @@ def sample_calibration(model: GPT, n_seqs: int, rows: range, length: int, temper
         return tokens
     generator = torch.Generator(device=device).manual_seed(seed)
     mine = torch.as_tensor(list(rows), device=device)
+    progress = Progress(log, "sample_calibration", length - 1)
     with evaluating(model), autocast():
         cache = KVCache(model, len(rows), length, device)
         for p in range(length - 1):
@@ -1917,6 +1920,7 @@ def sample_calibration(model: GPT, n_seqs: int, rows: range, length: int, temper
             u = torch.rand((n_seqs, logits.size(-1)), generator=generator, device=device)[mine]
             gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
             tokens[:, p + 1] = (logits.float() / temperature + gumbel).argmax(dim=-1)
+            progress(p + 1)
     return tokens
 
 
@@ -2257,6 +2261,7 @@ def fit_to_budget(quantise, measure, estimate, budget: int, log) -> tuple[dict, 
     (the budget check at start found the coarsest to fit). Returns (stored, multiplier, bytes, blob)."""
     target = budget - BUDGET_SLACK / 2
     ratio, best, over, under = 1.0, None, None, None  # over / under: (multiplier, bytes) of the closest tries
+    progress = Progress(log, "quant_budget", BUDGET_TRIES)
     for attempt in itertools.count(1):
         if attempt > BUDGET_TRIES and best is not None:
             break
@@ -2277,6 +2282,7 @@ def fit_to_budget(quantise, measure, estimate, budget: int, log) -> tuple[dict, 
         estimated = estimate(m)
         log(f"quant_budget: try:{attempt} multiplier:{m:.5f} bytes:{nbytes} limit:{budget} "
             f"estimate:{ratio * estimated:.0f}")
+        progress(attempt)
         if nbytes <= budget:
             if best is None or nbytes > best[2]:
                 best = (stored, m, nbytes, blob)
@@ -2539,13 +2545,13 @@ def model_from_artifact(artifact: Artifact | str | Path, args: Hyperparameters, 
 
 
 def calibration_sequences(model: GPT, args: Hyperparameters, loader: "TrainLoader", rank: int, world: int,
-                          autocast) -> Tensor:
+                          autocast, log=None) -> Tensor:
     """This rank's share of the GPTQ_CALIB_SEQS calibration sequences: sampled by the model (self), or the next
     GPTQ_CALIB_LEN-token sequences of the training stream (train; its time must count inside the cap)."""
     if args.gptq_calibration == "train":
         return loader.sequences(args.gptq_calib_seqs, args.gptq_calib_len)
     return sample_calibration(model, args.gptq_calib_seqs, range(rank, args.gptq_calib_seqs, world),
-                              args.gptq_calib_len, args.gptq_calib_temp, args.seed, autocast)
+                              args.gptq_calib_len, args.gptq_calib_temp, args.seed, autocast, log)
 
 
 def gptq_factors(model: GPT, seqs: Tensor, args: Hyperparameters, world: int, autocast) -> tuple[dict, dict]:
@@ -2705,6 +2711,27 @@ class Logger:
             if self.path is not None:
                 with self.path.open("a") as f:
                     f.write(f"error: {msg}\n")
+
+
+PROGRESS_EVERY_S = 30.0
+
+
+class Progress:
+    """`progress: <stage> done/total elapsed:<s>s eta:<s>s` for a long stage after training (sampling, the budget
+    search, evaluation, TTT), at most every PROGRESS_EVERY_S seconds: a stage shorter than that logs nothing more.
+    Call it with the units done so far; log None (a test, a tool) is silent, as is the Logger of a rank other than 0."""
+
+    def __init__(self, log, stage: str, total: int):
+        self.log, self.stage, self.total = log, stage, total
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, done: int) -> None:
+        now = time.perf_counter()
+        if self.log is None or now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last, elapsed = now, now - self.t0
+        eta = elapsed * max(self.total - done, 0) / max(done, 1)
+        self.log(f"progress: {self.stage} {done}/{self.total} elapsed:{elapsed:.0f}s eta:{eta:.0f}s")
 
 
 def open_run_log(args: Hyperparameters, rank: int) -> Logger:
@@ -3041,7 +3068,7 @@ def main(opened: list[Logger] | None = None) -> None:
         with autocast():
             fwd = make_window_forward(model, stride, compile_on)
             loss, bpb, n_tok, n_bytes = evaluate(model, fwd, val_tokens, luts, seq_len, stride, batch_seqs,
-                                                 rank, world, device)
+                                                 rank, world, device, log)
         model.train()
         return loss, bpb, n_tok, n_bytes, 1000 * (time.perf_counter() - t0)
 
@@ -3096,7 +3123,7 @@ def main(opened: list[Logger] | None = None) -> None:
     t0 = time.perf_counter()
     hessians = factors = None
     if args.gptq_enabled:
-        seqs = calibration_sequences(model, args, loader, rank, world, autocast)
+        seqs = calibration_sequences(model, args, loader, rank, world, autocast, log)
         t_h = time.perf_counter()
         hessians, factors = gptq_factors(model, seqs, args, world, autocast)
         done = time.perf_counter()
