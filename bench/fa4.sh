@@ -24,9 +24,7 @@
 # Training shards: DATA_PATH and TOKENIZER_PATH as for train_gpt.py (default: the official sp1024 download).
 # Results go to stdout and to $RESULTS (default logs/bench/).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-RESULTS=${RESULTS:-logs/bench}
-mkdir -p "$RESULTS"
+source "$(dirname "$0")/common.sh"
 export DATA_PATH=${DATA_PATH:-./data/datasets/fineweb10B_sp1024}
 export TOKENIZER_PATH=${TOKENIZER_PATH:-./data/tokenizers/fineweb_1024_bpe.model}
 quiet() { grep -vE "UserWarning|exe_args" || true; }  # FA4 warns once per compiled kernel about its own aux_data

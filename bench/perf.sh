@@ -14,9 +14,7 @@
 # 200 steps of 196,608 tokens read no text twice. Results go to stdout and to $RESULTS (default logs/bench/).
 # FA4 (pip install flash-attn-4, bench/fa4.sh install) is picked by ATTENTION=auto when installed.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-RESULTS=${RESULTS:-logs/bench}
-mkdir -p "$RESULTS"
+source "$(dirname "$0")/common.sh"
 export DATA_PATH=${DATA_PATH:-./data/datasets/fineweb10B_sp1024}
 export TOKENIZER_PATH=${TOKENIZER_PATH:-./data/tokenizers/fineweb_1024_bpe.model}
 

@@ -3,15 +3,14 @@
 # `run NAME KNOB=VALUE...`, which runs train_gpt.py as logs/NAME.txt and prints the log lines matching $SUMMARY.
 # QS2_DATA: the shards of `python data/build_qs2.py DIR` (data/README.md; default data/datasets/qs2), tokenizer
 # included. A stage run again needs its earlier logs/NAME.* moved away: train_gpt.py never overwrites a run.
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-RESULTS=${RESULTS:-logs/bench}
-mkdir -p "$RESULTS" logs
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 export DATA_PATH=${QS2_DATA:-data/datasets/qs2} PYTHONUNBUFFERED=1
 export TOKENIZER_PATH=${TOKENIZER_PATH:-$DATA_PATH/tokenizer.model}
 if [ ! -f "$DATA_PATH/fineweb_train_000000.bin" ]; then
   echo "no QS-2 shards in $DATA_PATH: build them with python data/build_qs2.py $DATA_PATH, or set QS2_DATA" >&2
   exit 1
 fi
+mkdir -p logs
 QS2=(TRAIN_BATCH_TOKENS=65536 ITERATIONS=240 WARMDOWN_ITERS=100 WARMUP_STEPS=20 EMA_DECAY=0.98
      MAX_WALLCLOCK_SECONDS=0 VAL_LOSS_EVERY=0 EVAL_STRIDE=64)
 run() {

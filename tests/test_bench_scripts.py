@@ -3,6 +3,7 @@ a clear line when the QS-2 shards are missing, and nothing tied to one particula
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 
@@ -14,14 +15,15 @@ SCRIPTS = ["perf.sh", "fa4.sh", "quant.sh", "frontier.sh"]
 
 
 def bash(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
+    return subprocess.run(["bash", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env=env or dict(os.environ))
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_usage_lists_exactly_the_stages_the_script_handles(name):
+def test_usage_lists_exactly_the_stages_the_script_handles(name, tmp_path):
     script = REPO / "bench" / name
     assert bash("-n", script).returncode == 0
-    r = bash(script)
+    r = bash(script, env=dict(os.environ, RESULTS=str(tmp_path)))
     assert r.returncode == 2
     listed = set(re.findall(rf"bash bench/{re.escape(name)} ([a-z][a-z0-9-]*)", r.stdout))
     handled = {s for label in re.findall(r"^  ([a-z][a-z0-9|-]*)\)(?: +#.*)?$", script.read_text(), re.M) for s in label.split("|")}
@@ -30,7 +32,8 @@ def test_usage_lists_exactly_the_stages_the_script_handles(name):
 
 @pytest.mark.parametrize("cmd", [("quant.sh", "short"), ("frontier.sh", "pair", "1")])
 def test_missing_qs2_shards_are_one_line(cmd, tmp_path):
-    r = bash(REPO / "bench" / cmd[0], *cmd[1:], env={"PATH": "/usr/bin:/bin", "QS2_DATA": str(tmp_path / "none")})
+    r = bash(REPO / "bench" / cmd[0], *cmd[1:], env={"PATH": "/usr/bin:/bin", "QS2_DATA": str(tmp_path / "none"),
+                                                          "RESULTS": str(tmp_path)})
     assert r.returncode == 1 and r.stderr.strip() == (f"no QS-2 shards in {tmp_path / 'none'}: build them with python "
                                                       f"data/build_qs2.py {tmp_path / 'none'}, or set QS2_DATA")
 
