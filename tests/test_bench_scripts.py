@@ -26,7 +26,8 @@ def test_usage_lists_exactly_the_stages_the_script_handles(name, tmp_path):
     r = bash(script, env=dict(os.environ, RESULTS=str(tmp_path)))
     assert r.returncode == 2
     listed = set(re.findall(rf"bash bench/{re.escape(name)} ([a-z][a-z0-9-]*)", r.stdout))
-    handled = {s for label in re.findall(r"^  ([a-z][a-z0-9|-]*)\)(?: +#.*)?$", script.read_text(), re.M) for s in label.split("|")}
+    labels = re.findall(r"^  ([a-z][a-z0-9|-]*)\)(?: +#.*)?$", script.read_text(), re.M)
+    handled = {stage for label in labels for stage in label.split("|")}
     assert listed and listed == handled, (listed, handled)
 
 

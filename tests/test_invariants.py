@@ -23,7 +23,7 @@ import torch
 
 from conftest import tiny_args
 
-import train_gpt as tg  # noqa: E402
+import train_gpt as tg
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("plain_torch_runtime")
@@ -34,7 +34,8 @@ def random_weights(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.5 / math.sqrt(p.shape[-1]) if p.ndim == 2 else 0.5) + 0.5 * (p.ndim < 2))
+            scale = 0.5 / math.sqrt(p.shape[-1]) if p.ndim == 2 else 0.5
+            p.copy_(torch.randn(p.shape, generator=g) * scale + 0.5 * (p.ndim < 2))
     return model
 
 
@@ -263,7 +264,8 @@ def test_schedules_under_the_cap_follow_the_training_time_not_the_step_count(mon
     monkeypatch.setattr(tg, "train_step", step)
     monkeypatch.setattr(tg.time, "perf_counter", lambda: now[0])
     model = tg.GPT(args)
-    tg.train(model, model, None, [], Averages(), args, contextlib.nullcontext, lines.append, lambda m: (1.0, 1.0), 1, CPU)
+    tg.train(model, model, None, [], Averages(), args, contextlib.nullcontext, lines.append, lambda m: (1.0, 1.0), 1,
+             CPU)
     assert len(calls) == 100 and any(ln.startswith("stopping_early: wallclock_cap") for ln in lines)
     # step s is scheduled at s x 100 ms (measured from step 1 on): the LR falls linearly over the last 5 s, the
     # weight decay from 5 s to 0 at 10 s

@@ -98,9 +98,10 @@ def test_a_run_logs_progress_of_each_stage_and_pack_reads_its_log_as_without_it(
     assert r.returncode in (0, 1), r.stderr[-3000:]  # 1: a tiny model may end over a tiny budget; the log is whole
     log = tmp_path / "logs" / "progress.txt"
     lines = log.read_text().splitlines()
-    seq_len, n_targets = int(TINY_CONFIG["TRAIN_SEQ_LEN"]), tg.load_validation_tokens(env["DATA_PATH"], 1024).numel() - 1
+    seq_len, stride = int(TINY_CONFIG["TRAIN_SEQ_LEN"]), int(TINY_CONFIG["EVAL_STRIDE"])
+    n_targets = tg.load_validation_tokens(env["DATA_PATH"], 1024).numel() - 1
     assert_counts_up_to(lines, "sample_calibration", seq_len - 1)
-    assert_counts_up_to(lines, "sliding_eval", len(tg.window_starts(n_targets, seq_len, int(TINY_CONFIG["EVAL_STRIDE"]))))
+    assert_counts_up_to(lines, "sliding_eval", len(tg.window_starts(n_targets, seq_len, stride)))
     assert {m["stage"] for m in progress_lines(lines)} == {"sample_calibration", "quant_budget", "plain_eval",
                                                           "sliding_eval"}
     assert all(ln in r.stdout.splitlines() for ln in lines if LINE.match(ln)), "progress goes to the console too"
