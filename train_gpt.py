@@ -1627,7 +1627,7 @@ def windows_for_rank(n_targets: int, seq_len: int, stride: int, rank: int, world
 
 @torch.no_grad()
 def evaluate(model: GPT, forward_fn, tokens: Tensor, token_bytes: Tensor, seq_len: int, stride: int, batch_seqs: int,
-             rank: int, world: int, device: torch.device) -> tuple[float, float, int, int]:
+             rank: int, world: int, device: torch.device, log=None) -> tuple[float, float, int, int]:
     """Returns (val_loss in nats/token, val_bpb, tokens scored, bytes scored), summed over all ranks.
     forward_fn(x, y) -> per-token losses (B, stride) of the last `stride` positions of each window;
     token_bytes[i]: the bytes the token at stream position i stands for as a target (load_inputs)."""
@@ -1650,6 +1650,7 @@ def evaluate(model: GPT, forward_fn, tokens: Tensor, token_bytes: Tensor, seq_le
     starts = windows_for_rank(n, seq_len, stride, rank, world)
     batch_seqs = max(1, min(batch_seqs, len(starts)))
     offsets = torch.arange(seq_len + 1, device=device)
+    progress = Progress(log, "sliding_eval" if stride < seq_len else "plain_eval", len(starts))
     for i in range(0, len(starts), batch_seqs):
         batch = torch.tensor(starts[i:i + batch_seqs], device=device)
         real = batch.numel()
@@ -1661,6 +1662,7 @@ def evaluate(model: GPT, forward_fn, tokens: Tensor, token_bytes: Tensor, seq_le
         pos = idx[:, seq_len - stride + 1:]  # target positions in the stream
         mask = (pos <= n) & (torch.arange(batch_seqs, device=device)[:, None] < real)
         account(losses, pos.clamp(max=n), mask.double())
+        progress(i + real)
     if world > 1:
         dist.all_reduce(sums)
     loss_sum, count, nbytes = sums.tolist()
@@ -1849,7 +1851,7 @@ def ttt_chunk_step(model: GPT, adapters: TTTAdapters, tokens: Tensor, docs, lear
 
 
 def ttt_phase(model: GPT, tokens: Tensor, spans: list[tuple[int, int]], args: Hyperparameters, out: Tensor,
-              scored: Tensor, stats: dict) -> None:
+              scored: Tensor, stats: dict, progress=None) -> None:
     """This rank's documents of one phase, in TTT_BATCH_DOCS lanes of contiguous documents, a chunk of every lane's
     current document per step. A lane learns from a chunk unless nothing will read the update: it is its document's
     last chunk and the next document resets (or none follows)."""
@@ -1870,6 +1872,8 @@ def ttt_phase(model: GPT, tokens: Tensor, spans: list[tuple[int, int]], args: Hy
             stats["windows"] += ttt_chunk_step(model, adapters, tokens, docs, torch.tensor(learn, device=tokens.device),
                                                args, out, scored)
             stats["steps"] += 1
+            if progress is not None:
+                progress(stats["documents"] + sum(doc))
     finally:
         adapters.detach(model)
 
@@ -1916,7 +1920,7 @@ def synced_ms(t0: float, device: torch.device) -> float:
     return 1000 * (time.perf_counter() - t0)
 
 
-def ttt_losses(model: GPT, tokens: Tensor, args: Hyperparameters, rank: int, world: int
+def ttt_losses(model: GPT, tokens: Tensor, args: Hyperparameters, rank: int, world: int, log=None
                ) -> tuple[Tensor, Tensor, dict]:
     """Per-target TTT losses (float32, indexed by stream position), the mask of the targets this rank scored (its
     contiguous share of each part's documents) and this rank's counts and times. Leaves the model with the parts'
@@ -1927,9 +1931,10 @@ def ttt_losses(model: GPT, tokens: Tensor, args: Hyperparameters, rank: int, wor
     for p in model.parameters():
         p.requires_grad_(False)
     parts = ttt_parts(spans, args)
+    progress = Progress(log, "ttt", sum(len(contiguous_parts(part, world)[rank]) for part in parts))
     for k, part in enumerate(parts):
         t0, share = time.perf_counter(), contiguous_parts(part, world)[rank]
-        ttt_phase(model, tokens, share, args, out, scored, stats)
+        ttt_phase(model, tokens, share, args, out, scored, stats, progress)
         stats["documents"] += len(share)
         stats["adapt_ms"] += synced_ms(t0, dev)
         if k + 1 < len(parts):
@@ -1940,11 +1945,11 @@ def ttt_losses(model: GPT, tokens: Tensor, args: Hyperparameters, rank: int, wor
 
 
 def ttt_evaluate(model: GPT, tokens: Tensor, token_bytes: Tensor, args: Hyperparameters, rank: int, world: int,
-                 device: torch.device) -> tuple[float, float, int, int, dict]:
+                 device: torch.device, log=None) -> tuple[float, float, int, int, dict]:
     """evaluate()'s (val_loss, val_bpb, tokens, bytes) of the score-first TTT losses, summed over all ranks, and
     this rank's counts and times (ttt_losses)."""
     tokens = tokens.to(device)
-    out, scored, stats = ttt_losses(model, tokens, args, rank, world)
+    out, scored, stats = ttt_losses(model, tokens, args, rank, world, log)
     nbytes = token_bytes[1:].to(device)
     sums = torch.stack([(out.double() * scored)[1:].sum(), scored[1:].double().sum(),
                         (nbytes * scored[1:]).double().sum()])
@@ -2088,7 +2093,7 @@ def module_kinds(model: nn.Module) -> dict[str, str]:
 
 @torch.no_grad()
 def sample_calibration(model: GPT, n_seqs: int, rows: range, length: int, temperature: float, seed: int,
-                       autocast) -> Tensor:
+                       autocast, log=None) -> Tensor:
     """Rows `rows` of n_seqs sequences of `length` tokens, each BOS and then what the model samples at
     `temperature`, decoded with a KV cache: (len(rows), length) int64 on the model's device. Sampling is Gumbel-max
     with noise drawn for all n_seqs rows from one generator seeded with `seed`, so a row's text does not depend on
@@ -2099,6 +2104,7 @@ def sample_calibration(model: GPT, n_seqs: int, rows: range, length: int, temper
         return tokens
     generator = torch.Generator(device=device).manual_seed(seed)
     mine = torch.as_tensor(list(rows), device=device)
+    progress = Progress(log, "sample_calibration", length - 1)
     with evaluating(model), autocast():
         cache = KVCache(model, len(rows), length, device)
         for p in range(length - 1):
@@ -2106,6 +2112,7 @@ def sample_calibration(model: GPT, n_seqs: int, rows: range, length: int, temper
             u = torch.rand((n_seqs, logits.size(-1)), generator=generator, device=device)[mine]
             gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
             tokens[:, p + 1] = (logits.float() / temperature + gumbel).argmax(dim=-1)
+            progress(p + 1)
     return tokens
 
 
@@ -2446,6 +2453,7 @@ def fit_to_budget(quantise, measure, estimate, budget: int, log) -> tuple[dict, 
     (the budget check at start found the coarsest to fit). Returns (stored, multiplier, bytes, blob)."""
     target = budget - BUDGET_SLACK / 2
     ratio, best, over, under = 1.0, None, None, None  # over / under: (multiplier, bytes) of the closest tries
+    progress = Progress(log, "quant_budget", BUDGET_TRIES)
     for attempt in itertools.count(1):
         if attempt > BUDGET_TRIES and best is not None:
             break
@@ -2466,6 +2474,7 @@ def fit_to_budget(quantise, measure, estimate, budget: int, log) -> tuple[dict, 
         estimated = estimate(m)
         log(f"quant_budget: try:{attempt} multiplier:{m:.5f} bytes:{nbytes} limit:{budget} "
             f"estimate:{ratio * estimated:.0f}")
+        progress(attempt)
         if nbytes <= budget:
             if best is None or nbytes > best[2]:
                 best = (stored, m, nbytes, blob)
@@ -2728,13 +2737,13 @@ def model_from_artifact(artifact: Artifact | str | Path, args: Hyperparameters, 
 
 
 def calibration_sequences(model: GPT, args: Hyperparameters, loader: "TrainLoader", rank: int, world: int,
-                          autocast) -> Tensor:
+                          autocast, log=None) -> Tensor:
     """This rank's share of the GPTQ_CALIB_SEQS calibration sequences: sampled by the model (self), or the next
     GPTQ_CALIB_LEN-token sequences of the training stream (train; its time must count inside the cap)."""
     if args.gptq_calibration == "train":
         return loader.sequences(args.gptq_calib_seqs, args.gptq_calib_len)
     return sample_calibration(model, args.gptq_calib_seqs, range(rank, args.gptq_calib_seqs, world),
-                              args.gptq_calib_len, args.gptq_calib_temp, args.seed, autocast)
+                              args.gptq_calib_len, args.gptq_calib_temp, args.seed, autocast, log)
 
 
 def gptq_factors(model: GPT, seqs: Tensor, args: Hyperparameters, world: int, autocast) -> tuple[dict, dict]:
@@ -2894,6 +2903,27 @@ class Logger:
             if self.path is not None:
                 with self.path.open("a") as f:
                     f.write(f"error: {msg}\n")
+
+
+PROGRESS_EVERY_S = 30.0
+
+
+class Progress:
+    """`progress: <stage> done/total elapsed:<s>s eta:<s>s` for a long stage after training (sampling, the budget
+    search, evaluation, TTT), at most every PROGRESS_EVERY_S seconds: a stage shorter than that logs nothing more.
+    Call it with the units done so far; log None (a test, a tool) is silent, as is the Logger of a rank other than 0."""
+
+    def __init__(self, log, stage: str, total: int):
+        self.log, self.stage, self.total = log, stage, total
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, done: int) -> None:
+        now = time.perf_counter()
+        if self.log is None or now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last, elapsed = now, now - self.t0
+        eta = elapsed * max(self.total - done, 0) / max(done, 1)
+        self.log(f"progress: {self.stage} {done}/{self.total} elapsed:{elapsed:.0f}s eta:{eta:.0f}s")
 
 
 def open_run_log(args: Hyperparameters, rank: int) -> Logger:
@@ -3231,7 +3261,7 @@ def main(opened: list[Logger] | None = None) -> None:
         with autocast():
             fwd = make_window_forward(model, stride, compile_on)
             loss, bpb, n_tok, n_bytes = evaluate(model, fwd, val_tokens, token_bytes, seq_len, stride, batch_seqs,
-                                                 rank, world, device)
+                                                 rank, world, device, log)
         model.train()
         return loss, bpb, n_tok, n_bytes, 1000 * (time.perf_counter() - t0)
 
@@ -3244,7 +3274,7 @@ def main(opened: list[Logger] | None = None) -> None:
         t0 = time.perf_counter()
         model.eval()
         with autocast():
-            loss, bpb, _, _, stats = ttt_evaluate(model, val_tokens, token_bytes, args, rank, world, device)
+            loss, bpb, _, _, stats = ttt_evaluate(model, val_tokens, token_bytes, args, rank, world, device, log)
         return loss, bpb, 1000 * (time.perf_counter() - t0), stats
     if artifact is not None:
         log(f"eval_only: {artifact.path} bytes:{artifact.nbytes} sha256:{artifact.sha256} "
@@ -3286,7 +3316,7 @@ def main(opened: list[Logger] | None = None) -> None:
     t0 = time.perf_counter()
     hessians = factors = None
     if args.gptq_enabled:
-        seqs = calibration_sequences(model, args, loader, rank, world, autocast)
+        seqs = calibration_sequences(model, args, loader, rank, world, autocast, log)
         t_h = time.perf_counter()
         hessians, factors = gptq_factors(model, seqs, args, world, autocast)
         done = time.perf_counter()

@@ -1,7 +1,7 @@
 """Causal GQA attention backends at the model's shapes: correctness against a float32 reference, then speed.
 
     python bench/bench_attention.py                  # GPU: B=48 (per-GPU micro-batch), T=2048, 8 q / 4 kv heads, dim 64
-    python bench/bench_attention.py --batch 16 --iters 20 --json $OUT/attention.json
+    python bench/bench_attention.py --batch 16 --iters 20 --json attention.json
     python bench/bench_attention.py --cpu-smoke      # CPU, tiny shapes: the script's own logic, no GPU backends
 
 Backends (each takes q, k, v as (batch, seq, heads, head_dim) bf16, as the model's attention does; k and v have

@@ -4,7 +4,7 @@ activation GEMMs (gemm_act / gemm_dact with relu_sq). Could a different GEMM tak
 matmuls (docs/PERF.md)?
 
     python bench/bench_gemm.py [--tuned] [--fused-only]   # needs an sm90 GPU; quack rows only where quack imports
-    bash bench/fa4_session.sh gemm [ARGS...]                # on the lent machine, with FA4's packages installed
+    bash bench/fa4.sh gemm [ARGS...]                        # installs flash-attn-4 (and quack) first
 
 Each row is checked against a float32 torch product before it is timed (relative L2 error, pass under 1e-2) and
 timed as triton.testing.do_bench's median (L2 flushed before each run). The fused rows differ in what they move:

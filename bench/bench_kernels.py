@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
 from kernels import cross_entropy, rmsnorm  # noqa: E402
 
-HBM_PEAK_GBS = 3000.0  # H100 copy bandwidth measured on the lent machine (SPEC.md §6)
+HBM_PEAK_GBS = 3000.0  # H100 80GB HBM3 copy bandwidth, measured (docs/PERF.md)
 RMS_SHAPES = [(98304, 512), (98304, 8, 64)]  # residual stream; per-head q/k norm (tokens, heads, head_dim)
 CE_SHAPES = [(98304, 1024), (98304, 8192)]  # tokens per GPU × vocab
 MODEL_DIM = 512
