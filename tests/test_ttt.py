@@ -499,3 +499,16 @@ def test_eval_only_with_ttt_on_one_and_two_ranks(tiny_env, tmp_path):
         results[world] = (float(ttt_line[0].group(1)), sliding)
     assert results[1][1] == results[2][1] and len(results[1][1]) == 2
     assert results[2][0] == pytest.approx(results[1][0], rel=1e-5)
+
+
+def test_bench_stack_cost_counts_the_windows_ttt_runs(model):
+    """bench/bench_stack_cost.py's work model of TTT (docs/FRONTIER.md's projection) counts exactly the windows that
+    ttt_losses runs, for the default knobs and the record's."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_stack_cost import ttt_positions
+
+    tokens = docs_stream(LENGTHS)
+    for knobs in ({}, RECORD_TTT, dict(TTT_CHUNK=5, EVAL_STRIDE=3)):
+        args = tiny_args(**{**TTT, **knobs})
+        stats = tg.ttt_losses(copy.deepcopy(model), tokens, args, 0, 1)[2]
+        assert ttt_positions(tokens, args)[0] == stats["windows"], knobs
