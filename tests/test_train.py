@@ -1243,7 +1243,7 @@ class OneBatch:
 
 
 def test_train_step_sets_every_groups_lr_and_only_muons_weight_decay():
-    args = tiny_args(MUON_WEIGHT_DECAY="0.04", ADAM_WEIGHT_DECAY="0.02")
+    args = tiny_args(MUON_WEIGHT_DECAY="0.04", ADAM_WEIGHT_DECAY="0.02", EMBED_WEIGHT_DECAY="0.03")
     torch.manual_seed(15)
     model = tg.GPT(args)
     muon, adam = tg.build_optimizers(model, args)
@@ -1252,7 +1252,7 @@ def test_train_step_sets_every_groups_lr_and_only_muons_weight_decay():
     assert [g["lr"] for g in muon.param_groups] == pytest.approx([args.matrix_lr * 0.5])
     assert [g["lr"] for g in adam.param_groups] == pytest.approx([args.tied_embed_lr * 0.5, args.scalar_lr * 0.5])
     assert [g["weight_decay"] for g in muon.param_groups] == pytest.approx([0.01])
-    assert [g["weight_decay"] for g in adam.param_groups] == [0.02, 0.02]
+    assert [g["weight_decay"] for g in adam.param_groups] == [0.03, 0.02]  # the embeddings', the controls'; no taper
     assert muon.param_groups[0]["momentum"] == 0.95
 
 
