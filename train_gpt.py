@@ -265,8 +265,9 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
         need(getattr(a, name.lower()) >= 1, name, "must be at least 1")
     for name in ("WARMUP_STEPS", "VAL_LOSS_EVERY", "MAX_WALLCLOCK_SECONDS", "LOGIT_SOFTCAP",
                  "GRAD_CLIP_NORM", "BIGRAM_VOCAB_SIZE", "MUON_MOMENTUM_WARMUP_STEPS", "XSA_LAST_N", "ROPE_DIMS",
-                 "MATRIX_LR", "TIED_EMBED_LR", "SCALAR_LR", "MUON_WEIGHT_DECAY", "ADAM_WEIGHT_DECAY", "EMBED_WEIGHT_DECAY", "TTT_LR",
-                 "TTT_GLOBAL_LR", "TTT_LORA_ALPHA", "TTT_WEIGHT_DECAY", "TTT_PREFIX_DOCS", "TTT_GLOBAL_CLIP"):
+                 "MATRIX_LR", "TIED_EMBED_LR", "SCALAR_LR", "MUON_WEIGHT_DECAY", "ADAM_WEIGHT_DECAY",
+                 "EMBED_WEIGHT_DECAY", "TTT_LR", "TTT_GLOBAL_LR", "TTT_LORA_ALPHA", "TTT_WEIGHT_DECAY", "TTT_PREFIX_DOCS",
+                 "TTT_GLOBAL_CLIP"):
         need(getattr(a, name.lower()) >= 0, name, "must not be negative")
     need(0 <= a.seed < 2**32, "SEED", "must lie in [0, 2**32): numpy's seed range")
     need(0 <= a.beta1 < 1, "BETA1", "must lie in [0, 1)")
@@ -1082,7 +1083,8 @@ def layer_schedule(num_layers: int, first: int, last: int, passes: int) -> list[
 class GPT(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
-        self.softcap, self.residual_fp32, self.doc_attention = args.logit_softcap, args.residual_fp32, args.doc_attention
+        self.softcap, self.residual_fp32 = args.logit_softcap, args.residual_fp32
+        self.doc_attention = args.doc_attention
         self.qat_config = (args.quant_mode, args.sdclip_k_attn, args.sdclip_k_mlp)
         self.tok_emb = nn.Embedding(args.vocab_size, args.model_dim)
         self.bigram = (BigramHash(args.bigram_vocab_size, args.bigram_dim, args.model_dim, args.smear_bos_fix)
