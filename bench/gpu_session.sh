@@ -24,11 +24,15 @@ case "${1:-}" in
     # validation = the 200 real FineWeb documents (replaces the 1-document val split made above)
     python - <<'EOF'
 import json, sys, sentencepiece as spm
+from pathlib import Path
 sys.path.insert(0, "data")
-from build_shards import write_shard
+from build_shards import split_entry, write_manifest, write_shard
 sp = spm.SentencePieceProcessor(model_file=".carry/data/tokenizer.model")
 docs = [json.loads(line)["text"] for line in open("../shared/data/fineweb_docs/fineweb_200docs.jsonl")]
 n = write_shard(".carry/data/fineweb_val_000000.bin", [t for d in sp.encode(docs) for t in [1] + d])
+manifest = json.loads(Path(".carry/data/manifest.json").read_text())  # train_gpt.py checks the val shard against it
+manifest["splits"]["val"] = dict(split_entry(Path(".carry/data"), "val"), docs=len(docs))
+write_manifest(Path(".carry/data"), manifest)
 print(f"val shard: {n} tokens of FineWeb")
 EOF
     mkdir -p .carry/wheels && cp ../shared/wheels/zstandard-*cp312*.whl .carry/wheels/

@@ -9,7 +9,9 @@ lives under its folder datasets/, env MATCHED_FINEWEB_REMOTE_ROOT_PREFIX overrid
   data/tokenizers/<the variant's tokenizer files>          e.g. fineweb_1024_bpe.model
   data/datasets/fineweb10B_<variant>/fineweb_val_*.bin     always all of them
   data/datasets/fineweb10B_<variant>/fineweb_train_*.bin   the first --train-shards (default 80)
-Files already present and valid are kept; every shard's header is checked after download. See data/README.md.
+and writes data/datasets/fineweb10B_<variant>/manifest.json in data/build_shards.py's format (each shard's token count
+and sha256, the tokenizer's sha256), which train_gpt.py checks. Files already present and valid (and, for shards, of
+the sha256 recorded there) are kept; every shard's header is checked after download. See data/README.md.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from build_shards import BOS_ID, SHARD_FORMAT, sha256_file, split_entry, write_manifest  # noqa: E402
 from train_gpt import DataError, read_shard_header  # noqa: E402  (the training script's own strict reader)
 
 DATA_DIR = Path(__file__).resolve().parent
@@ -306,15 +309,25 @@ def download_variant(variant: str = "sp1024", train_shards: int = DEFAULT_TRAIN_
 
     manifest = get_manifest(download, repo_id, remote_root, data_dir, variant, refresh_manifest, log)
     wanted = plan(manifest, variant, train_shards, remote_root, data_dir)
-    done = {"downloaded": 0, "replaced": 0, "kept": 0}
+    dataset, tokenizer = select_variant(manifest, variant)
+    shard_dir = data_dir / "datasets" / dataset["name"]
+    recorded = recorded_hashes(shard_dir)
+    model = next((w.local for w in wanted if w.kind == "tokenizer" and w.local.suffix == ".model"), None)
+    done, hashes = {"downloaded": 0, "replaced": 0, "kept": 0}, {}
     width = len(str(len(wanted)))
     for i, w in enumerate(wanted, 1):
         reason = problem(w)
+        if reason is None and w.kind == "shard":
+            sha = hashes[w.local.name] = sha256_file(w.local)
+            if recorded.get(w.local.name, sha) != sha:
+                reason = f"sha256 {sha[:12]}..., not the {recorded[w.local.name][:12]}... recorded at its download"
         where = w.local.relative_to(data_dir) if w.local.is_relative_to(data_dir) else w.local
         if reason is None:
             done["kept"] += 1
             log(f"[{i:>{width}}/{len(wanted)}] {where}: present and valid, kept")
             continue
+        if not done["downloaded"] + done["replaced"] and model is not None:
+            mark_incomplete(shard_dir)  # until the manifest below, a run refuses the folder (train_gpt.py)
         if reason != "missing":
             log(f"[{i:>{width}}/{len(wanted)}] {where}: invalid ({reason}); downloading it again")
             w.local.unlink()
@@ -323,16 +336,61 @@ def download_variant(variant: str = "sp1024", train_shards: int = DEFAULT_TRAIN_
             done["downloaded"] += 1
             log(f"[{i:>{width}}/{len(wanted)}] {where}: downloading")
         fetch(w, download, repo_id, data_dir)
+        if w.kind == "shard":
+            hashes[w.local.name] = sha256_file(w.local)
 
-    dataset, tokenizer = select_variant(manifest, variant)
-    model = next((w.local for w in wanted if w.kind == "tokenizer" and w.local.suffix == ".model"), None)
-    shard_dir = data_dir / "datasets" / dataset["name"]
+    if model is not None:
+        source = {"repo_id": repo_id, "remote_root": remote_root, "dataset": dataset["name"]}
+        write_manifest(shard_dir, shard_manifest(shard_dir, model, hashes, tokenizer, manifest.get("shard_size"),
+                                                 source))
     log(f"done: {done['downloaded']} downloaded, {done['replaced']} replaced, {done['kept']} kept; "
-        f"{train_shards} train + {split_file_count(dataset, 'val')} val shards in {shard_dir}")
+        f"{train_shards} train + {split_file_count(dataset, 'val')} val shards in {shard_dir}"
+        + (f", each one's token count and sha256 in {shard_dir / MANIFEST}" if model is not None else ""))
     if model is not None:
         log(f"train with: DATA_PATH={shard_dir} TOKENIZER_PATH={model} "
             f"VOCAB_SIZE={tokenizer.get('vocab_size', dataset.get('vocab_size', '?'))}")
     return {**done, "dataset_dir": shard_dir, "files": [w.local for w in wanted]}
+
+
+# -----------------------------------------------------------------------------
+# The shards' own manifest.json, in the format data/build_shards.py writes, so train_gpt.py checks both alike
+
+
+def recorded_hashes(shard_dir: Path) -> dict[str, str]:
+    """{shard name: sha256} as the folder's manifest.json recorded them at download, {} without one."""
+    try:
+        listed = json.loads((shard_dir / MANIFEST).read_text(encoding="utf-8"))["splits"]
+        return {f["name"]: f["sha256"] for split in listed.values() for f in split["files"] if "sha256" in f}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def mark_incomplete(shard_dir: Path) -> None:
+    """Keep what the manifest recorded, marked incomplete: an interrupted download then leaves a folder that
+    train_gpt.py refuses, and the next run still compares the files it keeps with their recorded sha256."""
+    try:
+        kept = json.loads((shard_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        kept = {}
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    write_manifest(shard_dir, {**(kept if isinstance(kept, dict) else {}), "complete": False})
+
+
+def shard_manifest(shard_dir: Path, model: Path, hashes: dict[str, str], tokenizer: dict, shard_size, source: dict
+                   ) -> dict:
+    """Every shard in the folder (those of an earlier, larger download too): its token count and sha256."""
+    splits = {split: split_entry(shard_dir, split, hashes) for split in ("val", "train")}
+    return {
+        "format": SHARD_FORMAT,
+        "source": source,
+        "tokenizer": {"file": os.path.relpath(model, shard_dir), "sha256": sha256_file(model),
+                      "vocab_size": tokenizer.get("vocab_size")},
+        "bos_id": BOS_ID,
+        "append_eos": False,
+        "shard_tokens": shard_size,
+        "tokens_total": splits["val"]["tokens"] + splits["train"]["tokens"],
+        "splits": splits,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -355,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("cached_challenge_fineweb.py: interrupted (Ctrl-C); every file in place is complete, and an unfinished "
+              "download is marked so in the shards' manifest.json: run the same command again", file=sys.stderr)
+        return 130
     return 0
 
 
