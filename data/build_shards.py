@@ -385,8 +385,10 @@ def _worker_init(model_proto: bytes) -> None:
     global _WORKER_SP
     import sentencepiece as spm
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle, not one traceback per worker
-
+    # Ctrl-C is the parent's to answer (one line), not one traceback per worker. Not before this point: one in the
+    # first second, while the workers still import, may print theirs too (were the parent to ignore SIGINT while it
+    # starts them, so that they inherit that, the Ctrl-C could be lost to one of its other threads).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER_SP = spm.SentencePieceProcessor(model_proto=model_proto)
 
 
