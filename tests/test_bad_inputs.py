@@ -742,7 +742,7 @@ def test_ctrl_c_in_train_gpt_is_one_line_and_exit_130(tmp_path, env):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.splitlines() == [
-        f"train_gpt.py: interrupted (Ctrl-C); logs/A.txt ends with `error: interrupted`"], err
+        "train_gpt.py: interrupted (Ctrl-C); logs/A.txt ends with `error: interrupted`"], err
     assert log.read_text().splitlines()[-1] == "error: interrupted (Ctrl-C)"
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["A.txt"]  # no artifact, whole or half
 
