@@ -336,8 +336,8 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
     need(bool(targets) and set(targets) <= set(TTT_TARGETS) and len(set(targets)) == len(targets), "TTT_LORA_TARGETS",
          f"must be a comma list of distinct names among {', '.join(TTT_TARGETS)}")
     a.ttt_lora_targets = ",".join(t for t in TTT_TARGETS if t in targets)
-    need(a.ttt_lora_rank <= a.model_dim, "TTT_LORA_RANK", f"must be at most MODEL_DIM={a.model_dim}: a LoRA of a "
-         f"higher rank than its width costs memory and adds nothing")
+    need(not a.ttt_enabled or a.ttt_lora_rank <= a.model_dim, "TTT_LORA_RANK", f"must be at most MODEL_DIM="
+         f"{a.model_dim}: a LoRA of a higher rank than its width costs memory and adds nothing")
     need(a.ttt_phases == 1 or a.ttt_global_lr > 0, "TTT_PHASES",
          "is above 1 but TTT_GLOBAL_LR=0: the phases exist for the global update between them; set TTT_GLOBAL_LR")
     need(0 <= a.mlp_leaky_slope < 1, "MLP_LEAKY_SLOPE", "must lie in [0, 1)")

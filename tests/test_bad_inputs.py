@@ -691,10 +691,11 @@ def test_knob_float32_cannot_hold_or_memory_bound_is_refused(knob, value, words)
     """Finite in float64, so they passed; inf or 0 in the float32 tensors they become, they ended in a non-finite
     loss blamed on the learning rates. A LoRA rank above the width it adapts costs memory and adds nothing."""
     with pytest.raises(tg.ConfigError) as e:
-        tiny_args(**{knob: value})
+        tiny_args(**{knob: value}, TTT_ENABLED=1)
     assert str(e.value).startswith(words), str(e.value)
     assert tiny_args(**{knob: {"ROPE_BASE": "3e38", "LOGIT_SOFTCAP": "3e38", "ADAM_EPS": "1e-40",
-                               "TTT_LORA_RANK": "64"}[knob]})  # the largest (smallest) value float32 holds is fine
+                               "TTT_LORA_RANK": "64"}[knob]}, TTT_ENABLED=1)  # the largest (smallest) float32 holds
+    assert tiny_args(TTT_LORA_RANK=65)  # without TTT the rank is not used
 
 
 def test_eval_only_checks_only_the_knobs_it_uses(tmp_path):

@@ -260,6 +260,7 @@ def test_submission_json_types_and_values(packed):
     assert sub["bytes_code"] == code_bytes
     assert sub["bytes_model"] == 15_491_002                       # the seed with the largest artifact
     assert sub["bytes_total"] == 15_491_002 + code_bytes           # max over seeds
+    assert sub["val_set"] == {"tokens": VAL_TOKENS + 1, "sha256": "ab" * 32, "tokenizer_sha256": "4f5e" * 16}
     assert sub["seeds"] == [1337, 42, 2025]
     assert sub["val_bpb_per_seed"] == [1.1228, 1.1233, 1.1238]
     assert sub["val_loss_per_seed"] == [1.8967, 1.8975, 1.8983]
