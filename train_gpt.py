@@ -18,6 +18,7 @@ import gc
 import glob
 import hashlib
 import importlib.util
+import io
 import itertools
 import json
 import lzma
@@ -188,12 +189,24 @@ class Hyperparameters:
         values = dict(PRESETS.get(preset, {}))
         for f in dataclasses.fields(cls):
             raw = env.get(f.name.upper())
-            if raw is not None:
+            if raw is not None and not (env.get("EVAL_ONLY") and f.name.upper() in TRAINING_ONLY):
                 values[f.name] = parse_knob(f.name.upper(), raw, type(f.default))
         return cls(**values)
 
     def env(self) -> dict:
         return {k.upper(): v for k, v in dataclasses.asdict(self).items()}
+
+
+# Knobs only training reads: EVAL_ONLY ignores them, so that a training run's leftovers do not stop a score.
+TRAINING_ONLY = frozenset((
+    "ITERATIONS", "MAX_WALLCLOCK_SECONDS", "WARMUP_STEPS", "WARMDOWN_ITERS", "WARMDOWN_FRAC", "MIN_LR",
+    "GRAD_ACCUM_STEPS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY", "MATRIX_LR", "TIED_EMBED_LR", "SCALAR_LR",
+    "MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "MUON_MOMENTUM_WARMUP_STEPS", "MUON_BACKEND_STEPS", "MUON_NS_COEFFS",
+    "MUON_ROW_NORMALIZE", "MUON_WEIGHT_DECAY", "WD_TAPER_START_FRAC", "WD_TAPER_FINAL_MULT", "ADAM_WEIGHT_DECAY",
+    "EMBED_WEIGHT_DECAY", "BETA1", "BETA2", "ADAM_EPS", "GRAD_CLIP_NORM", "LATE_QAT_THRESHOLD", "EMA_DECAY",
+    "SWA_ENABLED", "SWA_EVERY", "SWA_START_SCALE", "AVERAGING", "QUANT_MODE", "GPTQ_ENABLED", "SDCLIP_K_ATTN",
+    "SDCLIP_K_MLP", "SDCLIP_K_EMBED", "EMBED_BITS", "GPTQ_CALIBRATION", "GPTQ_CALIB_SEQS", "GPTQ_CALIB_LEN",
+    "GPTQ_CALIB_TEMP", "GPTQ_BLOCK", "GPTQ_DAMP", "GPTQ_ACT_ORDER", "LQER_RANK", "LQER_TOP", "SAVE_WEIGHTS"))
 
 
 # Each preset's values in one place, as field names; a run's `config:` line shows what they resolved to.
@@ -238,10 +251,10 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
     a = copy.copy(args)
     a.run_id = a.run_id or uuid.uuid4().hex[:12]
     if a.grad_accum_steps == 0:
-        if 8 % world_size:
+        if 8 % world_size and not a.eval_only:
             raise ConfigError(f"GRAD_ACCUM_STEPS: the default 8 // WORLD_SIZE needs a world size dividing 8 "
                               f"(got {world_size}); set GRAD_ACCUM_STEPS explicitly")
-        a.grad_accum_steps = 8 // world_size
+        a.grad_accum_steps = max(1, 8 // world_size)
     if a.xsa_last_n == -1:
         a.xsa_last_n = min(4, a.num_layers)
     if a.ve_layers == "auto":
@@ -256,8 +269,10 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
     need(RUN_ID_PATTERN.fullmatch(a.run_id) is not None and len(a.run_id) <= 200, "RUN_ID",
          "must be a plain name (letters, digits and . _ + -, at most 200): it names logs/<RUN_ID>.txt and .ptz")
     for f in dataclasses.fields(a):  # nan/inf would only surface as a non-finite loss, blamed on the learning rates
-        if type(f.default) is float:
-            need(math.isfinite(getattr(a, f.name)), f.name.upper(), "must be a finite number")
+        if type(f.default) is float:  # ... and so would 1e39 or 1e-50: inf and 0 in float32
+            v, v32 = getattr(a, f.name), torch.tensor(getattr(a, f.name), dtype=torch.float32).item()
+            need(math.isfinite(v32) and (v == 0) == (v32 == 0), f.name.upper(), "must be a finite number that "
+                 "float32 holds (magnitude at most 3.4e38, and not so small that it rounds to 0)")
     for name in ("ITERATIONS", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_SEQ_LEN",
                  "TRAIN_BATCH_TOKENS", "GRAD_ACCUM_STEPS", "VOCAB_SIZE", "EVAL_STRIDE", "EVAL_BATCH_SEQS",
                  "MUON_BACKEND_STEPS", "SWA_EVERY", "TRAIN_LOG_EVERY", "TTT_LORA_RANK", "TTT_CHUNK", "TTT_BATCH_DOCS",
@@ -294,7 +309,7 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
     need(a.ve_dim >= 1 or not layers, "VE_DIM", "must be at least 1")
     need(a.bigram_dim >= 1 or not a.bigram_vocab_size, "BIGRAM_DIM", "must be at least 1")
     micro = world_size * a.grad_accum_steps * a.train_seq_len
-    need(a.train_batch_tokens % micro == 0, "TRAIN_BATCH_TOKENS",
+    need(a.eval_only or a.train_batch_tokens % micro == 0, "TRAIN_BATCH_TOKENS",
          f"must split into WORLD_SIZE({world_size}) x GRAD_ACCUM_STEPS({a.grad_accum_steps}) x TRAIN_SEQ_LEN"
          f"({a.train_seq_len}) = multiples of {micro}")
     need(0 < a.eval_stride <= a.eval_seq_len, "EVAL_STRIDE", f"must lie in [1, EVAL_SEQ_LEN={a.eval_seq_len}]")
@@ -346,6 +361,8 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
     need(bool(targets) and set(targets) <= set(TTT_TARGETS) and len(set(targets)) == len(targets), "TTT_LORA_TARGETS",
          f"must be a comma list of distinct names among {', '.join(TTT_TARGETS)}")
     a.ttt_lora_targets = ",".join(t for t in TTT_TARGETS if t in targets)
+    need(not a.ttt_enabled or a.ttt_lora_rank <= a.model_dim, "TTT_LORA_RANK", f"must be at most MODEL_DIM="
+         f"{a.model_dim}: a LoRA of a higher rank than its width costs memory and adds nothing")
     need(a.ttt_phases == 1 and a.ttt_prefix_docs == 0 or a.ttt_global_lr > 0, "TTT_GLOBAL_LR",
          f"is 0, but TTT_PHASES={a.ttt_phases} and TTT_PREFIX_DOCS={a.ttt_prefix_docs} ask for global updates "
          f"between parts of the documents; set TTT_GLOBAL_LR")
@@ -451,12 +468,17 @@ def load_shard(path: str | Path, vocab_size: int | None = None) -> np.ndarray:
     return tokens
 
 
-def list_shards(pattern: str) -> list[Path]:
-    files = [Path(p) for p in sorted(glob.glob(pattern))]
+def list_shards(data_path: str, split: str) -> list[Path]:
+    """The split's shards under DATA_PATH, a folder whose name is taken literally (a `?`, `*` or `[` in it must not
+    match, and merge, other folders)."""
+    name = f"fineweb_{split}_*.bin"
+    get = ("download the official ones with `python data/cached_challenge_fineweb.py --variant sp1024` or build "
+           "your own with `python data/build_shards.py`, then point DATA_PATH at their folder")
+    if not Path(data_path).is_dir():
+        raise DataError(f"DATA_PATH={data_path} is not a folder; {get}")
+    files = [Path(p) for p in sorted(glob.glob(os.path.join(glob.escape(data_path), name)))]
     if not files:
-        raise DataError(f"no shard matches {pattern}; download the official ones with "
-                        f"`python data/cached_challenge_fineweb.py --variant sp1024` or build your own with "
-                        f"`python data/build_shards.py`, then point DATA_PATH at their folder")
+        raise DataError(f"no shard matches {os.path.join(data_path, name)}; {get}")
     return files
 
 
@@ -565,32 +587,63 @@ class TrainLoader:
 
 
 def load_validation_tokens(data_path: str, vocab_size: int) -> Tensor:
-    files = list_shards(os.path.join(data_path, "fineweb_val_*.bin"))
+    files = list_shards(data_path, "val")
     tokens = np.concatenate([load_shard(f, vocab_size) for f in files])
     if len(tokens) < 2:
         raise DataError(f"validation shards under {data_path} hold {len(tokens)} tokens; at least 2 are needed")
     return torch.from_numpy(tokens.astype(np.int64))
 
 
-def check_manifest_tokenizer(data_path: str, tokenizer_path: str) -> dict:
-    """data/build_shards.py records the sha256 of the tokenizer it encoded with in DATA_PATH/manifest.json.
-    Another tokenizer of the same size would score a wrong val_bpb without any other sign, so where that
-    manifest exists, the tokenizer must be the one it names. Returns the manifest ({} where there is none)."""
-    manifest = Path(data_path) / MANIFEST_FILE
-    if not manifest.is_file():
-        return {}
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check_manifest(args: Hyperparameters, tokenizer_sha256: str) -> tuple[dict, str]:
+    """DATA_PATH/manifest.json ({} where there is none; the data tools write one) and what it let the run check
+    cheaply, said in a word for the log: the tokenizer's sha256 (one of the same size with other pieces scores a wrong
+    val_bpb and says nothing), the shards listed, their counts, the validation shards' sha256 (their byte sidecars':
+    load_sidecar_bytes). Not the train shards' (16 GB officially)."""
+    path = Path(args.data_path) / MANIFEST_FILE
+    if not path.is_file():
+        if glob.glob(os.path.join(glob.escape(args.data_path), "fineweb_valbytes_*.bin")):
+            raise DataError(f"DATA_PATH={args.data_path} holds byte sidecars (fineweb_valbytes_*.bin) but no "
+                            f"{MANIFEST_FILE}: caseops shards scored without it would count the marker pieces' bytes; "
+                            f"restore it or rebuild with data/build_shards.py --caseops")
+        return {}, "none (no manifest.json: the shards' tokenizer, counts and sha256 unchecked)"
     try:
-        content = json.loads(manifest.read_text(encoding="utf-8"))
-        recorded, copy_name = str(content["tokenizer"]["sha256"]), str(content["tokenizer"]["file"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{manifest}: not a manifest of data/build_shards.py ({type(e).__name__}: {e}); "
-                        f"rebuild the shards or remove the file") from None
-    actual = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()
-    if actual != recorded:
-        raise DataError(f"TOKENIZER_PATH={tokenizer_path} (sha256 {actual[:12]}...) is not the tokenizer the shards "
-                        f"under DATA_PATH were built with ({manifest} says sha256 {recorded[:12]}...); set "
-                        f"TOKENIZER_PATH={Path(data_path) / copy_name}, the copy build_shards.py keeps there")
-    return content
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        done, tokenizer = manifest.get("complete", True), manifest["tokenizer"]
+        recorded, copy_name = str(tokenizer["sha256"]), str(tokenizer["file"])
+        listed = {split: {str(f["name"]): f for f in manifest["splits"][split]["files"]} for split in ("val", "train")}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{path}: not a manifest of data/build_shards.py or data/cached_challenge_fineweb.py "
+                        f"({type(e).__name__}: {e}); rebuild the shards or remove the file") from None
+    if done is not True:
+        raise DataError(f"{path} says the download into DATA_PATH did not finish; run "
+                        f"data/cached_challenge_fineweb.py again")
+    if tokenizer_sha256 != recorded:
+        raise DataError(f"TOKENIZER_PATH={args.tokenizer_path} (sha256 {tokenizer_sha256[:12]}...) is not the "
+                        f"tokenizer the shards under DATA_PATH were built with ({path} says sha256 "
+                        f"{recorded[:12]}...); set TOKENIZER_PATH={os.path.normpath(Path(args.data_path, copy_name))}"
+                        f", the copy it names")
+    for split in ("val",) if args.eval_only else ("val", "train"):
+        present = {f.name: f for f in list_shards(args.data_path, split)}
+        odd = sorted(set(present) ^ set(listed[split]))
+        if odd:
+            raise DataError(f"{path} {'does not list' if odd[0] in present else 'lists'} {odd[0]}, " + (
+                "which is in DATA_PATH: shards of another build are mixed in; remove them" if odd[0] in present
+                else f"which is missing from DATA_PATH; {FIX_SHARDS}"))
+        for name, f in present.items():
+            entry, n = listed[split][name], read_shard_header(f)
+            if entry.get("tokens") != n:
+                raise DataError(f"{f}: {n} tokens, but {path} says {entry.get('tokens')}; {FIX_SHARDS}")
+            if split == "val" and "sha256" in entry and sha256_file(f) != entry["sha256"]:
+                raise DataError(f"{f}: its sha256 is not the {str(entry['sha256'])[:12]}... {path} records: the "
+                                f"validation text changed since the shards were made; {FIX_SHARDS}")
+    if not all("sha256" in entry for entry in listed["val"].values()):
+        return manifest, "checked (counts only: the manifest records no validation sha256)"
+    return manifest, "checked"
 
 
 def load_sidecar_bytes(data_path: str, caseops: dict, n_tokens: int) -> Tensor:
@@ -604,7 +657,7 @@ def load_sidecar_bytes(data_path: str, caseops: dict, n_tokens: int) -> Tensor:
         raise DataError(f"{Path(data_path) / MANIFEST_FILE}: its caseops entry lists no byte sidecars; rebuild the "
                         f"shards with data/build_shards.py --caseops")
     for path, sha256 in entries:
-        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+        if not path.is_file() or sha256_file(path) != sha256:
             raise DataError(f"DATA_PATH={data_path} holds caseops shards, but their byte sidecar {path.name} is "
                             f"{'missing' if not path.is_file() else 'not the one its manifest names'}: val_bpb "
                             f"counts the original text's bytes from it; rebuild with data/build_shards.py --caseops")
@@ -674,6 +727,18 @@ def stream_bytes(tokens: Tensor, luts: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.int32)] + parts)
 
 
+def check_encoded(tokens: Tensor, boundary: Tensor, data_path: str) -> None:
+    """Encoded documents start with BOS and hold no other control id, which other bytes behind a valid header almost
+    surely do."""
+    counts = torch.bincount(tokens, minlength=len(boundary))
+    odd = (boundary & (counts > 0) & (torch.arange(len(counts)) != BOS_ID)).nonzero().flatten().tolist()
+    if tokens[0] != BOS_ID or odd:
+        raise DataError(f"the validation shards under DATA_PATH={data_path} are not encoded documents: they "
+                        + (f"hold control or unknown ids {odd[:5]} ({int(counts[odd].sum())} times), which encoded "
+                           f"text never does" if odd else f"start with id {int(tokens[0])}, not BOS ({BOS_ID})")
+                        + f"; {FIX_SHARDS}")
+
+
 def check_scorable(token_bytes: Tensor, data_path: str) -> None:
     """val_bpb divides by the bytes scored: validation text of only control tokens (BOS) has none, and would fail
     only after all of training."""
@@ -683,22 +748,30 @@ def check_scorable(token_bytes: Tensor, data_path: str) -> None:
                         f"{FIX_SHARDS}")
 
 
-def load_inputs(args: Hyperparameters) -> tuple[Tensor, Tensor, str]:
+def load_inputs(args: Hyperparameters) -> tuple[Tensor, Tensor, dict]:
     """Everything the run reads, checked before its log is opened (a bad path then costs no log file and truncates
     nothing): (per position of the validation stream, the bytes its token stands for as a target; the validation
-    tokens; where those bytes come from)."""
+    tokens; the data's identity and where those bytes come from). The validation set is named by the count and sha256
+    of its ids as uint16, whatever its sharding, and by the bytes they stand for (val_bpb's divisor), for EVAL_ONLY
+    and records/pack.py to compare."""
     sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
-    manifest = check_manifest_tokenizer(args.data_path, args.tokenizer_path)
+    tokenizer_sha256 = sha256_file(Path(args.tokenizer_path))
+    manifest, checked = check_manifest(args, tokenizer_sha256)
+    luts = byte_luts(sp, args.vocab_size)
     val_tokens = load_validation_tokens(args.data_path, args.vocab_size)
+    check_encoded(val_tokens, luts[2], args.data_path)
     if "caseops" in manifest:
         token_bytes = load_sidecar_bytes(args.data_path, manifest["caseops"], val_tokens.numel())
         source = f"caseops_sidecar version:{manifest['caseops'].get('version')}"
     else:
-        token_bytes, source = stream_bytes(val_tokens, byte_luts(sp, args.vocab_size)), "tokenizer_pieces"
+        token_bytes, source = stream_bytes(val_tokens, luts), "tokenizer_pieces"
     check_scorable(token_bytes, args.data_path)
     if not args.eval_only:
-        check_train_shards(list_shards(os.path.join(args.data_path, "fineweb_train_*.bin")))
-    return token_bytes, val_tokens, source
+        check_train_shards(list_shards(args.data_path, "train"))
+    return token_bytes, val_tokens, {"tokenizer_sha256": tokenizer_sha256, "val_tokens": val_tokens.numel(),
+                                     "val_sha256": hashlib.sha256(val_tokens.numpy().astype("<u2")).hexdigest(),
+                                     "val_bytes": int(token_bytes.sum()), "val_bytes_from": source,
+                                     "manifest": checked}
 
 
 # -----------------------------------------------------------------------------
@@ -1857,7 +1930,7 @@ def ttt_phase(model: GPT, tokens: Tensor, spans: list[tuple[int, int]], args: Hy
     """This rank's documents of one phase, in TTT_BATCH_DOCS lanes of contiguous documents, a chunk of every lane's
     current document per step. A lane learns from a chunk unless nothing will read the update: it is its document's
     last chunk and the next document resets (or none follows)."""
-    lanes = contiguous_parts(spans, args.ttt_batch_docs)
+    lanes = contiguous_parts(spans, min(args.ttt_batch_docs, len(spans)))  # at most one lane a document
     adapters = TTTAdapters(model, args, len(lanes), tokens.device)
     adapters.attach(model)
     doc, lo = [0] * len(lanes), [0] * len(lanes)
@@ -2636,9 +2709,13 @@ def config_sha256(args: Hyperparameters) -> str:
     return hashlib.sha256(json.dumps(args.env(), sort_keys=True).encode()).hexdigest()
 
 
-def artifact_meta(args: Hyperparameters) -> dict:
-    """What the artifact says about the run that wrote it, so that a score of it can name that run."""
-    return {"run_id": args.run_id, "config_sha256": config_sha256(args)}
+# load_inputs()'s names of the data: tokenizer, validation ids, and the bytes they stand for (val_bpb's divisor)
+DATA_IDENTITY = ("tokenizer_sha256", "val_tokens", "val_sha256", "val_bytes", "val_bytes_from")
+
+
+def artifact_meta(args: Hyperparameters, data: dict | None = None) -> dict:
+    """What the artifact says about the run that wrote it and its data, for a score of it to name and check."""
+    return {"run_id": args.run_id, "config_sha256": config_sha256(args), **{k: data[k] for k in DATA_IDENTITY if data}}
 
 
 @dataclasses.dataclass
@@ -2707,11 +2784,38 @@ def check_artifact_config(config: dict, n_tensors: int, path: Path) -> None:
 
 
 def check_artifact_meta(meta: dict, path: Path) -> None:
-    """The run id and config hash are written into the log of a score: plain names only, no line of their own."""
-    run_id, digest = meta.get("run_id", ""), meta.get("config_sha256", "")
+    """The run id, the hashes and the byte source are written into the log of a score: plain names only, no line of
+    their own."""
+    run_id, source = meta.get("run_id", ""), meta.get("val_bytes_from", "")
+    digests = [meta.get(k, "") for k in ("config_sha256", "tokenizer_sha256", "val_sha256")]
     if not (run_id == "" or isinstance(run_id, str) and RUN_ID_PATTERN.fullmatch(run_id)) or \
-            not (digest == "" or isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
-        raise ArtifactError(f"{path}: its meta {str(meta)[:120]} is not a run id and a config sha256")
+            not all(d == "" or isinstance(d, str) and re.fullmatch(r"[0-9a-f]{64}", d) for d in digests) or \
+            not all(type(meta.get(k, 0)) is int for k in ("val_tokens", "val_bytes")) or \
+            not (isinstance(source, str) and re.fullmatch(r"[\w.: ]{0,80}", source)):
+        raise ArtifactError(f"{path}: its meta {str(meta)[:120]} is not a run id, counts, sha256 hashes and a byte "
+                            f"source")
+
+
+def check_artifact_data(artifact: Artifact, data: dict, args: Hyperparameters) -> None:
+    """EVAL_ONLY scores with the artifact's own tokenizer (its ids mean those pieces), on its own validation set, its
+    bytes counted as they were (caseops sidecars or the tokenizer's pieces)."""
+    meta, val = artifact.meta, (data["val_tokens"], data["val_sha256"])
+    if meta.get("tokenizer_sha256", data["tokenizer_sha256"]) != data["tokenizer_sha256"]:
+        raise DataError(f"EVAL_ONLY={artifact.path} was trained with the tokenizer of sha256 "
+                        f"{meta['tokenizer_sha256'][:12]}..., but TOKENIZER_PATH={args.tokenizer_path} has sha256 "
+                        f"{data['tokenizer_sha256'][:12]}...; point TOKENIZER_PATH at the tokenizer of its training")
+    if "val_sha256" in meta and (meta.get("val_tokens"), meta["val_sha256"]) != val:
+        raise DataError(f"EVAL_ONLY={artifact.path} was scored on validation tokens:{meta.get('val_tokens')} sha256:"
+                        f"{meta['val_sha256'][:12]}..., but DATA_PATH={args.data_path} holds tokens:"
+                        f"{data['val_tokens']} sha256:{data['val_sha256'][:12]}...; point DATA_PATH at the shards "
+                        f"of its run")
+    if "val_bytes" in meta and (meta["val_bytes"], meta.get("val_bytes_from")) != (data["val_bytes"],
+                                                                                  data["val_bytes_from"]):
+        raise DataError(f"EVAL_ONLY={artifact.path} was scored on {meta['val_bytes']} bytes of validation text "
+                        f"(val_bytes_from:{meta.get('val_bytes_from')}), but the tokens under DATA_PATH="
+                        f"{args.data_path} stand for {data['val_bytes']} (val_bytes_from:{data['val_bytes_from']}): "
+                        f"caseops shards count the original text's bytes from the sidecars their manifest.json names; "
+                        f"point DATA_PATH at the shards of its run, manifest included")
 
 
 def model_from_artifact(artifact: Artifact | str | Path, args: Hyperparameters, device: torch.device) -> GPT:
@@ -2790,11 +2894,11 @@ def check_budget_floor(model: GPT, args: Hyperparameters, code_bytes: int) -> No
 
 
 def export_artifact(model: GPT, args: Hyperparameters, code_bytes: int, hessians: dict | None, factors: dict | None,
-                    rank: int, world: int, log) -> tuple[bytes | None, dict]:
+                    rank: int, world: int, log, data: dict | None = None) -> tuple[bytes | None, dict]:
     """Quantise the model's weights (QUANT_MODE=sdclip: at the finest multiplier that fits ARTIFACT_LIMIT) and
     compress them; GPTQ spreads its tensors over the ranks. Returns the artifact's bytes (on rank 0; None on the
     others) and what was stored, in the trained order of units (the artifact holds it as sorted_hidden_units)."""
-    state, config, meta = model.state_dict(), model_config(args), artifact_meta(args)
+    state, config, meta = model.state_dict(), model_config(args), artifact_meta(args, data)
     names, device = list(state), model.tok_emb.weight.device
 
     def quantise(multiplier: float) -> dict:
@@ -2838,9 +2942,11 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # Ctrl-C included: no half-written file stays behind
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if not isinstance(e, OSError):
+            raise
         raise OutputError(f"cannot write {path} ({e.strerror}); free disk space or make {path.parent} writable "
                           f"(whatever was at {path} before is unchanged)") from None
 
@@ -3098,9 +3204,8 @@ def build_training(args: Hyperparameters, device: torch.device, rank: int, world
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
     optimizers = build_optimizers(model, args)
-    loader = TrainLoader(TokenStream(list_shards(os.path.join(args.data_path, "fineweb_train_*.bin")),
-                                     args.vocab_size), args.train_batch_tokens, args.train_seq_len, rank, world,
-                         args.grad_accum_steps, device)
+    loader = TrainLoader(TokenStream(list_shards(args.data_path, "train"), args.vocab_size), args.train_batch_tokens,
+                         args.train_seq_len, rank, world, args.grad_accum_steps, device)
     return model, train_model, optimizers, loader
 
 
@@ -3168,9 +3273,11 @@ def train(model: GPT, train_model, loader: TrainLoader, optimizers, averages: We
         now = clock.at(mark)
         mean_loss, nonfinite, shared_ms = (v / world for v in flags.tolist())
         known, own = (covered, shared_ms), (s, now)
-        if nonfinite:
-            raise FloatingPointError(f"step {s}: training loss is {mean_loss} (NaN or inf); lower the learning "
-                                     f"rates (MATRIX_LR, TIED_EMBED_LR, SCALAR_LR) or check the data")
+        if nonfinite:  # step 1's loss is the initial weights': no learning rate has acted yet
+            raise FloatingPointError(f"step {s}: training loss is {mean_loss} (NaN or inf); " + (
+                "the initial model's, before any update: " if s == 1 else "lower the learning rates (MATRIX_LR, "
+                "TIED_EMBED_LR, SCALAR_LR), or ") + "check LOGIT_SOFTCAP, ROPE_BASE, QK_GAIN_INIT, "
+                "TIED_EMBED_INIT_STD and the data")
         if s <= 10 or s % args.train_log_every == 0:
             eta_ms = min((args.iterations - s) * now / s, max(max_ms - now, 0))
             log(f"step:{s}/{args.iterations} train_loss:{mean_loss:.4f} train_time:{now:.0f}ms "
@@ -3245,7 +3352,9 @@ def main(opened: list[Logger] | None = None) -> None:
         args.run_id = run_id[0]
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    token_bytes, val_tokens, bytes_source = load_inputs(args)
+    token_bytes, val_tokens, data = load_inputs(args)
+    if artifact is not None:
+        check_artifact_data(artifact, data, args)
     runtime = prepare_runtime(args, device)
     log = open_run_log(args, rank)
     if opened is not None:
@@ -3253,7 +3362,9 @@ def main(opened: list[Logger] | None = None) -> None:
     compile_on = args.compile and device.type == "cuda"
     log_header(log, args)
     log(f"world_size:{world} grad_accum_steps:{args.grad_accum_steps} {runtime}")
-    log(f"val_bytes_from:{bytes_source}")
+    log(f"val_data: tokens:{data['val_tokens']} sha256:{data['val_sha256']} "
+        f"tokenizer_sha256:{data['tokenizer_sha256']} manifest:{data['manifest']}")
+    log(f"val_bytes_from:{data['val_bytes_from']}")
     autocast = make_autocast(device)
     code_bytes = sum(f.stat().st_size for f in project_code_files())
 
@@ -3281,7 +3392,8 @@ def main(opened: list[Logger] | None = None) -> None:
     if artifact is not None:
         log(f"eval_only: {artifact.path} bytes:{artifact.nbytes} sha256:{artifact.sha256} "
             f"compressor:{artifact.compressor} run_id:{artifact.meta.get('run_id') or 'unknown'} "
-            f"config_sha256:{artifact.meta.get('config_sha256') or 'unknown'}")
+            f"config_sha256:{artifact.meta.get('config_sha256') or 'unknown'} "
+            f"data:{'checked' if 'val_sha256' in artifact.meta else 'unknown'}")
         finish(log, args, model_from_artifact(artifact, args, device), score, plain_batch, artifact.nbytes, code_bytes,
                score_ttt)
         return
@@ -3312,8 +3424,9 @@ def main(opened: list[Logger] | None = None) -> None:
     model.set_qat(False)
     keep_averaged_weights(model, averages, args, score_plain, log)
     if args.save_weights and rank == 0:  # for quantiser studies (bench/quant_sweep.py); not part of a submission
-        torch.save(dict(config=model_config(args), state={k: v.cpu() for k, v in model.state_dict().items()}),
-                   LOG_DIR / f"{args.run_id}.weights.pt")
+        weights = io.BytesIO()
+        torch.save(dict(config=model_config(args), state={k: v.cpu() for k, v in model.state_dict().items()}), weights)
+        write_atomic(LOG_DIR / f"{args.run_id}.weights.pt", weights.getvalue())
 
     t0 = time.perf_counter()
     hessians = factors = None
@@ -3326,7 +3439,7 @@ def main(opened: list[Logger] | None = None) -> None:
             f"sample_ms:{1000 * (t_h - t0):.0f} hessian_ms:{1000 * (done - t_h):.0f}"
             + (f" train_time_with_calibration:{train_ms + 1000 * (done - t0):.0f}ms"
                if args.gptq_calibration == "train" else ""))
-    blob, stored = export_artifact(model, args, code_bytes, hessians, factors, rank, world, log)
+    blob, stored = export_artifact(model, args, code_bytes, hessians, factors, rank, world, log, data)
     for row in quant_table(stored, model.state_dict()):
         log(f"quant: {row['name']} shape:{row['shape']} kind:{row['kind']} bytes:{row['bytes']} "
             f"rel_err:{row['rel_err']:.4g}" + (" lqer" if row["lqer"] else ""))
@@ -3405,7 +3518,13 @@ if __name__ == "__main__":
             log.error(str(e))
         print(f"train_gpt.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (Exception, KeyboardInterrupt) as e:  # a bug or the machine: the traceback stays, the log says it too
+    except KeyboardInterrupt:
+        for log in opened:
+            log.error("interrupted (Ctrl-C)")
+        print("train_gpt.py: interrupted (Ctrl-C)" + "".join(f"; {log.path} ends with `error: interrupted`"
+                                                           for log in opened if log.path), file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # a bug or the machine: the traceback stays, the log says it too
         for log in opened:
             log.error(" ".join(f"{type(e).__name__}: {e}".split()))
         raise

@@ -60,7 +60,7 @@ def run(data: Path, fix: int, steps: int, seed: int) -> dict[str, float]:
     torch.manual_seed(seed)
     model = tg.GPT(args)
     opts = tg.build_optimizers(model, args)
-    stream_ = tg.TokenStream(tg.list_shards(str(data / "fineweb_train_*.bin")), args.vocab_size)
+    stream_ = tg.TokenStream(tg.list_shards(str(data), "train"), args.vocab_size)
     loader = tg.TrainLoader(stream_, args.train_batch_tokens, args.train_seq_len, 0, 1, 1, torch.device("cpu"))
     for step in range(steps):
         tg.train_step(model, loader, opts, args, tg.lr_scale(step, 0.0, args), tg.muon_momentum(step, args),

@@ -17,14 +17,19 @@ byte-identical whatever --workers is. With --caseops the tokenizer sees each doc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import hashlib
 import io
 import json
 import multiprocessing
 import os
+import shutil
+import signal
 import sys
+import tempfile
 import time
+import zlib
 from collections import deque
 from itertools import islice
 from pathlib import Path
@@ -46,6 +51,8 @@ SHARD_PATTERN = "fineweb_{split}_{index:06d}.bin"
 # its own magic ("fineweb_valbytes_*", which the shards' glob "fineweb_val_*" does not match)
 BYTES_MAGIC = 20240521
 BYTES_PATTERN = "fineweb_{split}bytes_{index:06d}.bin"
+SHARD_FORMAT = {"header_int32": SHARD_HEADER_INTS, "magic": SHARD_MAGIC, "version": SHARD_VERSION,
+                "token_dtype": "uint16 little-endian"}  # as manifest.json records it
 
 DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_TOKENIZER_TRAIN_DOCS = 200_000
@@ -177,7 +184,9 @@ def input_kind(path: Path) -> tuple[str, str | None]:
 
 
 def check_inputs(inputs: Iterable[str | Path]) -> list[Path]:
-    """Fail before any work if an input is missing, a directory or of an unknown type."""
+    """Fail before any work if an input is missing, a directory or of an unknown type, or if two inputs hold the same
+    bytes (one file given twice): its documents would be read twice, and those of the first --val-docs would land in
+    the validation split and again in the training split. Only inputs of equal size are hashed."""
     paths = [Path(p) for p in inputs]
     if not paths:
         raise BuildError("no input files given; pass --input FILE [FILE ...]")
@@ -187,7 +196,55 @@ def check_inputs(inputs: Iterable[str | Path]) -> list[Path]:
         if not path.is_file():
             raise BuildError(f"input file not found: {path}")
         input_kind(path)
+    seen: dict[tuple[int, str], Path] = {}
+    sizes = [p.stat().st_size for p in paths]
+    for path, size in zip(paths, sizes):
+        if size and sizes.count(size) > 1:
+            first = seen.setdefault((size, sha256_file(path)), path)
+            if first is not path:
+                raise BuildError(f"inputs {first} and {path} hold the same bytes (one file given twice?): its "
+                                 f"documents would be read twice, some into both the validation and the training "
+                                 f"split; give each input once")
     return paths
+
+
+class ZstdReader(io.RawIOBase):
+    """The frames of a .zst file, one after another. A file that ends inside a frame is refused as truncated:
+    zstandard's own stream reader returns the part it decoded and says nothing, so half a file passed for a whole."""
+
+    def __init__(self, path: Path):
+        import zstandard
+
+        self.path, self.file, self.dctx, self.error = path, open(path, "rb"), zstandard.ZstdDecompressor(), \
+            zstandard.ZstdError
+        self.frame, self.out, self.pos = None, b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self.pos == len(self.out):
+            ended = self.frame is None or self.frame.eof
+            data = (self.frame.unused_data if self.frame is not None and ended else b"") or self.file.read(1 << 16)
+            if not data:
+                if not ended:
+                    raise BuildError(f"{self.path}: the file ends inside a zstd frame, so it is truncated (an "
+                                     f"interrupted download or copy?); fetch it again")
+                return 0
+            if ended:
+                self.frame = self.dctx.decompressobj()
+            try:
+                self.out, self.pos = self.frame.decompress(data), 0
+            except self.error as exc:
+                raise BuildError(f"{self.path}: not valid zstd data ({exc}); fetch it again") from None
+        n = min(len(buffer), len(self.out) - self.pos)
+        buffer[:n] = self.out[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
 
 
 def open_text(path: Path, compression: str | None, newline: str | None) -> TextIO:
@@ -195,10 +252,7 @@ def open_text(path: Path, compression: str | None, newline: str | None) -> TextI
     if compression == ".gz":
         return gzip.open(path, "rt", encoding="utf-8", newline=newline)
     if compression == ".zst":
-        import zstandard
-
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
-        return io.TextIOWrapper(raw, encoding="utf-8", newline=newline)
+        return io.TextIOWrapper(io.BufferedReader(ZstdReader(path), 1 << 20), encoding="utf-8", newline=newline)
     return open(path, "r", encoding="utf-8", newline=newline)
 
 
@@ -248,6 +302,11 @@ def iter_documents(paths: Iterable[Path], txt_mode: str = "line") -> Iterator[st
         except UnicodeDecodeError as exc:
             raise BuildError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start} of a decoded block); "
                              f"re-encode it as UTF-8") from None
+        except EOFError:  # gzip's word for a file that ends before its end-of-stream marker
+            raise BuildError(f"{path}: the file ends inside its gzip stream, so it is truncated (an interrupted "
+                             f"download or copy?); fetch it again") from None
+        except (gzip.BadGzipFile, zlib.error) as exc:
+            raise BuildError(f"{path}: not valid gzip data ({exc}); fetch it again") from None
 
 
 def kept_documents(paths: Iterable[Path], txt_mode: str, counts: dict) -> Iterator[str]:
@@ -386,6 +445,10 @@ _WORKER_ENCODER = None  # each encoding process loads the tokenizer once
 
 def _worker_init(model_proto: bytes, case_ops: bool) -> None:
     global _WORKER_ENCODER
+    # Ctrl-C is the parent's to answer (one line), not one traceback per worker. Not before this point: one in the
+    # first second, while the workers still import, may print theirs too (were the parent to ignore SIGINT while it
+    # starts them, so that they inherit that, the Ctrl-C could be lost to one of its other threads).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER_ENCODER = DocumentEncoder(model_proto, case_ops)
 
 
@@ -436,17 +499,61 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse to mix a new build with an old one's shards; with overwrite, remove only files this script writes."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    ours = sorted(output_dir.glob("fineweb_train_*.bin")) + sorted(output_dir.glob("fineweb_val_*.bin"))
-    ours += sorted(output_dir.glob("fineweb_valbytes_*.bin"))
-    ours += [p for p in (output_dir / MANIFEST_FILE, output_dir / TOKENIZER_FILE) if p.exists()]
-    if ours and not overwrite:
-        raise BuildError(f"{output_dir} already holds a build ({ours[0].name}, ... {len(ours)} files); choose an "
-                         f"empty --output-dir or pass --overwrite to replace it")
-    for path in ours:
-        path.unlink()
+BUILD_FILES = ("fineweb_train_*.bin", "fineweb_val_*.bin", "fineweb_valbytes_*.bin", MANIFEST_FILE, TOKENIZER_FILE)
+
+
+@contextlib.contextmanager
+def staged(output_dir: Path, overwrite: bool, ours: tuple[str, ...] = BUILD_FILES) -> Iterator[Path]:
+    """A new hidden folder beside output_dir to build in. When the block ends, the build replaces output_dir by
+    renames; when it raises (a refusal, a crash, Ctrl-C), the folder is removed: an interrupted or failed build leaves
+    nothing at output_dir, and never shards without their manifest. So output_dir must be new, empty, or (with
+    overwrite) an earlier build (files matching `ours`) and nothing else."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise BuildError(f"--output-dir {output_dir} is a file; choose a folder")
+    present = sorted(output_dir.iterdir()) if output_dir.is_dir() else []
+    foreign = [p.name for p in present if not any(p.match(pattern) for pattern in ours)]
+    if foreign:
+        raise BuildError(f"{output_dir} holds files this script did not write ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); a build replaces its folder whole, so choose a new "
+                         f"or empty output folder")
+    if present and not overwrite:
+        raise BuildError(f"{output_dir} already holds a build ({present[0].name}, ... {len(present)} files); choose an "
+                         f"empty output folder or pass --overwrite to replace it")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        yield folder
+        os.chmod(folder, 0o755)  # mkdtemp makes it private; shards are for anyone who may read the parent
+        if output_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+            os.rename(output_dir, old / output_dir.name)
+            os.rename(folder, output_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(folder, output_dir)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def cli(tool: str, output: str | Path, build: Callable[[], object]) -> int:
+    """A build run from the command line: a BuildError is one line and exit status 1, Ctrl-C one line and 130."""
+    try:
+        build()
+    except BuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{tool}: interrupted (Ctrl-C); nothing was written to {output}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """folder/manifest.json, through a temporary name: a reader sees the whole of one or none."""
+    tmp = folder / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / MANIFEST_FILE)
 
 
 def _validate_args(val_docs: int, shard_tokens: int, workers: int, tokenizer, vocab_size,
@@ -468,18 +575,36 @@ def _validate_args(val_docs: int, shard_tokens: int, workers: int, tokenizer, vo
         raise BuildError("--tokenizer-train-docs and --tokenizer-max-doc-bytes must be >= 1")
 
 
-def _validate_written(output_dir: Path, splits: dict, sidecars: list[dict]) -> None:
-    """Read every shard (and byte sidecar) back with the training script's own strict reader, so writer and reader
-    cannot drift."""
+def shard_entries(folder: Path, split: str, known: dict[str, str] | None = None, magic: int = SHARD_MAGIC
+                  ) -> list[dict]:
+    """The split's shards in folder as manifest.json lists them (split "valbytes", magic BYTES_MAGIC: the byte
+    sidecars): name, token count (read back with the training script's own strict reader, so writer and reader
+    cannot drift) and sha256 of the bytes on disk (`known` holds those already computed, by name)."""
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
     from train_gpt import read_shard_header
 
-    written = [(entry, SHARD_MAGIC) for split in splits.values() for entry in split["files"]]
-    for entry, magic in written + [(entry, BYTES_MAGIC) for entry in sidecars]:
-        n = read_shard_header(output_dir / entry["name"], magic)
-        if n != entry["tokens"]:
-            raise BuildError(f"{output_dir / entry['name']}: reads back {n} tokens, wrote {entry['tokens']}")
+    return [{"name": f.name, "tokens": read_shard_header(f, magic), "sha256": (known or {}).get(f.name) or sha256_file(f)}
+            for f in sorted(folder.glob(f"fineweb_{split}_*.bin"))]
+
+
+def split_entry(folder: Path, split: str, known: dict[str, str] | None = None, magic: int = SHARD_MAGIC) -> dict:
+    files = shard_entries(folder, split, known, magic)
+    return {"tokens": sum(f["tokens"] for f in files), "files": files}
+
+
+def _validate_written(output_dir: Path, splits: dict, sidecars: list[dict]) -> list[dict]:
+    """Every shard and byte sidecar read back as written; the shards' manifest entries gain their sha256, and the
+    sidecars' entries are returned with theirs."""
+    written = {name: (split["files"], SHARD_MAGIC) for name, split in splits.items()}
+    read = {}
+    for name, (files, magic) in {**written, "valbytes": (sidecars, BYTES_MAGIC)}.items():
+        read[name] = shard_entries(output_dir, name, magic=magic)
+        if [(e["name"], e["tokens"]) for e in read[name]] != [(f["name"], f["tokens"]) for f in files]:
+            raise BuildError(f"{output_dir}: the {name} files read back as {read[name]}, not as written {files}")
+    for name, split in splits.items():
+        split["files"] = read[name]
+    return read["valbytes"]
 
 
 def build_shards(inputs: Iterable[str | Path], output_dir: str | Path, *, val_docs: int,
@@ -495,7 +620,7 @@ def build_shards(inputs: Iterable[str | Path], output_dir: str | Path, *, val_do
     if txt_mode not in TXT_MODES:
         raise BuildError(f"--txt-mode must be one of {TXT_MODES}, got {txt_mode!r}")
     paths = check_inputs(inputs)
-    output_dir = Path(output_dir)
+    output_dir, model_proto, tokenizer_info = Path(output_dir), None, {}
     if case_ops and caseops.table_sha256(caseops.PAIRS) != caseops.CASE_TABLE_SHA256:
         raise BuildError("--caseops: this Python's Unicode database gives another case table than data/caseops.py "
                          "was made for (CASE_TABLE_SHA256); the text could not be decoded the same elsewhere")
@@ -506,9 +631,34 @@ def build_shards(inputs: Iterable[str | Path], output_dir: str | Path, *, val_do
         model_proto = Path(tokenizer).read_bytes()
         load_tokenizer(model_proto, str(tokenizer))
         tokenizer_info = {"source": str(tokenizer)}
-    prepare_output_dir(output_dir, overwrite)
+    with staged(output_dir, overwrite) as folder:
+        manifest = _build_into(folder, paths, model_proto, tokenizer_info, vocab_size=vocab_size, val_docs=val_docs,
+                               shard_tokens=shard_tokens, workers=workers, txt_mode=txt_mode,
+                               tokenizer_train_docs=tokenizer_train_docs,
+                               tokenizer_max_doc_bytes=tokenizer_max_doc_bytes, case_ops=case_ops,
+                               train_shards=train_shards, log=log)
+    splits = manifest["splits"]
+    log(f"wrote {manifest['docs_total']:,} documents ({splits['val']['docs']:,} val, {splits['train']['docs']:,} "
+        f"train), {manifest['tokens_total']:,} tokens in {len(splits['val']['files'])} val + "
+        f"{len(splits['train']['files'])} train shards to {output_dir}; {manifest['docs_skipped_empty']} empty "
+        f"documents skipped")
+    if val_docs == 0:
+        log("note: --val-docs 0, so no validation shard was written")
+    if case_ops:
+        entry = manifest["caseops"]
+        log(f"caseops: the validation tokens stand for {entry['val_bytes']:,} bytes of normalised text "
+            f"({entry['val_raw_bytes']:,} raw), written to {len(entry['sidecars'])} byte sidecar(s)")
+    log(f"train with: DATA_PATH={output_dir} TOKENIZER_PATH={output_dir / TOKENIZER_FILE} "
+        f"VOCAB_SIZE={manifest['tokenizer']['vocab_size']}")
+    return manifest
 
-    if tokenizer is None:
+
+def _build_into(folder: Path, paths: list[Path], model_proto: bytes | None, tokenizer_info: dict, *,
+                vocab_size: int | None, val_docs: int, shard_tokens: int, workers: int, txt_mode: str,
+                tokenizer_train_docs: int, tokenizer_max_doc_bytes: int, case_ops: bool, train_shards: int | None,
+                log: Callable[[str], None]) -> dict:
+    """The whole build in folder (the tokenizer trained here unless model_proto is given); returns the manifest."""
+    if model_proto is None:
         # Trained on the train split only (documents after the first val_docs), so validation text stays unseen.
         log(f"training a {vocab_size}-piece sentencepiece BPE tokenizer on up to {tokenizer_train_docs:,} train "
             f"documents{' (caseops text)' if case_ops else ''} ...")
@@ -517,17 +667,17 @@ def build_shards(inputs: Iterable[str | Path], output_dir: str | Path, *, val_do
         tokenizer_info = {"source": "trained", "requested_vocab_size": vocab_size, "train_docs": facts["docs_used"],
                           "train_docs_skipped_too_long": facts["docs_skipped_too_long"],
                           "max_doc_bytes": tokenizer_max_doc_bytes, "settings": tokenizer_settings(case_ops)}
-    sp = load_tokenizer(model_proto, str(tokenizer or "trained tokenizer"))
-    (output_dir / TOKENIZER_FILE).write_bytes(model_proto)
+    sp = load_tokenizer(model_proto, tokenizer_info["source"])
+    (folder / TOKENIZER_FILE).write_bytes(model_proto)
     actual_vocab = sp.get_piece_size()
     if vocab_size is not None and actual_vocab != vocab_size:
         log(f"note: the corpus only supports {actual_vocab} pieces, not {vocab_size}; the tokenizer has {actual_vocab}")
 
     counts: dict = {"val_raw_bytes": 0, "val_bytes": 0}
     splits = {name: {"docs": 0, "tokens": 0, "files": []} for name in ("val", "train")}
-    writers = {name: ShardWriter(output_dir, name, shard_tokens, max_shards=train_shards if name == "train" else None)
+    writers = {name: ShardWriter(folder, name, shard_tokens, max_shards=train_shards if name == "train" else None)
                for name in splits}
-    sidecar = ShardWriter(output_dir, "val", shard_tokens, BYTES_PATTERN, BYTES_MAGIC)  # cut where the val shards are
+    sidecar = ShardWriter(folder, "val", shard_tokens, BYTES_PATTERN, BYTES_MAGIC)  # cut where the val shards are
     bos = np.array([BOS_ID], dtype=np.uint16)
 
     def documents() -> Iterator[str]:
@@ -559,24 +709,19 @@ def build_shards(inputs: Iterable[str | Path], output_dir: str | Path, *, val_do
     for name in splits:
         splits[name]["files"] = writers[name].close()  # closing twice is harmless: nothing left to flush
         splits[name]["tokens"] = sum(f["tokens"] for f in splits[name]["files"])  # the last document may be cut
-    sidecars = sidecar.close()
 
     n_docs = splits["val"]["docs"] + splits["train"]["docs"]
     if n_docs == 0:
         raise BuildError(f"no non-empty document in the inputs ({counts['skipped_empty']} empty ones skipped)")
     if splits["train"]["docs"] == 0:
-        for entry in splits["val"]["files"] + sidecars:
-            (output_dir / entry["name"]).unlink()
         raise BuildError(f"--val-docs {val_docs} takes all {n_docs} non-empty documents, leaving none for training; "
                          f"lower --val-docs")
-    _validate_written(output_dir, splits, sidecars)
-
+    sidecars = _validate_written(folder, splits, sidecar.close())
     manifest = {
-        "format": {"header_int32": SHARD_HEADER_INTS, "magic": SHARD_MAGIC, "version": SHARD_VERSION,
-                   "token_dtype": "uint16 little-endian"},
+        "format": SHARD_FORMAT,
         "inputs": [str(p) for p in paths],
         "txt_mode": txt_mode,
-        "tokenizer": {"file": TOKENIZER_FILE, "sha256": sha256_file(output_dir / TOKENIZER_FILE),
+        "tokenizer": {"file": TOKENIZER_FILE, "sha256": sha256_file(folder / TOKENIZER_FILE),
                       "vocab_size": actual_vocab, **tokenizer_info},
         "bos_id": BOS_ID,
         "append_eos": False,
@@ -588,37 +733,21 @@ def build_shards(inputs: Iterable[str | Path], output_dir: str | Path, *, val_do
         "splits": splits,
     }
     if case_ops:
-        manifest["caseops"] = caseops_manifest(output_dir, sidecars, counts["val_bytes"], counts["val_raw_bytes"])
-    write_manifest(output_dir, manifest)  # written last: a manifest means the build finished
-    log(f"wrote {n_docs:,} documents ({splits['val']['docs']:,} val, {splits['train']['docs']:,} train), "
-        f"{manifest['tokens_total']:,} tokens in {len(splits['val']['files'])} val + {len(splits['train']['files'])} "
-        f"train shards to {output_dir} in {time.time() - started:.1f} s; {counts['skipped_empty']} empty documents "
-        f"skipped")
-    if val_docs == 0:
-        log("note: --val-docs 0, so no validation shard was written")
-    if case_ops:
-        log(f"caseops: the validation tokens stand for {manifest['caseops']['val_bytes']:,} bytes of normalised text "
-            f"({counts['val_raw_bytes']:,} raw), written to {len(sidecars)} byte sidecar(s)")
-    log(f"train with: DATA_PATH={output_dir} TOKENIZER_PATH={output_dir / TOKENIZER_FILE} VOCAB_SIZE={actual_vocab}")
+        manifest["caseops"] = caseops_manifest(sidecars, counts["val_bytes"], counts["val_raw_bytes"])
+    write_manifest(folder, manifest)
+    log(f"encoded in {time.time() - started:.1f} s")
     return manifest
 
 
-def write_manifest(output_dir: Path, manifest: dict) -> None:
-    tmp = output_dir / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, output_dir / MANIFEST_FILE)
-
-
-def caseops_manifest(output_dir: Path, sidecars: list[dict], val_bytes: int, val_raw_bytes: int) -> dict:
+def caseops_manifest(sidecars: list[dict], val_bytes: int, val_raw_bytes: int) -> dict:
     """The manifest's "caseops" entry: how the text was transformed, and the byte sidecars train_gpt.py scores with
-    (val_bytes: their sum, the UTF-8 length of the normalised validation documents)."""
-    files = [{**entry, "sha256": sha256_file(output_dir / entry["name"])} for entry in sidecars]
+    (their shard_entries; val_bytes: their sum, the UTF-8 length of the normalised validation documents)."""
     return {"version": caseops.CASEOPS_VERSION, "case_table_sha256": caseops.CASE_TABLE_SHA256,
             "markers": {name: f"U+{ord(m):04X}" for name, m in zip(("title", "allcaps", "cap", "escape"),
                                                                     caseops.MARKERS)},
             "normalization": "nmt_nfkc with extra whitespace removed, before the case transform; the tokenizer "
                              "keeps its input as it is",
-            "val_bytes": val_bytes, "val_raw_bytes": val_raw_bytes, "sidecars": files}
+            "val_bytes": val_bytes, "val_raw_bytes": val_raw_bytes, "sidecars": sidecars}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -656,16 +785,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        build_shards(args.input, args.output_dir, val_docs=args.val_docs, tokenizer=args.tokenizer,
-                     vocab_size=args.vocab_size, shard_tokens=args.shard_tokens, workers=args.workers,
-                     txt_mode=args.txt_mode, tokenizer_train_docs=args.tokenizer_train_docs,
-                     tokenizer_max_doc_bytes=args.tokenizer_max_doc_bytes, overwrite=args.overwrite,
-                     case_ops=args.caseops, train_shards=args.train_shards)
-    except BuildError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return cli("build_shards.py", args.output_dir, lambda: build_shards(
+        args.input, args.output_dir, val_docs=args.val_docs, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+        shard_tokens=args.shard_tokens, workers=args.workers, txt_mode=args.txt_mode,
+        tokenizer_train_docs=args.tokenizer_train_docs, tokenizer_max_doc_bytes=args.tokenizer_max_doc_bytes,
+        overwrite=args.overwrite, case_ops=args.caseops, train_shards=args.train_shards))
 
 
 if __name__ == "__main__":

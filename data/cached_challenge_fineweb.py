@@ -9,14 +9,16 @@ lives under its folder datasets/, env MATCHED_FINEWEB_REMOTE_ROOT_PREFIX overrid
   data/tokenizers/<the variant's tokenizer files>          e.g. fineweb_1024_bpe.model
   data/datasets/fineweb10B_<variant>/fineweb_val_*.bin     always all of them
   data/datasets/fineweb10B_<variant>/fineweb_train_*.bin   the first --train-shards (default 80)
-Files already present and valid are kept; every shard's header is checked after download.
+and writes data/datasets/fineweb10B_<variant>/manifest.json in data/build_shards.py's format (each shard's token count
+and sha256, the tokenizer's sha256), which train_gpt.py checks. Files already present and valid (and, for shards, of
+the sha256 recorded there) are kept; every shard's header is checked after download.
 
     python data/cached_challenge_fineweb.py --caseops --vocab-size 8192 --train-shards 10
 
 instead fetches the documents the export was tokenized from (data/docs_selected.jsonl, ~48 GB, and its
 docs_selected.source_manifest.json, which says how many of the first ones are the validation set) and builds caseops
-shards from them with data/build_shards.py --caseops into data/datasets/fineweb10B_sp<V>_caseops/. See
-data/README.md.
+shards from them with data/build_shards.py --caseops into data/datasets/fineweb10B_sp<V>_caseops/ (its manifest.json
+also lists the validation byte sidecars). See data/README.md.
 """
 
 from __future__ import annotations
@@ -310,18 +312,26 @@ def resolve_hub(download: Download | None, repo_id: str | None, remote_root: str
             Path(data_dir) if data_dir is not None else DATA_DIR)
 
 
-def ensure_files(wanted: list[Wanted], download: Download, repo_id: str, data_dir: Path,
-                 log: Callable[[str], None]) -> dict:
-    """Keep each wanted file that is present and valid, fetch the others; returns what was done."""
-    done = {"downloaded": 0, "replaced": 0, "kept": 0}
+def ensure_files(wanted: list[Wanted], download: Download, repo_id: str, data_dir: Path, log: Callable[[str], None],
+                 recorded: dict[str, str] | None = None, before_fetch: Callable[[], None] | None = None
+                 ) -> tuple[dict, dict[str, str]]:
+    """Keep each wanted file that is present and valid (a shard also of the sha256 `recorded` for it, if any), fetch
+    the others, before_fetch() once before the first; returns what was done and each shard's sha256 by name."""
+    done, hashes, recorded = {"downloaded": 0, "replaced": 0, "kept": 0}, {}, recorded or {}
     width = len(str(len(wanted)))
     for i, w in enumerate(wanted, 1):
         reason = problem(w)
+        if reason is None and w.kind == "shard":
+            sha = hashes[w.local.name] = build_shards.sha256_file(w.local)
+            if recorded.get(w.local.name, sha) != sha:
+                reason = f"sha256 {sha[:12]}..., not the {recorded[w.local.name][:12]}... recorded at its download"
         where = w.local.relative_to(data_dir) if w.local.is_relative_to(data_dir) else w.local
         if reason is None:
             done["kept"] += 1
             log(f"[{i:>{width}}/{len(wanted)}] {where}: present and valid, kept")
             continue
+        if not done["downloaded"] + done["replaced"] and before_fetch is not None:
+            before_fetch()
         if reason != "missing":
             log(f"[{i:>{width}}/{len(wanted)}] {where}: invalid ({reason}); downloading it again")
             w.local.unlink()
@@ -330,7 +340,9 @@ def ensure_files(wanted: list[Wanted], download: Download, repo_id: str, data_di
             done["downloaded"] += 1
             log(f"[{i:>{width}}/{len(wanted)}] {where}: downloading")
         fetch(w, download, repo_id, data_dir)
-    return done
+        if w.kind == "shard":
+            hashes[w.local.name] = build_shards.sha256_file(w.local)
+    return done, hashes
 
 
 def download_variant(variant: str = "sp1024", train_shards: int = DEFAULT_TRAIN_SHARDS, *,
@@ -349,13 +361,20 @@ def download_variant(variant: str = "sp1024", train_shards: int = DEFAULT_TRAIN_
 
     manifest = get_manifest(download, repo_id, remote_root, data_dir, variant, refresh_manifest, log)
     wanted = plan(manifest, variant, train_shards, remote_root, data_dir)
-    done = ensure_files(wanted, download, repo_id, data_dir, log)
-
     dataset, tokenizer = select_variant(manifest, variant)
-    model = next((w.local for w in wanted if w.kind == "tokenizer" and w.local.suffix == ".model"), None)
     shard_dir = data_dir / "datasets" / dataset["name"]
+    model = next((w.local for w in wanted if w.kind == "tokenizer" and w.local.suffix == ".model"), None)
+    # until the manifest below is written, a run refuses the folder (train_gpt.py)
+    done, hashes = ensure_files(wanted, download, repo_id, data_dir, log, recorded_hashes(shard_dir),
+                                (lambda: mark_incomplete(shard_dir)) if model is not None else None)
+
+    if model is not None:
+        source = {"repo_id": repo_id, "remote_root": remote_root, "dataset": dataset["name"]}
+        build_shards.write_manifest(shard_dir, shard_manifest(shard_dir, model, hashes, tokenizer,
+                                                              manifest.get("shard_size"), source))
     log(f"done: {done['downloaded']} downloaded, {done['replaced']} replaced, {done['kept']} kept; "
-        f"{train_shards} train + {split_file_count(dataset, 'val')} val shards in {shard_dir}")
+        f"{train_shards} train + {split_file_count(dataset, 'val')} val shards in {shard_dir}"
+        + (f", each one's token count and sha256 in {shard_dir / MANIFEST}" if model is not None else ""))
     if model is not None:
         log(f"train with: DATA_PATH={shard_dir} TOKENIZER_PATH={model} "
             f"VOCAB_SIZE={tokenizer.get('vocab_size', dataset.get('vocab_size', '?'))}")
@@ -386,6 +405,47 @@ def build_caseops(vocab_size: int = DEFAULT_CASEOPS_VOCAB, train_shards: int = D
     out = data_dir / "datasets" / f"fineweb10B_sp{vocab_size}_caseops"
     return build_shards.build_shards([docs.local], out, val_docs=val_docs, vocab_size=vocab_size, workers=workers,
                                      train_shards=train_shards, case_ops=True, overwrite=overwrite, log=log)
+
+
+# -----------------------------------------------------------------------------
+# The shards' own manifest.json, in the format data/build_shards.py writes, so train_gpt.py checks both alike
+
+
+def recorded_hashes(shard_dir: Path) -> dict[str, str]:
+    """{shard name: sha256} as the folder's manifest.json recorded them at download, {} without one."""
+    try:
+        listed = json.loads((shard_dir / MANIFEST).read_text(encoding="utf-8"))["splits"]
+        return {f["name"]: f["sha256"] for split in listed.values() for f in split["files"] if "sha256" in f}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def mark_incomplete(shard_dir: Path) -> None:
+    """Keep what the manifest recorded, marked incomplete: an interrupted download then leaves a folder that
+    train_gpt.py refuses, and the next run still compares the files it keeps with their recorded sha256."""
+    try:
+        kept = json.loads((shard_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        kept = {}
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    build_shards.write_manifest(shard_dir, {**(kept if isinstance(kept, dict) else {}), "complete": False})
+
+
+def shard_manifest(shard_dir: Path, model: Path, hashes: dict[str, str], tokenizer: dict, shard_size, source: dict
+                   ) -> dict:
+    """Every shard in the folder (those of an earlier, larger download too): its token count and sha256."""
+    splits = {split: build_shards.split_entry(shard_dir, split, hashes) for split in ("val", "train")}
+    return {
+        "format": build_shards.SHARD_FORMAT,
+        "source": source,
+        "tokenizer": {"file": os.path.relpath(model, shard_dir), "sha256": build_shards.sha256_file(model),
+                      "vocab_size": tokenizer.get("vocab_size")},
+        "bos_id": build_shards.BOS_ID,
+        "append_eos": False,
+        "shard_tokens": shard_size,
+        "tokens_total": splits["val"]["tokens"] + splits["train"]["tokens"],
+        "splits": splits,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -421,6 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, build_shards.BuildError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("cached_challenge_fineweb.py: interrupted (Ctrl-C); every file in place is complete, an unfinished "
+              "download is marked so in the shards' manifest.json and an unfinished --caseops build left nothing: "
+              "run the same command again", file=sys.stderr)
+        return 130
     return 0
 
 

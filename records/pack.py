@@ -10,6 +10,7 @@ every project file it imports (checked by sha256 against the logs), requirements
 What it checks (any failure: one line on stderr, exit code 2, nothing written):
 - every log is a complete train_gpt.py log (docs/LOG_FORMAT.md) of one run, with distinct seeds;
 - all logs come from the same code, and that code is unchanged in the repo since the runs;
+- all seeds were scored on the same validation set with the same tokenizer (their `val_data:` lines);
 - every seed's artifact is within the 16,000,000-byte cap;
 - the folder runs from inside itself: `python -I` with only the folder on sys.path imports train_gpt and
   loads no project module from outside the folder.
@@ -64,6 +65,8 @@ CODE_BYTES_RE = re.compile(r"^code_bytes: (?P<bytes>\d+)$")
 VERSIONS_RE = re.compile(r"^versions: (?P<versions>.*)$")
 CONFIG_RE = re.compile(r"^config: (?P<json>\{.*\})$")
 RUNTIME_RE = re.compile(r"^world_size:(?P<world_size>\d+) grad_accum_steps:(?P<grad_accum>\d+)" + TAIL + "$")
+VAL_DATA_RE = re.compile(r"^val_data: tokens:(?P<tokens>\d+) sha256:(?P<sha256>[0-9a-f]{64}) "
+                         r"tokenizer_sha256:(?P<tokenizer>[0-9a-f]{64})" + TAIL + "$")
 TRAIN_STEP_RE = re.compile(
     rf"^step:(?P<step>\d+)/(?P<total>\d+) train_loss:(?P<loss>{NUM}) train_time:(?P<time>{NUM})ms "
     rf"step_avg:(?P<avg>{NUM})ms{TAIL}$")
@@ -105,6 +108,7 @@ class RunLog:
     seed: int
     versions: str
     world_size: int | None
+    val_set: tuple[int, str, str]               # the validation set scored: (tokens, sha256, tokenizer's sha256)
     train_curve: list[tuple[int, float]]        # (step, train_loss)
     val_curve: list[tuple[int, float]]          # (step, val_bpb), plain eval during training
     steps: int
@@ -227,6 +231,7 @@ def parse_log(path: str | Path) -> RunLog:
     eval_times = [EVAL_TIME_RE.search(m.group(0)) for m in (roundtrip, sliding, ttt) if m]
     val_set = need(VAL_TOKENS_RE, "val_tokens:N val_bytes:M")
     bytes_from = last_match(VAL_BYTES_FROM_RE, lines)
+    val_data = need(VAL_DATA_RE, "val_data: tokens:N sha256:<hex> tokenizer_sha256:<hex>")
     over = last_match(OVER_LIMIT_RE, lines)
     scores = {"`averaging:` val_loss": averaging["loss"], "pre-quant val_bpb": averaging["bpb"],
               "roundtrip val_loss": roundtrip["loss"], "roundtrip val_bpb": roundtrip["bpb"],
@@ -249,6 +254,7 @@ def parse_log(path: str | Path) -> RunLog:
         seed=seed,
         versions=versions["versions"] if versions else "",
         world_size=int(runtime["world_size"]) if runtime else None,
+        val_set=(int(val_data["tokens"]), val_data["sha256"], val_data["tokenizer"]),
         train_curve=[(int(m["step"]), float(m["loss"])) for m in train_steps],
         val_curve=[(int(m["step"]), float(m["bpb"])) for m in val_steps],
         steps=int(last_val["step"]),
@@ -309,6 +315,18 @@ def check_same_code(runs: list[RunLog]) -> None:
         differing = sorted(p for p in set(a) | set(b) if a.get(p) != b.get(p))
         raise PackError(f"{run.path} and {first.path} come from different code (their `code_file:` lines differ "
                         f"for {', '.join(differing)}); pack only runs of one version of train_gpt.py")
+
+
+def check_same_val_set(runs: list[RunLog]) -> None:
+    """Seeds scored on different validation sets (or with different tokenizers) are not samples of one score."""
+    first = runs[0]
+    for run in runs[1:]:
+        if run.val_set != first.val_set:
+            (n, sha, tok), (n0, sha0, tok0) = run.val_set, first.val_set
+            raise PackError(f"{run.path} and {first.path} were scored on different validation sets (val_data: "
+                            f"tokens:{n} sha256:{sha[:12]}... tokenizer_sha256:{tok[:12]}... vs tokens:{n0} sha256:"
+                            f"{sha0[:12]}... tokenizer_sha256:{tok0[:12]}...); pack only seeds of one DATA_PATH and "
+                            f"TOKENIZER_PATH")
 
 
 def check_artifacts_under_limit(runs: list[RunLog]) -> None:
@@ -687,6 +705,7 @@ def submission_record(runs: list[RunLog], *, name: str, author: str, github_id: 
         "val_bpb_std": round(bpb_std, 8) if bpb_std is not None else None,
         "eval": (f"sliding_window stride {runs[0].sliding_stride}" if runs[0].sliding_stride is not None
                  else "roundtrip"),
+        "val_set": dict(zip(("tokens", "sha256", "tokenizer_sha256"), runs[0].val_set)),
         "seeds": [r.seed for r in runs],
         "val_bpb_per_seed": [r.scored_bpb for r in runs],
         "val_loss_per_seed": [r.scored_loss for r in runs],
@@ -901,6 +920,7 @@ def validate_runs(log_paths: list[str | Path], code_dir: Path) -> tuple[list[Run
     runs = [parse_log(p) for p in log_paths]
     check_distinct_logs_and_seeds(runs)
     check_same_code(runs)
+    check_same_val_set(runs)
     check_artifacts_under_limit(runs)
     check_artifact_files(runs)
     return runs, check_code_unchanged(code_dir, runs[0].code_files)
@@ -1018,6 +1038,9 @@ def main(argv: list[str] | None = None) -> int:
     except PackError as e:
         print(f"pack.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # pack() removes its half-built folder on the way out
+        print("pack.py: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
+        return 130
     for w in result.warnings:
         print(f"pack.py: warning: {w}", file=sys.stderr)
     bpbs = [r.scored_bpb for r in result.runs]

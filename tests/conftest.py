@@ -37,6 +37,15 @@ def need_shared_data() -> None:
                     f"this test needs the sp1024 tokenizer, the FineWeb docs and english_mix")
 
 
+def exit_code(main, argv: list[str]) -> int:
+    """A tool's main(argv); a KeyboardInterrupt escaping it (a traceback for the user) fails the test instead of
+    ending the whole pytest session."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        pytest.fail(f"Ctrl-C escaped {main.__module__}.main(): the user would see a traceback")
+
+
 def write_shard(path: Path, tokens) -> None:
     header = np.zeros(256, dtype="<i4")
     header[:3] = (20240520, 1, len(tokens))

@@ -968,7 +968,8 @@ def test_pipeline_end_to_end_and_eval_only(tiny_env, tmp_path):
     final = _check_final_lines(lines, tmp_path, "tiny", "zstd", 16)
     assert final["code_bytes"] == code_sum
     sp = spm.SentencePieceProcessor(model_file=str(SP1024))
-    assert final["tokens"] == _val_bytes_of_shards(tiny_env["DATA_PATH"], sp)
+    val_counts = _val_bytes_of_shards(tiny_env["DATA_PATH"], sp)
+    assert final["tokens"] == val_counts
     # one quant line per stored tensor; GPTQ calibrated on self-generated text; the budget search's choice, which
     # with 16 MB for a tiny model is the finest multiplier, and whose bytes are the artifact's
     header, _ = split_payload(tg.decompress((tmp_path / "logs" / "tiny.ptz").read_bytes(), "tiny.ptz"))
@@ -976,7 +977,16 @@ def test_pipeline_end_to_end_and_eval_only(tiny_env, tmp_path):
     config = json.loads(_one(lines, r"config: (\{.*\})").group(1))
     config_sha = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     assert _one(lines, r"config_sha256: ([0-9a-f]{64})").group(1) == config_sha
-    assert header["meta"] == {"run_id": "tiny", "config_sha256": config_sha}
+    # ... and the data it was trained and scored with (independently: the files' sha256, the val shards' ids)
+    val = np.concatenate([np.fromfile(f, dtype="<u2", offset=1024)
+                          for f in sorted(Path(tiny_env["DATA_PATH"]).glob("fineweb_val_*.bin"))])
+    identity = {"tokenizer_sha256": hashlib.sha256(SP1024.read_bytes()).hexdigest(), "val_tokens": len(val),
+                "val_sha256": hashlib.sha256(val.tobytes()).hexdigest()}
+    assert header["meta"] == {"run_id": "tiny", "config_sha256": config_sha, **identity, "val_bytes": val_counts[1],
+                              "val_bytes_from": "tokenizer_pieces"}
+    assert _one(lines, r"val_data: .*").group(0) == (
+        f"val_data: tokens:{len(val)} sha256:{identity['val_sha256']} tokenizer_sha256:{identity['tokenizer_sha256']} "
+        f"manifest:none (no manifest.json: the shards' tokenizer, counts and sha256 unchecked)")
     quant = [l for l in lines if l.startswith("quant: ")]
     assert [l.split()[1] for l in quant] == [t["name"] for t in header["tensors"]]
     assert _one(lines, r"gptq_calibration:self seqs:64x64 sample_ms:\d+ hessian_ms:\d+")
@@ -993,7 +1003,7 @@ def test_pipeline_end_to_end_and_eval_only(tiny_env, tmp_path):
     assert not any(l.startswith(("step:", "model_params:", "quant: ")) for l in lines2), "EVAL_ONLY must not train"
     ptz = (tmp_path / "logs" / "tiny.ptz").read_bytes()
     _one(lines2, rf"eval_only: {re.escape(env['EVAL_ONLY'])} bytes:{len(ptz)} sha256:{hashlib.sha256(ptz).hexdigest()} "
-                 rf"compressor:zstd run_id:tiny config_sha256:{config_sha}")
+                 rf"compressor:zstd run_id:tiny config_sha256:{config_sha} data:checked")
     # scoring it again under the training run's own RUN_ID would overwrite that run's log: refused, log intact
     before = (tmp_path / "logs" / "tiny.txt").read_bytes()
     r3 = _run(script, dict(env, RUN_ID="tiny"), tmp_path)

@@ -15,6 +15,8 @@ import math
 import os
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -241,8 +243,8 @@ def test_bad_data_path_opens_no_log_and_truncates_nothing(tmp_path, main_in, env
     logs.mkdir()
     (logs / "A.txt").write_text("the log of an earlier run A\n")
     e, opened = main_in(dict(env, DATA_PATH=tmp_path / "nowhere"), tmp_path)
-    assert "no shard matches" in user_error(e) and opened == []
-    e, _ = main_in(dict(env, DATA_PATH=tmp_path / "nowhere", RUN_ID="B"), tmp_path)
+    assert f"DATA_PATH={tmp_path / 'nowhere'} is not a folder" in user_error(e) and opened == []
+    e, _ = main_in(dict(env, DATA_PATH=tmp_path / "logs", RUN_ID="B"), tmp_path)
     assert "no shard matches" in user_error(e)
     assert files_under(tmp_path) == {"logs/A.txt": b"the log of an earlier run A\n"}
 
@@ -322,21 +324,20 @@ def test_tokenizer_other_than_the_manifests_is_refused(own_shards, tmp_path, mai
     own = out / "tokenizer.model"
     assert json.loads((out / "manifest.json").read_text())["tokenizer"]["sha256"] == \
         hashlib.sha256(own.read_bytes()).hexdigest()
-    tg.check_manifest_tokenizer(str(out), str(own))  # its own: fine
+    own_sha, sp_sha = (hashlib.sha256(p.read_bytes()).hexdigest() for p in (own, SP1024))
+    assert tg.check_manifest(tg.Hyperparameters(data_path=str(out), tokenizer_path=str(own)), own_sha)[1] == "checked"
     with pytest.raises(tg.DataError) as e:
-        tg.check_manifest_tokenizer(str(out), str(SP1024))
-    sp_sha = hashlib.sha256(SP1024.read_bytes()).hexdigest()
+        tg.check_manifest(tg.Hyperparameters(data_path=str(out), tokenizer_path=str(SP1024)), sp_sha)
     assert str(e.value) == (f"TOKENIZER_PATH={SP1024} (sha256 {sp_sha[:12]}...) is not the tokenizer the shards "
                             f"under DATA_PATH were built with ({out / 'manifest.json'} says sha256 "
-                            f"{hashlib.sha256(own.read_bytes()).hexdigest()[:12]}...); set TOKENIZER_PATH={own}, the "
-                            f"copy build_shards.py keeps there")
+                            f"{own_sha[:12]}...); set TOKENIZER_PATH={own}, the copy it names")
     e, opened = main_in(dict(env, DATA_PATH=out), tmp_path)
     assert "is not the tokenizer the shards under DATA_PATH were built with" in user_error(e) and opened == []
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "manifest.json").write_text("{not json")
     with pytest.raises(tg.DataError, match=r"manifest\.json: not a manifest of data/build_shards\.py"):
-        tg.check_manifest_tokenizer(str(broken), str(SP1024))
+        tg.check_manifest(tg.Hyperparameters(data_path=str(broken)), sp_sha)
 
 
 def test_nan_weights_are_refused_at_load(tmp_path):
@@ -376,7 +377,8 @@ def test_eval_only_logs_the_compressor_and_the_run_it_read(tmp_path, main_in, en
     lines = (tmp_path / "logs" / "A_eval.txt").read_text().splitlines()
     lines = lines[lines.index("=" * 100) + 1:]  # after the script's own source
     assert f"eval_only: {artifact} bytes:{artifact.stat().st_size} sha256:" \
-           f"{hashlib.sha256(artifact.read_bytes()).hexdigest()} compressor:brotli run_id:A config_sha256:{digest}" in lines
+           f"{hashlib.sha256(artifact.read_bytes()).hexdigest()} compressor:brotli run_id:A config_sha256:{digest} " \
+           f"data:unknown" in lines
     assert f"Serialized model int6+brotli: {artifact.stat().st_size} bytes" in lines
     assert not any("zstd" in line for line in lines if not line.startswith("config: "))
     assert lines[-2].startswith("val_bpb: ") and math.isfinite(float(lines[-2].split()[1]))
@@ -388,7 +390,174 @@ def test_eval_only_of_an_artifact_without_meta_says_unknown(tmp_path, main_in, e
     e, _ = main_in(dict(env, EVAL_ONLY=artifact, RUN_ID="old_eval", EVAL_STRIDE="64"), tmp_path)
     assert e is None, e
     text = (tmp_path / "logs" / "old_eval.txt").read_text()
-    assert re.search(r"^eval_only: .*old\.ptz .* compressor:zstd run_id:unknown config_sha256:unknown$", text, re.M)
+    assert re.search(r"^eval_only: .*old\.ptz .* compressor:zstd run_id:unknown config_sha256:unknown data:unknown$",
+                     text, re.M)
+
+
+def identity_of(data_path: Path, tokenizer: Path) -> dict:
+    """What an artifact records about its data, computed here from the files: the tokenizer's sha256, and the count
+    and sha256 of the validation ids (uint16, the shards' payloads concatenated)."""
+    val = np.concatenate([np.fromfile(f, dtype="<u2", offset=1024) for f in sorted(data_path.glob("fineweb_val_*"))])
+    return {"tokenizer_sha256": hashlib.sha256(tokenizer.read_bytes()).hexdigest(), "val_tokens": len(val),
+            "val_sha256": hashlib.sha256(val.tobytes()).hexdigest()}
+
+
+def test_eval_only_refuses_the_data_of_another_run(own_shards, tmp_path, main_in, env):
+    """The artifact names its tokenizer and its validation set; EVAL_ONLY on a tokenizer of the same size (which
+    scores a wrong val_bpb and says nothing else) or on another validation set is refused with both names. On its
+    own data it scores, and the log says what it checked; shards without a manifest say what went unchecked."""
+    own = identity_of(own_shards[0], own_shards[0] / "tokenizer.model")
+    ours = identity_of(Path(env["DATA_PATH"]), SP1024)
+    artifact = tmp_path / "own.ptz"
+    artifact.write_bytes(artifact_blob(meta={"run_id": "own", "config_sha256": "0" * 64, **own}))
+    e, opened = main_in(dict(env, EVAL_ONLY=artifact, RUN_ID="x"), tmp_path)
+    assert user_error(e) == (f"EVAL_ONLY={artifact} was trained with the tokenizer of sha256 "
+                             f"{own['tokenizer_sha256'][:12]}..., but TOKENIZER_PATH={SP1024} has sha256 "
+                             f"{ours['tokenizer_sha256'][:12]}...; point TOKENIZER_PATH at the tokenizer of its "
+                             f"training") and opened == []
+    artifact.write_bytes(artifact_blob(meta={**own, "tokenizer_sha256": ours["tokenizer_sha256"]}))
+    e, opened = main_in(dict(env, EVAL_ONLY=artifact, RUN_ID="x"), tmp_path)
+    assert user_error(e) == (f"EVAL_ONLY={artifact} was scored on validation tokens:{own['val_tokens']} sha256:"
+                             f"{own['val_sha256'][:12]}..., but DATA_PATH={env['DATA_PATH']} holds tokens:"
+                             f"{ours['val_tokens']} sha256:{ours['val_sha256'][:12]}...; point DATA_PATH at the "
+                             f"shards of its run") and opened == []
+    artifact.write_bytes(artifact_blob(meta={"run_id": "ours", "config_sha256": "0" * 64, **ours}))
+    e, _ = main_in(dict(env, EVAL_ONLY=artifact, RUN_ID="ours_eval", EVAL_STRIDE="64"), tmp_path)
+    assert e is None, e
+    lines = (tmp_path / "logs" / "ours_eval.txt").read_text().splitlines()
+    assert f"val_data: tokens:{ours['val_tokens']} sha256:{ours['val_sha256']} tokenizer_sha256:" \
+           f"{ours['tokenizer_sha256']} manifest:none (no manifest.json: the shards' tokenizer, counts and " \
+           f"sha256 unchecked)" in lines
+    assert re.search(r"^eval_only: .* run_id:ours config_sha256:0{64} data:checked$", "\n".join(lines), re.M)
+
+
+def test_eval_only_refuses_bytes_counted_another_way(tmp_path, main_in, env):
+    """val_bpb divides by the bytes the validation tokens stand for: caseops shards count them from the sidecars
+    their manifest names, other shards by the tokenizer's pieces, so the same ids and tokenizer can give two counts
+    (caseops shards whose manifest.json is gone are scored on the marker pieces' bytes). The artifact records its
+    count and where it came from; EVAL_ONLY on data that counts otherwise is refused with both, before the log opens,
+    and on data that counts the same, its score divides by the recorded count."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(SP1024))
+    ids = np.fromfile(Path(env["DATA_PATH"]) / "fineweb_val_000000.bin", "<u2", offset=1024).tolist()
+    starts = [i for i, t in enumerate(ids) if t == tg.BOS_ID] + [len(ids)]
+    text_bytes = sum(len(sp.decode(ids[a + 1:b]).encode("utf-8")) for a, b in zip(starts, starts[1:]))
+    ours = identity_of(Path(env["DATA_PATH"]), SP1024)
+    artifact = tmp_path / "caseops.ptz"
+    caseops_meta = {**ours, "val_bytes": text_bytes - 40, "val_bytes_from": "caseops_sidecar version:1"}
+    artifact.write_bytes(artifact_blob(meta=caseops_meta))
+    e, opened = main_in(dict(env, EVAL_ONLY=artifact, RUN_ID="x"), tmp_path)
+    assert user_error(e) == (f"EVAL_ONLY={artifact} was scored on {text_bytes - 40} bytes of validation text "
+                             f"(val_bytes_from:caseops_sidecar version:1), but the tokens under DATA_PATH="
+                             f"{env['DATA_PATH']} stand for {text_bytes} (val_bytes_from:tokenizer_pieces): caseops "
+                             f"shards count the original text's bytes from the sidecars their manifest.json names; "
+                             f"point DATA_PATH at the shards of its run, manifest included") and opened == []
+    artifact.write_bytes(artifact_blob(meta={**caseops_meta, "val_bytes": text_bytes}))  # the same count, elsewhere
+    e, opened = main_in(dict(env, EVAL_ONLY=artifact, RUN_ID="x"), tmp_path)
+    assert "(val_bytes_from:caseops_sidecar version:1), but" in user_error(e) and opened == []
+    artifact.write_bytes(artifact_blob(meta={**ours, "val_bytes": text_bytes, "val_bytes_from": "tokenizer_pieces"}))
+    e, _ = main_in(dict(env, EVAL_ONLY=artifact, RUN_ID="same", EVAL_STRIDE="64"), tmp_path)
+    assert e is None, e
+    lines = (tmp_path / "logs" / "same.txt").read_text().splitlines()
+    assert f"val_tokens:{ours['val_tokens'] - 1} val_bytes:{text_bytes}" in lines
+
+
+@pytest.fixture
+def own_copy(own_shards, tmp_path) -> tuple[Path, tg.Hyperparameters, str]:
+    """A copy of the README-built shards (manifest included) to damage, the knobs that read it, its tokenizer's sha."""
+    folder = tmp_path / "mine"
+    shutil.copytree(own_shards[0], folder)
+    args = tg.Hyperparameters(data_path=str(folder), tokenizer_path=str(folder / "tokenizer.model"))
+    return folder, args, hashlib.sha256((folder / "tokenizer.model").read_bytes()).hexdigest()
+
+
+def test_shards_that_disagree_with_their_manifest_are_refused(own_copy, tmp_path, main_in, env):
+    """Counts and sha256 recorded by the builder, checked at start: a validation shard edited in place (its header
+    valid, its ids still text), a count the manifest does not hold, a download that did not finish, a shard of
+    another build mixed in, a listed one gone missing. All of them used to be scored or trained on in silence."""
+    folder, args, sha = own_copy
+    manifest = folder / "manifest.json"
+    original = manifest.read_text()
+    val, train = folder / "fineweb_val_000000.bin", folder / "fineweb_train_000000.bin"
+    good = val.read_bytes()
+    raw = bytearray(good)
+    raw[1024 + 10:1024 + 12] = (300).to_bytes(2, "little")  # one id of the text changed
+    val.write_bytes(bytes(raw))
+    e, opened = main_in(dict(env, DATA_PATH=folder, TOKENIZER_PATH=folder / "tokenizer.model"), tmp_path)
+    assert "its sha256 is not the" in user_error(e) and opened == []
+    recorded = json.loads(original)["splits"]["val"]["files"][0]["sha256"]
+    with pytest.raises(tg.DataError, match=rf"{re.escape(str(val))}: its sha256 is not the {recorded[:12]}\.\.\. "
+                                           rf".*manifest\.json records: the validation text changed"):
+        tg.check_manifest(args, sha)
+    val.write_bytes(good)
+    assert tg.check_manifest(args, sha)[1] == "checked"
+
+    def edited(edit) -> None:
+        m = json.loads(original)
+        edit(m)
+        manifest.write_text(json.dumps(m))
+
+    n = tg.read_shard_header(train)
+    edited(lambda m: m["splits"]["train"]["files"][0].update(tokens=n + 1))
+    with pytest.raises(tg.DataError, match=rf"{re.escape(str(train))}: {n} tokens, but .*manifest\.json says {n + 1}"):
+        tg.check_manifest(args, sha)
+    edited(lambda m: m.update(complete=False))
+    with pytest.raises(tg.DataError, match=r"manifest\.json says the download into DATA_PATH did not finish; run "
+                                           r"data/cached_challenge_fineweb\.py again"):
+        tg.check_manifest(args, sha)
+    manifest.write_text(original)
+    shutil.copyfile(train, folder / "fineweb_train_000001.bin")
+    with pytest.raises(tg.DataError, match=r"manifest\.json does not list fineweb_train_000001\.bin, which is in "
+                                           r"DATA_PATH: shards of another build are mixed in"):
+        tg.check_manifest(args, sha)
+    (folder / "fineweb_train_000001.bin").unlink()
+    edited(lambda m: m["splits"]["train"]["files"].append({"name": "fineweb_train_000001.bin", "tokens": n}))
+    with pytest.raises(tg.DataError, match=r"manifest\.json lists fineweb_train_000001\.bin, which is missing from "
+                                           r"DATA_PATH"):
+        tg.check_manifest(args, sha)
+
+
+def test_data_path_is_a_folder_not_a_glob_pattern(tmp_path, env):
+    """DATA_PATH=data/run? matched data/run1 and data/run2 and scored their validation sets merged; a folder named
+    with [ or * was refused as holding no shard. Now the name is taken literally, and must be a folder."""
+    source = Path(env["DATA_PATH"])
+    for name in ("run1", "run2", "set[1]", "a*b"):
+        shutil.copytree(source, tmp_path / name)
+    one = len(tg.load_validation_tokens(str(tmp_path / "run1"), 1024))
+    with pytest.raises(tg.DataError, match=rf"DATA_PATH={re.escape(str(tmp_path / 'run?'))} is not a folder"):
+        tg.load_validation_tokens(str(tmp_path / "run?"), 1024)
+    assert len(tg.load_validation_tokens(str(tmp_path / "set[1]"), 1024)) == one
+    assert len(tg.load_validation_tokens(str(tmp_path / "a*b"), 1024)) == one
+    with pytest.raises(tg.DataError, match=r"is not a folder"):
+        tg.load_validation_tokens(str(tmp_path / "run1" / "fineweb_val_000000.bin"), 1024)
+
+
+def test_validation_ids_that_are_not_encoded_text_are_refused(tmp_path, main_in, env):
+    """A shard whose header matches its size and whose ids are below VOCAB_SIZE, but which holds no encoded text:
+    random ids (they include control ids, which sentencepiece never emits) or text that does not start at a
+    document. Scored, either gives a val_bpb of nothing."""
+    need_shared_data()
+    import sentencepiece as spm
+
+    luts = tg.byte_luts(spm.SentencePieceProcessor(model_file=str(SP1024)), 1024)
+    noise = torch.from_numpy(np.random.default_rng(0).integers(0, 1024, 5000))
+    noise[0] = tg.BOS_ID
+    with pytest.raises(tg.DataError, match=r"the validation shards under DATA_PATH=d are not encoded documents: they "
+                                           r"hold control or unknown ids \[0, 2, 3\] \(\d+ times\), which encoded text "
+                                           r"never does"):
+        tg.check_encoded(noise, luts[2], "d")
+    text = torch.from_numpy(np.fromfile(Path(env["DATA_PATH"]) / "fineweb_val_000000.bin", "<u2", offset=1024)
+                            .astype(np.int64))
+    tg.check_encoded(text, luts[2], "d")  # real text passes
+    with pytest.raises(tg.DataError, match=rf"start with id {int(text[1])}, not BOS \(1\)"):
+        tg.check_encoded(text[1:], luts[2], "d")
+    data = tmp_path / "data"
+    data.mkdir()
+    write_shard(data / "fineweb_val_000000.bin", noise.tolist())
+    shutil.copyfile(Path(env["DATA_PATH"]) / "fineweb_train_000000.bin", data / "fineweb_train_000000.bin")
+    e, opened = main_in(dict(env, DATA_PATH=data), tmp_path)
+    assert "are not encoded documents" in user_error(e) and opened == []
 
 
 # =============================================================================
@@ -538,9 +707,86 @@ def test_artifact_config_with_unknown_key_or_wrong_type(edit, words, tmp_path, m
 
 def test_artifact_meta_cannot_inject_log_lines(tmp_path):
     path = tmp_path / "meta.ptz"
-    path.write_bytes(artifact_blob(meta={"run_id": "A\nval_bpb: 0.5", "config_sha256": "0" * 64}))
-    with pytest.raises(tg.ArtifactError, match=r"meta\.ptz: its meta .* is not a run id and a config sha256"):
-        tg.read_artifact(path)
+    for meta in ({"run_id": "A\nval_bpb: 0.5", "config_sha256": "0" * 64},
+                 {"run_id": "A", "val_bytes": 9, "val_bytes_from": "tokenizer_pieces\nval_bpb: 0.5"}):
+        path.write_bytes(artifact_blob(meta=meta))
+        with pytest.raises(tg.ArtifactError, match=r"meta\.ptz: its meta .* is not a run id, counts, sha256 hashes "
+                                                   r"and a byte source"):
+            tg.read_artifact(path)
+
+
+@pytest.mark.parametrize("knob, value, words", [
+    ("ROPE_BASE", "1e39", "ROPE_BASE=1e+39: must be a finite number that float32 holds"),  # inf in float32
+    ("LOGIT_SOFTCAP", "1e39", "LOGIT_SOFTCAP=1e+39: must be a finite number that float32 holds"),
+    ("ADAM_EPS", "1e-50", "ADAM_EPS=1e-50: must be a finite number that float32 holds"),  # 0 in float32: 0/0 = nan
+    ("TTT_LORA_ALPHA", "1e39", "TTT_LORA_ALPHA=1e+39: must be a finite number that float32 holds"),  # alpha / rank
+    ("TTT_WEIGHT_DECAY", "1e-50", "TTT_WEIGHT_DECAY=1e-50: must be a finite number that float32 holds"),
+    ("TTT_LORA_RANK", "65", "TTT_LORA_RANK=65: must be at most MODEL_DIM=64"),  # adapters' memory grows with it
+])
+def test_knob_float32_cannot_hold_or_memory_bound_is_refused(knob, value, words):
+    """Finite in float64, so they passed; inf or 0 in the float32 tensors they become, they ended in a non-finite
+    loss blamed on the learning rates. A LoRA rank above the width it adapts costs memory and adds nothing."""
+    with pytest.raises(tg.ConfigError) as e:
+        tiny_args(**{knob: value}, TTT_ENABLED=1)
+    assert str(e.value).startswith(words), str(e.value)
+    assert tiny_args(**{knob: {"ROPE_BASE": "3e38", "LOGIT_SOFTCAP": "3e38", "ADAM_EPS": "1e-40",
+                               "TTT_LORA_ALPHA": "3e38", "TTT_WEIGHT_DECAY": "1e-40",
+                               "TTT_LORA_RANK": "64"}[knob]}, TTT_ENABLED=1)  # the largest (smallest) float32 holds
+    assert tiny_args(TTT_LORA_RANK=65)  # without TTT the rank is not used
+
+
+def test_eval_only_checks_only_the_knobs_it_uses(tmp_path):
+    """Leftovers of a training run in the environment (a malformed or contradictory training knob, the default
+    GRAD_ACCUM_STEPS on a world size that does not divide 8) no longer stop the score of an artifact; a knob the
+    score reads is still checked."""
+    (tmp_path / "a.ptz").write_bytes(b"")
+    leftovers = {"EVAL_ONLY": str(tmp_path / "a.ptz"), "MATRIX_LR": "fast", "ITERATIONS": "0", "WARMDOWN_FRAC": "2",
+                 "MIN_LR": "0.5", "AVERAGING": "median", "QUANT_MODE": "exotic", "TRAIN_BATCH_TOKENS": "1000",
+                 "EMBED_WEIGHT_DECAY": "-1"}
+    args = tg.resolve(tg.Hyperparameters.from_env(leftovers), 3)
+    assert (args.matrix_lr, args.iterations, args.averaging) == (0.025, 20000, "ema") and args.grad_accum_steps == 2
+    assert args.embed_weight_decay == 0.04
+    with pytest.raises(tg.ConfigError, match="MATRIX_LR='fast': expected a float"):
+        tg.Hyperparameters.from_env({k: v for k, v in leftovers.items() if k != "EVAL_ONLY"})
+    with pytest.raises(tg.ConfigError, match=r"EVAL_STRIDE=0: must be at least 1"):
+        tg.resolve(tg.Hyperparameters.from_env(dict(leftovers, EVAL_STRIDE="0")), 3)
+    with pytest.raises(tg.ConfigError, match=r"TTT_BETA1=1\.0: must lie in \[0, 1\)"):  # the TTT knobs score
+        tg.resolve(tg.Hyperparameters.from_env(dict(leftovers, TTT_BETA1="1")), 3)
+
+
+def test_nan_loss_at_step_1_names_the_knobs_of_the_initial_model(tmp_path, main_in, env):
+    """Step 1's loss is the initial weights': no learning rate has acted yet, so the message names the knobs that
+    shape the initial model (it named the learning rates only). QK_GAIN_INIT=3e38 is finite in float32 and makes
+    the attention logits inf."""
+    e, opened = main_in(dict(env, QK_GAIN_INIT="3e38", ITERATIONS="4", WARMUP_STEPS="0"), tmp_path)
+    message = str(e)
+    assert isinstance(e, FloatingPointError) and message == (
+        "step 1: training loss is nan (NaN or inf); the initial model's, before any update: check LOGIT_SOFTCAP, "
+        "ROPE_BASE, QK_GAIN_INIT, TIED_EMBED_INIT_STD and the data"), message
+    assert not any(line.startswith("step:1/") for line in (tmp_path / "logs" / "A.txt").read_text().splitlines())
+
+
+# =============================================================================
+# Ctrl-C: one line, exit 130, no file that looks complete
+
+
+def test_ctrl_c_in_train_gpt_is_one_line_and_exit_130(tmp_path, env):
+    """SIGINT while training (a real signal, to a real process): it printed a traceback and died of the signal."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_gpt.py")], cwd=tmp_path, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True,
+                            env={**{k: v for k, v in os.environ.items() if k not in KNOB_NAMES | set(LAUNCH_VARS)},
+                                 **env, "ITERATIONS": "100000", "TRAIN_LOG_EVERY": "1", "OMP_NUM_THREADS": "1"})
+    log = tmp_path / "logs" / "A.txt"
+    deadline = time.time() + 120
+    while not (log.exists() and "step:2/" in log.read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.splitlines() == [
+        "train_gpt.py: interrupted (Ctrl-C); logs/A.txt ends with `error: interrupted`"], err
+    assert log.read_text().splitlines()[-1] == "error: interrupted (Ctrl-C)"
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["A.txt"]  # no artifact, whole or half
 
 
 # =============================================================================

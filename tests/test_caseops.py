@@ -302,8 +302,9 @@ def decoded_bytes(sp, tokens: torch.Tensor) -> int:
 
 def test_load_inputs_reads_the_sidecar(built):
     out, _, _, manifest = built
-    sp, _, token_bytes, tokens, source = caseops_inputs(out)
-    assert source == "caseops_sidecar version:1"
+    sp, _, token_bytes, tokens, data = caseops_inputs(out)
+    assert data["val_bytes_from"] == "caseops_sidecar version:1" and data["manifest"] == "checked"
+    assert data["val_bytes"] == manifest["caseops"]["val_bytes"]  # the artifact's record of the bytes it scored
     assert token_bytes.shape == tokens.shape and int(token_bytes.sum()) == manifest["caseops"]["val_bytes"]
     assert int(token_bytes.sum()) == decoded_bytes(sp, tokens)
     # the tokenizer's byte rule would count the marker pieces' own bytes: more than the text has
@@ -365,6 +366,9 @@ def test_caseops_shards_without_their_sidecar_are_refused(built, tmp_path):
     del entry["caseops"]["sidecars"]
     (data / "manifest.json").write_text(json.dumps(entry))
     with pytest.raises(tg.DataError, match=r"manifest\.json: its caseops entry lists no byte sidecars"):
+        caseops_inputs(data)
+    (data / "manifest.json").unlink()  # the shards alone would be scored on the marker pieces' bytes
+    with pytest.raises(tg.DataError, match=r"holds byte sidecars \(fineweb_valbytes_\*\.bin\) but no manifest\.json"):
         caseops_inputs(data)
 
 

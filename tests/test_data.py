@@ -13,6 +13,7 @@ import json
 import random
 import shutil
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import cached_challenge_fineweb as dl  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 import train_gpt  # noqa: E402
 from train_gpt import DataError, list_shards, load_shard, read_shard_header  # noqa: E402
+from conftest import exit_code  # noqa: E402
 
 SP1024 = SHARED / "tokenizers" / "fineweb_1024_bpe.model"
 SP1024_SHA256 = "4f5e8adb109c66b4886963bc75a7befd73bda36d27fd7102df8e9e66503b0e2a"  # PROVENANCE.md
@@ -169,12 +171,12 @@ def test_token_id_at_or_above_vocab_raises(tmp_path):
 def test_list_shards(tmp_path):
     pattern = str(tmp_path / "fineweb_train_*.bin")
     with pytest.raises(DataError) as err:
-        list_shards(pattern)
+        list_shards(str(tmp_path), "train")
     message = str(err.value)
     assert pattern in message and "cached_challenge_fineweb.py" in message and "build_shards.py" in message
     for i in (2, 0, 1):
         bs.write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", [1])
-    assert [p.name for p in list_shards(pattern)] == [f"fineweb_train_{i:06d}.bin" for i in range(3)]
+    assert [p.name for p in list_shards(str(tmp_path), "train")] == [f"fineweb_train_{i:06d}.bin" for i in range(3)]
 
 
 # -----------------------------------------------------------------------------
@@ -199,7 +201,9 @@ def test_builder_reproduces_sp_encode_across_shards(tmp_path):
         sizes = [read_shard_header(f) for f in files]
         full, rest = divmod(len(ref), shard_tokens)
         assert sizes == [shard_tokens] * full + ([rest] if rest else [])
-        assert manifest["splits"][split]["files"] == [{"name": f.name, "tokens": n} for f, n in zip(files, sizes)]
+        assert manifest["splits"][split]["files"] == [{"name": f.name, "tokens": n,
+                                                       "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+                                                      for f, n in zip(files, sizes)]
         assert manifest["splits"][split]["tokens"] == len(ref)
     # Some shard starts mid-document, so the test really crosses boundaries.
     assert any(load_shard(f)[0] != 1 for f in sorted(out.glob("fineweb_train_*.bin")))
@@ -272,7 +276,8 @@ def test_qs2_builder_trains_its_tokenizer_on_the_train_split(tmp_path, monkeypat
         manifest = json.loads((folder / "manifest.json").read_text())
         assert manifest["tokenizer"]["sha256"] == hashlib.sha256(proto).hexdigest()
         assert (folder / "tokenizer.model").read_bytes() == proto
-        train_gpt.check_manifest_tokenizer(str(folder), str(out / "tokenizer.model"))
+        args = train_gpt.Hyperparameters(data_path=str(folder), tokenizer_path=str(out / "tokenizer.model"))
+        assert train_gpt.check_manifest(args, manifest["tokenizer"]["sha256"])[1] == "checked"
         assert manifest["splits"]["val"]["docs"] == len(docs) and manifest["splits"]["train"]["docs"] == 30
         assert ("caseops" in manifest) == caseops
         if caseops:
@@ -416,12 +421,19 @@ def test_builder_refuses_to_mix_with_an_earlier_build(tmp_path, small_tokenizer)
     src = write_jsonl(tmp_path / "d.jsonl", synthetic_docs(30))
     out = tmp_path / "out"
     bs.build_shards([src], out, val_docs=3, tokenizer=small_tokenizer, shard_tokens=50, log=quiet)
-    (out / "notes.txt").write_text("mine")
+    assert len(list(out.glob("fineweb_train_*.bin"))) > 1
     with pytest.raises(bs.BuildError, match="--overwrite"):
         bs.build_shards([src], out, val_docs=3, tokenizer=small_tokenizer, log=quiet)
     bs.build_shards([src], out, val_docs=3, tokenizer=small_tokenizer, shard_tokens=10**6, overwrite=True, log=quiet)
     assert sorted(p.name for p in out.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin",
-                                                      "manifest.json", "notes.txt", "tokenizer.model"]
+                                                      "manifest.json", "tokenizer.model"]  # the old shards are gone
+    (out / "notes.txt").write_text("mine")  # the build replaces its folder whole, so it would take this file along
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(bs.BuildError, match=r"out holds files this script did not write \(notes\.txt\); a build "
+                                            r"replaces its folder whole"):
+        bs.build_shards([src], out, val_docs=3, tokenizer=small_tokenizer, overwrite=True, log=quiet)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "out"]  # no staging folder left beside it
 
 
 def test_builder_cli_one_line_error(tmp_path, capsys):
@@ -429,6 +441,111 @@ def test_builder_cli_one_line_error(tmp_path, capsys):
                     "--vocab-size", "400", "--val-docs", "1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: input file not found")
+
+
+def test_interrupted_or_failed_build_leaves_nothing(tmp_path, small_tokenizer, monkeypatch, capsys):
+    """The build is staged beside --output-dir and renamed into place at the end, manifest included: Ctrl-C or an
+    error after some shards were written left those shards at --output-dir without a manifest, which a run took
+    for a folder of hand-made shards."""
+    docs = synthetic_docs(60)
+    src = write_jsonl(tmp_path / "d.jsonl", docs)
+    out = tmp_path / "out"
+    real, written = bs.write_shard, []
+
+    def interrupted(path, tokens, *magic):
+        written.append(Path(path).name)
+        if len(written) == 3:  # two shards are on disk by now
+            raise KeyboardInterrupt
+        return real(path, tokens, *magic)
+
+    monkeypatch.setattr(bs, "write_shard", interrupted)
+    argv = ["--input", str(src), "--output-dir", str(out), "--tokenizer", str(small_tokenizer), "--val-docs", "5",
+            "--shard-tokens", "200", "--workers", "1"]
+    assert exit_code(bs.main, argv) == 130
+    assert capsys.readouterr().err == f"build_shards.py: interrupted (Ctrl-C); nothing was written to {out}\n"
+    assert written[:2] == ["fineweb_val_000000.bin", "fineweb_val_000001.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]  # neither out nor its staging folder
+    monkeypatch.setattr(bs, "write_shard", real)
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs) + "{oops\n")
+    with pytest.raises(bs.BuildError, match=r"bad\.jsonl:61: not valid JSON"):  # after every shard but the last
+        bs.build_shards([tmp_path / "bad.jsonl"], out, val_docs=5, tokenizer=small_tokenizer, shard_tokens=200,
+                        log=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "d.jsonl"]
+
+
+@pytest.mark.parametrize("compression", [".zst", ".gz"])
+def test_truncated_compressed_input_is_refused(tmp_path, small_tokenizer, compression):
+    """Part of a .zst file decoded to part of its documents with exit 0 (zstandard's stream reader says nothing at a
+    frame cut short, and a text line cut anywhere is still a document); part of a .gz file ended in an EOFError
+    traceback. Whole files, of several zstd frames or gzip members, give every document."""
+    import zstandard
+
+    docs = synthetic_docs(300, seed=6)
+    lines = "".join(d + "\n" for d in docs).encode()
+    pack = (lambda b: zstandard.ZstdCompressor().compress(b)) if compression == ".zst" else gzip.compress
+    whole = pack(lines[:len(lines) // 3]) + pack(lines[len(lines) // 3:])  # two frames / members
+    src = tmp_path / f"d.txt{compression}"
+    src.write_bytes(whole)
+    assert list(bs.iter_documents([src])) == docs
+    src.write_bytes(whole[:len(whole) * 3 // 4])
+    kind = "a zstd frame" if compression == ".zst" else "its gzip stream"
+    with pytest.raises(bs.BuildError, match=rf"d\.txt\{compression}: the file ends inside {kind}, so it is "
+                                            rf"truncated \(an interrupted download or copy\?\); fetch it again"):
+        bs.build_shards([src], tmp_path / "out", val_docs=5, tokenizer=small_tokenizer, log=quiet)
+    src.write_bytes(lines)  # not compressed at all
+    name = {".zst": "zstd", ".gz": "gzip"}[compression]
+    with pytest.raises(bs.BuildError, match=rf"d\.txt\{compression}: not valid {name} data \(.*\); fetch it again"):
+        list(bs.iter_documents([src]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_same_input_twice_is_refused(tmp_path, small_tokenizer):
+    """One file given twice put its first documents in the validation split and again in the training split."""
+    src = write_jsonl(tmp_path / "d.jsonl", synthetic_docs(30))
+    other = write_jsonl(tmp_path / "e.jsonl", synthetic_docs(30, seed=9))
+    kw = dict(val_docs=5, tokenizer=small_tokenizer, log=quiet)
+    with pytest.raises(bs.BuildError, match=r"inputs .*d\.jsonl and .*d\.jsonl hold the same bytes \(one file given "
+                                            r"twice\?\): its documents would be read twice"):
+        bs.build_shards([src, other, src], tmp_path / "o1", **kw)
+    shutil.copyfile(src, tmp_path / "copy.jsonl")
+    with pytest.raises(bs.BuildError, match=r"inputs .*d\.jsonl and .*copy\.jsonl hold the same bytes"):
+        bs.build_shards([src, tmp_path / "copy.jsonl"], tmp_path / "o2", **kw)
+    twin = tmp_path / "twin.jsonl"  # the same size, other bytes: a different input
+    twin.write_bytes(src.read_bytes().replace(b"ka", b"lo"))
+    assert twin.stat().st_size == src.stat().st_size and twin.read_bytes() != src.read_bytes()
+    bs.build_shards([src, twin], tmp_path / "o3", **kw)
+
+
+def test_qs2_builder_errors_are_one_line_and_leave_nothing(tmp_path, monkeypatch, capsys):
+    """build_qs2.py had no error handling: a missing data folder or a truncated english_mix was a traceback (or, for
+    the truncation, half the corpus in silence), and Ctrl-C left shards behind without a manifest."""
+    import zstandard
+
+    r = subprocess.run([sys.executable, str(ROOT / "data" / "build_qs2.py"), str(tmp_path / "q"), "--data",
+                        str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        f"error: input file not found: {tmp_path / 'nowhere' / 'english_mix' / 'english_mix.jsonl.zst'}"], r.stderr
+    data = tmp_path / "data"
+    (data / "english_mix").mkdir(parents=True)
+    (data / "fineweb_docs").mkdir()
+    mix = "".join(json.dumps({"text": d}) + "\n" for d in synthetic_docs(450, seed=3)).encode()
+    packed = zstandard.ZstdCompressor().compress(mix)
+    (data / "english_mix" / "english_mix.jsonl.zst").write_bytes(packed[:len(packed) // 2])
+    write_jsonl(data / "fineweb_docs" / "fineweb_200docs.jsonl", synthetic_docs(5, seed=4))
+    tokenizer = need(SP1024)
+    argv = [str(tmp_path / "q"), "--data", str(data), "--tokenizer", str(tokenizer)]
+    assert build_qs2.main(argv) == 1
+    assert "english_mix.jsonl.zst: the file ends inside a zstd frame, so it is truncated" in capsys.readouterr().err
+    (data / "english_mix" / "english_mix.jsonl.zst").write_bytes(packed)
+    monkeypatch.setattr(bs, "write_shard", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert exit_code(build_qs2.main, argv) == 130
+    assert capsys.readouterr().err == f"build_qs2.py: interrupted (Ctrl-C); nothing was written to {tmp_path / 'q'}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    monkeypatch.undo()
+    assert build_qs2.main(argv) == 0
+    assert build_qs2.main(argv) == 1 and "--overwrite" in capsys.readouterr().err
+    args = train_gpt.Hyperparameters(data_path=str(tmp_path / "q" / "fw"), tokenizer_path=str(tokenizer))
+    assert train_gpt.check_manifest(args, SP1024_SHA256)[1] == "checked"  # the second val set's own manifest
 
 
 # -----------------------------------------------------------------------------
@@ -663,3 +780,52 @@ def test_caseops_shards_from_the_exports_documents(tmp_path, hub):
     (data / "docs_selected.source_manifest.json").unlink()
     with pytest.raises(dl.DownloadError, match=r"docs_selected\.source_manifest\.json names no validation document"):
         dl.build_caseops(400, 2, data_dir=data, repo_id="r/r", download=hub, log=quiet)
+
+
+def test_download_writes_the_shards_manifest_that_train_gpt_checks(tmp_path, hub, capsys, monkeypatch):
+    """The official download left no manifest beside its shards, so train_gpt.py checked neither their counts nor
+    the tokenizer they belong to. Now it writes one in build_shards.py's format (each shard's token count and
+    sha256, the tokenizer's sha256), checks kept shards against it on the next run, and marks a download in
+    progress, so that an interrupted one is refused until a run finishes it."""
+    data = tmp_path / "data"
+    dl.download_variant("sp1024", 3, data_dir=data, repo_id="r/r", download=hub, log=quiet)
+    shards, model = data / "datasets/fineweb10B_sp1024", data / "tokenizers/fineweb_1024_bpe.model"
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["tokenizer"]["file"] == "../../tokenizers/fineweb_1024_bpe.model"
+    assert manifest["tokenizer"]["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    for split, n in (("val", 2), ("train", 3)):
+        files = sorted(shards.glob(f"fineweb_{split}_*.bin"))
+        assert len(files) == n and manifest["splits"][split]["files"] == [
+            {"name": f.name, "tokens": (f.stat().st_size - 1024) // 2,
+             "sha256": hashlib.sha256(f.read_bytes()).hexdigest()} for f in files]
+    args = train_gpt.Hyperparameters(data_path=str(shards), tokenizer_path=str(model))
+    assert train_gpt.check_manifest(args, manifest["tokenizer"]["sha256"])[1] == "checked"
+
+    edited = shards / "fineweb_train_000002.bin"  # edited in place, its header still valid
+    raw = bytearray(edited.read_bytes())
+    raw[-2:] = b"\x05\x00" if raw[-2:] != b"\x05\x00" else b"\x06\x00"
+    edited.write_bytes(bytes(raw))
+    hub.calls.clear()
+    dl.download_variant("sp1024", 3, data_dir=data, repo_id="r/r", download=hub, log=quiet)
+    remote = "datasets/datasets/fineweb10B_sp1024/fineweb_train_000002.bin"
+    assert hub.paths() == [remote] and edited.read_bytes() == (hub.root / remote).read_bytes()
+
+    def interrupted_at_the_second_file(repo_id, remote, staging):
+        if len(hub.calls) == 1:  # one file fetched
+            raise KeyboardInterrupt
+        return hub(repo_id, remote, staging)
+
+    hub.calls.clear()
+    monkeypatch.setattr(dl, "hub_download", interrupted_at_the_second_file)
+    monkeypatch.setattr(dl, "DATA_DIR", data)
+    assert exit_code(dl.main, ["--variant", "sp1024", "--train-shards", "5"]) == 130
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("cached_challenge_fineweb.py: interrupted (Ctrl-C); every file in "
+                                               "place is complete")
+    assert (shards / "fineweb_train_000003.bin").is_file() and not (shards / "fineweb_train_000004.bin").exists()
+    with pytest.raises(DataError, match=r"manifest\.json says the download into DATA_PATH did not finish"):
+        train_gpt.check_manifest(args, manifest["tokenizer"]["sha256"])
+    monkeypatch.setattr(dl, "hub_download", hub)
+    assert dl.main(["--variant", "sp1024", "--train-shards", "5"]) == 0
+    assert train_gpt.check_manifest(args, manifest["tokenizer"]["sha256"])[1] == "checked"
+    assert len(json.loads((shards / "manifest.json").read_text())["splits"]["train"]["files"]) == 5

@@ -23,7 +23,8 @@ from test_train import SCRIPT, log_body, run  # noqa: E402
 pytestmark = pytest.mark.usefixtures("plain_torch_runtime")
 CPU = torch.device("cpu")
 # the preset at the card's depth (its layer indices need 11 layers), tiny width
-FRONTIER_TINY = dict(PRESET="frontier", NUM_LAYERS=11, ROPE_TRAIN_LEN=16, WARMUP_STEPS=3)
+# the preset at the tiny width (MODEL_DIM=64): its TTT rank, 80, is above the width, which resolve() refuses
+FRONTIER_TINY = dict(PRESET="frontier", NUM_LAYERS=11, ROPE_TRAIN_LEN=16, WARMUP_STEPS=3, TTT_LORA_RANK=8)
 
 
 def rms64(x):
@@ -33,6 +34,9 @@ def rms64(x):
 def test_preset_sets_defaults_explicit_knobs_win_and_unknown_names_fail():
     a = tg.Hyperparameters.from_env({"PRESET": "frontier"})
     assert all(getattr(a, k) == v for k, v in tg.PRESETS["frontier"].items()) and a.mlp_mult == 4
+    assert tg.resolve(a, 8).ttt_lora_rank == 80  # at the preset's own width (MODEL_DIM=512) its rank is valid
+    with pytest.raises(tg.ConfigError, match=r"TTT_LORA_RANK=80: must be at most MODEL_DIM=64"):
+        tiny_args(PRESET="frontier", NUM_LAYERS=11, ROPE_TRAIN_LEN=16, WARMUP_STEPS=3)
     assert tg.Hyperparameters.from_env({"PRESET": "frontier", "MLP_MULT": "3"}).mlp_mult == 3
     assert not tiny_args(**FRONTIER_TINY, SMEAR_BOS_FIX=0).smear_bos_fix
     assert tiny_args().mlp_leaky_slope == 0 and not tiny_args().recur_layers  # the card without a preset

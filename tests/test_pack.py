@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import exit_code
+
 REPO = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("pack", REPO / "records" / "pack.py")
 pack = importlib.util.module_from_spec(_spec)
@@ -82,7 +84,7 @@ def code_file_lines(code: dict[str, bytes]) -> list[str]:
 def make_log(path: Path, code: dict[str, bytes], seed: int, steps: int, step_avg: float, pre: float, rt: float,
              sl_loss: float, sl_bpb: float, model_bytes: int, *, config_extra: dict | None = None,
              truncate: bool = False, over_limit: bool = False, sliding: bool = True, ttt: float | None = None,
-             bytes_from: str | None = None) -> Path:
+             bytes_from: str | None = None, val_sha: str = "ab" * 32) -> Path:
     code_bytes = sum(len(d) for d in code.values())
     total = model_bytes + code_bytes
     config = {"RUN_ID": path.stem, "SEED": seed, "NUM_LAYERS": 11, "MODEL_DIM": 576, "MATRIX_LR": 0.025,
@@ -93,6 +95,7 @@ def make_log(path: Path, code: dict[str, bytes], seed: int, steps: int, step_avg
              "device:8xNVIDIA H100 80GB HBM3",
              f"config: {json.dumps(config)}",
              "world_size:8 grad_accum_steps:1 attention:cudnn fused_kernels:none compile:1",
+             f"val_data: tokens:{VAL_TOKENS + 1} sha256:{val_sha} tokenizer_sha256:{'4f5e' * 16} manifest:checked",
              *([f"val_bytes_from:{bytes_from}"] if bytes_from else []),
              "model_params:26993756",
              "step:0/20000 val_loss:6.9357 val_bpb:4.1077 train_time:0ms step_avg:0.00ms"]
@@ -258,6 +261,7 @@ def test_submission_json_types_and_values(packed):
     assert sub["bytes_code"] == code_bytes
     assert sub["bytes_model"] == 15_491_002                       # the seed with the largest artifact
     assert sub["bytes_total"] == 15_491_002 + code_bytes           # max over seeds
+    assert sub["val_set"] == {"tokens": VAL_TOKENS + 1, "sha256": "ab" * 32, "tokenizer_sha256": "4f5e" * 16}
     assert sub["seeds"] == [1337, 42, 2025]
     assert sub["val_bpb_per_seed"] == [1.1228, 1.1233, 1.1238]
     assert sub["val_loss_per_seed"] == [1.8967, 1.8975, 1.8983]
@@ -662,3 +666,34 @@ def test_record_bar_with_one_seed_is_impossible():
     bar = pack.record_bar_test([1.10], [1000], [2000], 1.2)
     assert bar.t is None and bar.p is None and not bar.clears
     assert "t-test impossible with one seed" in bar.explanation
+
+
+def test_seeds_scored_on_different_validation_sets_are_refused(repo, capsys):
+    """Three seeds of one code, one of them scored on other validation shards (or with another tokenizer): their
+    mean was packed as one score. The `val_data:` line names each run's validation set."""
+    logs = list(repo.logs)
+    other = "cd" * 32
+    logs[1].write_text(logs[1].read_text().replace(f"sha256:{'ab' * 32} ", f"sha256:{other} "))
+    assert _cli(repo, logs, "--no-defaults") == 2
+    assert (f"run_s42.txt and {logs[0]} were scored on different validation sets (val_data: tokens:62021633 "
+            f"sha256:cdcdcdcdcdcd... tokenizer_sha256:4f5e4f5e4f5e... vs tokens:62021633 sha256:abababababab... "
+            f"tokenizer_sha256:4f5e4f5e4f5e...); pack only seeds of one DATA_PATH and TOKENIZER_PATH"
+            in _one_error_line(capsys))
+    logs[1].write_text(logs[1].read_text().replace(f"sha256:{other} ", f"sha256:{'ab' * 32} ")
+                       .replace(f"tokenizer_sha256:{'4f5e' * 16}", f"tokenizer_sha256:{'0' * 64}"))
+    assert _cli(repo, logs, "--no-defaults") == 2 and "tokenizer_sha256:000000000000... vs" in _one_error_line(capsys)
+    assert not repo.out_root.exists()
+    logs[1].write_text("\n".join(l for l in logs[1].read_text().splitlines() if not l.startswith("val_data:")))
+    assert _cli(repo, logs, "--no-defaults") == 2 and "no `val_data: tokens:N" in _one_error_line(capsys)
+
+
+def test_ctrl_c_while_packing_is_one_line_and_leaves_nothing(repo, capsys, monkeypatch):
+    """Ctrl-C while the folder is being built (here: during the self-check's subprocess) printed a traceback."""
+    def interrupted(folder):
+        assert any(Path(folder).iterdir())  # the half-built folder exists at this point
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pack, "check_runs_from_inside", interrupted)
+    assert exit_code(lambda argv: _cli(repo, repo.logs, *argv), ["--no-defaults"]) == 130
+    assert capsys.readouterr().err == "pack.py: interrupted (Ctrl-C); nothing was written\n"
+    assert_nothing_written(repo)

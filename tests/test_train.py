@@ -1396,7 +1396,7 @@ def test_missing_shards_reach_the_user_as_their_message(tiny_env, tmp_path):
 
 def test_no_shards_message(tmp_path):
     with pytest.raises(tg.DataError) as e:
-        tg.list_shards(str(tmp_path / "fineweb_train_*.bin"))
+        tg.list_shards(str(tmp_path), "train")
     assert str(tmp_path) in str(e.value) and "DATA_PATH" in str(e.value)
 
 

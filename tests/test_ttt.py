@@ -64,6 +64,24 @@ RECORD_TTT = dict(TTT_LORA_TARGETS="q,k,v,o,mlp,head", TTT_LORA_ALPHA=8.0, TTT_B
                   TTT_GLOBAL_MOMENTUM=0.9, TTT_GLOBAL_CLIP=1.0, TTT_GLOBAL_TOKENS=64)
 
 
+def test_lanes_never_outnumber_documents(model, monkeypatch):
+    """TTT_BATCH_DOCS=1000000 allocated a million lanes of adapters and Adam state (the memory of the knob, not of
+    the documents); lanes beyond one a document hold nothing, so the scores are those of one lane per document."""
+    tokens = docs_stream(LENGTHS)
+    ref, _ = ttt(model, tokens, TTT_BATCH_DOCS=8)
+    built, real = [], tg.TTTAdapters
+
+    def adapters(model, args, lanes, device):
+        built.append(lanes)
+        assert lanes <= len(LENGTHS), f"{lanes} lanes of adapters for {len(LENGTHS)} documents"
+        return real(model, args, lanes, device)
+
+    monkeypatch.setattr(tg, "TTTAdapters", adapters)
+    out, scored = ttt(model, tokens, TTT_BATCH_DOCS=10**6)
+    assert built == [8] and scored[1:].all() and torch.equal(out, ref)
+    assert ttt(model, tokens, rank=1, world=2, TTT_BATCH_DOCS=10**6)[1].any() and built[1:] == [4]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # score-first
 
