@@ -9,6 +9,7 @@ evaluation -> artifact (calibration, quantisers, the byte budget, serialise, com
 
 from __future__ import annotations
 
+import ast
 import concurrent.futures
 import contextlib
 import copy
@@ -18,6 +19,7 @@ import gc
 import glob
 import hashlib
 import importlib.util
+import io
 import itertools
 import json
 import lzma
@@ -27,6 +29,7 @@ import platform
 import re
 import sys
 import time
+import tokenize
 import uuid
 import zlib
 from pathlib import Path
@@ -699,7 +702,7 @@ def use_fused_kernels(which: str) -> str:
     if not chosen:
         return "none"
     import kernels  # only now, and each op's module only when it is looked up below: the files imported count
-    # towards the code bytes (project_code_files), so every lookup happens here, not at the first call
+    # towards the code bytes (submission_code), so every lookup happens here, not at the first call
 
     if "mlp" in chosen:
         RELU2_MLP = kernels.relu2_mlp
@@ -2567,7 +2570,7 @@ def factors_of(hessians: dict[str, Tensor], args: Hyperparameters) -> dict:
 def predicted_multiplier(model: GPT, args: Hyperparameters) -> float:
     """The SDClip multiplier the byte budget allows the model's current weights, from the entropy estimate of
     round-to-nearest codes: late QAT trains on that grid, and the export's search refines it."""
-    code_bytes = sum(f.stat().st_size for f in project_code_files())
+    code_bytes = len(submission_code()[1])
     return smallest_multiplier(estimated_bytes(model, model.state_dict(), args, code_bytes), args.artifact_limit,
                                *MULTIPLIERS)
 
@@ -2645,14 +2648,77 @@ def write_atomic(path: Path, data: bytes) -> None:
                           f"(whatever was at {path} before is unchanged)") from None
 
 
+# The submission's code is one self-extracting script, the wrapper: this script and the project modules it imported,
+# minified (comments and docstrings out, every line where it was: tracebacks point at the repository's lines),
+# lzma-compressed (stdlib: it runs wherever this script runs) in a string literal of a latin-1 source file, one byte
+# per byte where base85 takes 1.25. It serves the modules from memory (their source too: Triton's @jit reads it)
+# and runs this script in its own namespace, so that running or importing it does what this file does. Its bytes
+# count towards ARTIFACT_LIMIT; each run writes it beside its log for records/pack.py.
 PROJECT_PACKAGES = ("kernels",)  # project code this script imports at run time
+WRAPPER = b"""#coding:l1
+import importlib.util,lzma,sys
+class _L:
+ p=lzma.decompress(%s.encode('l1')).decode().split('\\0');S=dict(zip(p[::2],p[1::2]));F=__file__
+ def path(n):
+  b=n.replace('.','/');return next((f for f in(b+'/__init__.py',b+'.py')if f in _L.S),None)
+ def find_spec(n,*a):
+  f=_L.path(n)
+  if f:return importlib.util.spec_from_file_location(n,_L.F+'/'+f,loader=_L,submodule_search_locations=[]if f.endswith('__init__.py')else None)
+ def create_module(s):pass
+ def exec_module(m):exec(compile(_L.get_source(m.__name__),m.__file__,'exec'),m.__dict__)
+ def get_source(n):return _L.S[_L.path(n)or'train_gpt.py']
+sys.meta_path.insert(0,_L)
+__loader__=_L
+exec(compile(_L.S['train_gpt.py'],_L.F+'/train_gpt.py','exec'))
+"""
+LITERAL_ESCAPES = {b"\0": b"\\0", b"\n": b"\\n", b"\r": b"\\r", b"'": b"\\'", b"\\": b"\\\\"}
 
 
-def project_code_files() -> list[Path]:
-    """This script and every file of the project packages it imported: all of them count towards the artifact."""
-    files = {Path(f).resolve() for name, mod in list(sys.modules.items())
-             if name.split(".")[0] in PROJECT_PACKAGES and (f := getattr(mod, "__file__", None))}
-    return [Path(__file__).resolve()] + sorted(files)
+def minified(source: str) -> str:
+    """`source` without its comments and docstrings (a body that is only a docstring keeps `...`), every other
+    character where it was."""
+    lines = source.splitlines(keepends=True)
+    starts = list(itertools.accumulate(map(len, lines), initial=0))
+    cuts = [(starts[t.start[0] - 1] + t.start[1], starts[t.end[0] - 1] + t.end[1], "")
+            for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                ast.get_docstring(node, clean=False) is not None:
+            d = node.body[0]  # its columns count UTF-8 bytes
+            a, b = (starts[row - 1] + len(lines[row - 1].encode()[:col].decode())
+                    for row, col in ((d.lineno, d.col_offset), (d.end_lineno, d.end_col_offset)))
+            cuts.append((a, b, ("..." if len(node.body) == 1 else "") + "\n" * (d.end_lineno - d.lineno)))
+    for a, b, new in sorted(cuts, reverse=True):
+        while not new.startswith("...") and a and source[a - 1] in " \t":  # and the blanks before it
+            a -= 1
+        source = source[:a] + new + source[b:]
+    return source
+
+
+def project_sources() -> dict[str, str]:
+    """{path in the script's folder: source} of this script and of every project module it has imported, as their
+    loaders hold them: the files, or the wrapper's copies where the wrapper runs."""
+    sources = {"train_gpt.py": __loader__.get_source(__name__)}
+    for name, mod in sorted(list(sys.modules.items())):
+        if name.split(".")[0] in PROJECT_PACKAGES and getattr(mod, "__loader__", None) is not None:
+            path = name.replace(".", "/") + ("/__init__.py" if hasattr(mod, "__path__") else ".py")
+            sources[path] = mod.__loader__.get_source(name)
+    return sources
+
+
+def code_wrapper(sources: dict[str, str]) -> bytes:
+    """The wrapper (WRAPPER) holding `sources` as they are."""
+    packed = "\0".join(part for path, source in sources.items() for part in (path, source)).encode()
+    blob = lzma.compress(packed, format=lzma.FORMAT_ALONE, preset=9 | lzma.PRESET_EXTREME)
+    # a NUL before an octal digit would read as another octal escape
+    literal = re.sub(rb"(\0(?=[0-7]))|[\0\n\r'\\]", lambda m: b"\\x00" if m[1] else LITERAL_ESCAPES[m[0]], blob)
+    return WRAPPER % (b"'" + literal + b"'")
+
+
+def submission_code() -> tuple[dict[str, str], bytes]:
+    """The project sources this run has imported, minified, and the wrapper that holds them: the code that counts."""
+    sources = {path: minified(source) for path, source in project_sources().items()}
+    return sources, code_wrapper(sources)
 
 
 # -----------------------------------------------------------------------------
@@ -2753,15 +2819,18 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
     return rank, world, local_rank, device
 
 
-def log_header(log: Logger, args: Hyperparameters) -> None:
-    files = project_code_files()
-    root = Path(__file__).resolve().parent
-    log(Path(__file__).read_text(), console=False)
+def log_header(log: Logger, args: Hyperparameters) -> int:
+    """Log the code (this script's source as the wrapper holds it; the wrapper, written beside the log, and what it
+    holds), the versions and the config; returns the code bytes."""
+    sources, code = submission_code()
+    log(sources["train_gpt.py"], console=False)
     log("=" * 100, console=False)
-    for f in files:
-        data = f.read_bytes()
-        log(f"code_file: {f.relative_to(root).as_posix()} bytes:{len(data)} sha256:{hashlib.sha256(data).hexdigest()}")
-    log(f"code_bytes: {sum(f.stat().st_size for f in files)}")
+    log(f"code_file: train_gpt.py bytes:{len(code)} sha256:{hashlib.sha256(code).hexdigest()}")
+    for path, source in sources.items():
+        log(f"code_module: {path} bytes:{len(source.encode())}")
+    log(f"code_bytes: {len(code)}")
+    if log.path is not None:
+        write_atomic(log.path.with_suffix(".train_gpt.py"), code)
     triton_version = "none"
     if importlib.util.find_spec("triton") is not None:
         import triton
@@ -2773,6 +2842,7 @@ def log_header(log: Logger, args: Hyperparameters) -> None:
         f"numpy:{np.__version__} cuda:{torch.version.cuda} device:{device}")
     log("config: " + json.dumps(args.env()))
     log(f"config_sha256: {config_sha256(args)}")
+    return len(code)
 
 
 # -----------------------------------------------------------------------------
@@ -3030,10 +3100,9 @@ def main(opened: list[Logger] | None = None) -> None:
     if opened is not None:
         opened.append(log)
     compile_on = args.compile and device.type == "cuda"
-    log_header(log, args)
+    code_bytes = log_header(log, args)
     log(f"world_size:{world} grad_accum_steps:{args.grad_accum_steps} {runtime}")
     autocast = make_autocast(device)
-    code_bytes = sum(f.stat().st_size for f in project_code_files())
 
     def score(model: GPT, seq_len: int, stride: int, batch_seqs: int) -> tuple[float, float, int, int, float]:
         t0 = time.perf_counter()
