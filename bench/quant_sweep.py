@@ -44,7 +44,7 @@ def main() -> None:
     compile_on = base.compile and device.type == "cuda"
     luts = tg.byte_luts(tg.load_tokenizer(base.tokenizer_path, base.vocab_size), base.vocab_size)
     val = tg.load_validation_tokens(base.data_path, base.vocab_size)
-    code_bytes = sum(f.stat().st_size for f in tg.project_code_files())
+    code_bytes = len(tg.submission_code()[1])
 
     model = tg.GPT(base).to(device)
     model.load_state_dict(saved["state"])
