@@ -2698,7 +2698,7 @@ def minified(source: str) -> str:
 def project_sources() -> dict[str, str]:
     """{path in the script's folder: source} of this script and of every project module it has imported, as their
     loaders hold them: the files, or the wrapper's copies where the wrapper runs."""
-    sources = {"train_gpt.py": __loader__.get_source(__name__)}
+    sources = {"train_gpt.py": __loader__.get_source(getattr(__spec__, "name", __name__))}  # __spec__: python -m
     for name, mod in sorted(list(sys.modules.items())):
         if name.split(".")[0] in PROJECT_PACKAGES and getattr(mod, "__loader__", None) is not None:
             path = name.replace(".", "/") + ("/__init__.py" if hasattr(mod, "__path__") else ".py")
