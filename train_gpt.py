@@ -2716,9 +2716,11 @@ def code_wrapper(sources: dict[str, str]) -> bytes:
 
 
 def submission_code() -> tuple[dict[str, str], bytes]:
-    """The project sources this run has imported, minified, and the wrapper that holds them: the code that counts."""
+    """The project sources this run has imported, minified, and the wrapper that holds them: the code that counts.
+    A wrapper that runs counts its own file (another machine's lzma may code the same sources to other bytes)."""
     sources = {path: minified(source) for path, source in project_sources().items()}
-    return sources, code_wrapper(sources)
+    wrapper = getattr(__loader__, "F", None)  # WRAPPER's loader names its file
+    return sources, Path(wrapper).read_bytes() if wrapper else code_wrapper(sources)
 
 
 # -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -219,7 +220,8 @@ KERNEL_CHECK = textwrap.dedent('''
     w, t = torch.randn(1000, 64) / 2, torch.randint(0, 1000, (33,))
     print("loss", rel(tg.LM_HEAD_LOSS(h, w, t, 30.0, "mean"),
                       tg.torch_lm_head_loss(h.double(), w.double(), t, 30.0, "mean")))
-    print("counted", tg.submission_code()[1] == open(tg.__file__, "rb").read())
+    own = open(tg.__file__, "rb").read()  # counted, and what this machine builds from the sources it holds
+    print("counted", tg.submission_code()[1] == own == tg.code_wrapper(tg.submission_code()[0]))
 ''')
 
 
@@ -241,3 +243,19 @@ def test_wrapper_kernels_run_in_triton_interpreter(tmp_path):
     assert set(errors) == {"mlp", "qkv", "norm", "loss"}
     for op, err in errors.items():
         assert float(err) < 2e-5, (op, err)
+
+
+def test_a_running_wrapper_counts_its_own_file(tmp_path):
+    """Another machine's lzma may code the same sources to other bytes: what counts is the file that runs. Here one
+    escape of the literal is spelled another way (same string, two bytes more)."""
+    sources, code = tg.submission_code()
+    at = code.index(b"\\0", code.index(b"lzma.decompress("))
+    while code[at + 2:at + 3].isdigit() or code[at - 1:at] == b"\\":
+        at = code.index(b"\\0", at + 1)
+    other = code[:at] + b"\\x00" + code[at + 2:]
+    (tmp_path / "train_gpt.py").write_bytes(other)
+    r = run_python(sys.executable, tmp_path, "-c", "import hashlib, json, sys; sys.path.insert(0, '.'); import train_gpt "
+                   "as tg; s, c = tg.submission_code(); print(len(c), hashlib.sha256(c).hexdigest(), "
+                   "hashlib.sha256(json.dumps(s).encode()).hexdigest())")
+    held = hashlib.sha256(json.dumps(sources).encode()).hexdigest()  # the sources it holds, as this run minified them
+    assert r.stdout.split() == [str(len(code) + 2), hashlib.sha256(other).hexdigest(), held], r.stderr[-2000:]
