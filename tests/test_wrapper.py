@@ -231,8 +231,8 @@ def test_wrapper_kernels_run_in_triton_interpreter(tmp_path):
     only the wrapper, Triton's @jit reads the kernels' source from it and the kernels compute what the torch
     references compute; the run counts the wrapper's own bytes."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    build = subprocess.run([sys.executable, "-c", "import sys, train_gpt as tg; tg.use_fused_kernels('mlp,qkv,loss,norm'); "
-                            "sys.stdout.buffer.write(tg.submission_code()[1])"], cwd=REPO, env=env,
+    build = subprocess.run([sys.executable, "-c", "import sys, train_gpt as tg; tg.use_fused_kernels('mlp,qkv,loss,norm');"
+                            " sys.stdout.buffer.write(tg.submission_code()[1])"], cwd=REPO, env=env,
                            capture_output=True, timeout=300)
     assert build.returncode == 0, build.stderr.decode()[-2000:]
     (tmp_path / "train_gpt.py").write_bytes(build.stdout)
@@ -254,8 +254,8 @@ def test_a_running_wrapper_counts_its_own_file(tmp_path):
         at = code.index(b"\\0", at + 1)
     other = code[:at] + b"\\x00" + code[at + 2:]
     (tmp_path / "train_gpt.py").write_bytes(other)
-    r = run_python(sys.executable, tmp_path, "-c", "import hashlib, json, sys; sys.path.insert(0, '.'); import train_gpt "
-                   "as tg; s, c = tg.submission_code(); print(len(c), hashlib.sha256(c).hexdigest(), "
+    r = run_python(sys.executable, tmp_path, "-c", "import hashlib, json, sys; sys.path.insert(0, '.'); "
+                   "import train_gpt as tg; s, c = tg.submission_code(); print(len(c), hashlib.sha256(c).hexdigest(), "
                    "hashlib.sha256(json.dumps(s).encode()).hexdigest())")
     held = hashlib.sha256(json.dumps(sources).encode()).hexdigest()  # the sources it holds, as this run minified them
     assert r.stdout.split() == [str(len(code) + 2), hashlib.sha256(other).hexdigest(), held], r.stderr[-2000:]
