@@ -396,7 +396,7 @@ def tiny_artifact():
     return types.SimpleNamespace(args=args, model=model, stored=stored, payload=payload)
 
 
-@pytest.mark.parametrize("compressor", ["zstd", "brotli", "lzma"])
+@pytest.mark.parametrize("compressor", ["zstd", "brotli", "brotli_arrays", "lzma"])
 def test_artifact_round_trip_bit_exact(tiny_artifact, compressor, tmp_path, monkeypatch):
     a = tiny_artifact
     blob = tg.compress(a.payload, compressor)
@@ -481,7 +481,7 @@ def _load_error(path: Path) -> str:
     return msg
 
 
-@pytest.mark.parametrize("compressor", ["zstd", "brotli", "lzma"])
+@pytest.mark.parametrize("compressor", ["zstd", "brotli", "brotli_arrays", "lzma"])
 def test_truncated_artifact(tiny_artifact, compressor, tmp_path):
     blob = tg.compress(tiny_artifact.payload, compressor)
     for cut in (0, 1, 2, 10, len(blob) // 3, len(blob) // 2, len(blob) - 100, len(blob) - 1):
@@ -490,7 +490,7 @@ def test_truncated_artifact(tiny_artifact, compressor, tmp_path):
         assert str(path) in msg, f"cut at {cut}: the message should name the file: {msg}"
 
 
-@pytest.mark.parametrize("compressor", ["zstd", "brotli", "lzma"])
+@pytest.mark.parametrize("compressor", ["zstd", "brotli", "brotli_arrays", "lzma"])
 def test_flipped_bytes_in_compressed_body(tiny_artifact, compressor, tmp_path):
     """A damaged file must not load as a silently different model. zstd (without its frame checksum) and brotli (no
     checksum at all) decode most damaged bodies 'successfully', so the container needs its own check."""
@@ -521,7 +521,7 @@ def test_unknown_compressor_tag(tiny_artifact, tmp_path):
     assert "compressor" in msg
 
 
-@pytest.mark.parametrize("compressor", ["zstd", "brotli", "lzma"])
+@pytest.mark.parametrize("compressor", ["zstd", "brotli", "brotli_arrays", "lzma"])
 def test_valid_compression_of_garbage(compressor, tmp_path):
     garbage = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
     msg = _load_error(_write(tmp_path, "garbage.ptz", tg.compress(garbage, compressor)))
