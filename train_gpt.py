@@ -1,4 +1,4 @@
-"""Parameter Golf: train an 11-layer GPT for 600 s, quantise it to int6 + zstd, score the artifact in val_bpb.
+"""Parameter Golf: train an 11-layer GPT for 600 s, quantise it to int6 + brotli, score the artifact in val_bpb.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py        # every knob is an environment variable
 
@@ -144,7 +144,7 @@ class Hyperparameters:
     gptq_act_order: bool = False  # quantise columns in order of decreasing Hessian diagonal
     lqer_rank: int = 0  # LQER: rank of the int4 correction of the quantisation error (0 = off)
     lqer_top: int = 3  # LQER: how many tensors (largest output error) get it
-    compressor: str = "zstd"  # zstd | brotli | brotli_arrays | lzma
+    compressor: str = "brotli_arrays"  # brotli_arrays | zstd | brotli | lzma
     save_weights: bool = False  # also write logs/<RUN_ID>.weights.pt: the fp32 weights before quantisation
     val_batch_tokens: int = 524_288
     eval_seq_len: int = 0  # 0 = TRAIN_SEQ_LEN

@@ -4,8 +4,8 @@
 
 Each artifact's payload (decompressed and checked) is re-coded by every row below; a row reports the bytes, the
 seconds to write (compress) and to read (decompress, checked equal to the payload) on this machine. The rows:
-the COMPRESSOR values train_gpt.py ships (through its own compress()/decompress(): zstd = zstd-22 one frame per
-array, the default; brotli-11 and lzma-9e of the whole payload); zstd-22 over the whole payload with
+the COMPRESSOR values train_gpt.py ships (through its own compress()/decompress(): brotli_arrays = brotli-11 one
+stream per array, the default; zstd = zstd-22 one frame per array; brotli-11 and lzma-9e of the whole payload); zstd-22 over the whole payload with
 long-distance matching (window 2^27); zstd-22 per array with a dictionary trained on the arrays (its bytes
 counted); brotli-11 per array; ZPAQ (the `zpaq` wheel, one thread, the best ratio) of the whole payload, of the
 arrays grouped by role (attention codes, MLP codes, other codes, steps, the rest), and of the groups with every
@@ -152,7 +152,7 @@ def bench(path: Path, zpaq_levels: list[int], slow: bool) -> None:
     def row(layout: str, coder: str, result: tuple[int, float, float]) -> None:
         print(f"| {layout} | {coder} | {result[0]:,} | {result[1]:.1f} | {result[2]:.1f} |", flush=True)
 
-    for name in tg.COMPRESSORS if slow else ("zstd",):
+    for name in tg.COMPRESSORS if slow else ("brotli_arrays", "zstd"):
         row("COMPRESSOR=" + name, "train_gpt.py", shipped(payload, name))
     if slow:
         row("whole payload", "zstd-22, long-distance matching", ldm(payload))
