@@ -1,4 +1,4 @@
-"""Parameter Golf: train an 11-layer GPT for 600 s, quantise it to int6 + zstd, score the artifact in val_bpb.
+"""Parameter Golf: train an 11-layer GPT for 600 s, quantise it to int6 + brotli, score the artifact in val_bpb.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py        # every knob is an environment variable
 
@@ -9,6 +9,7 @@ evaluation -> artifact (calibration, quantisers, the byte budget, serialise, com
 
 from __future__ import annotations
 
+import ast
 import concurrent.futures
 import contextlib
 import copy
@@ -28,6 +29,7 @@ import platform
 import re
 import sys
 import time
+import tokenize
 import uuid
 import zlib
 from pathlib import Path
@@ -144,7 +146,7 @@ class Hyperparameters:
     gptq_act_order: bool = False  # quantise columns in order of decreasing Hessian diagonal
     lqer_rank: int = 0  # LQER: rank of the int4 correction of the quantisation error (0 = off)
     lqer_top: int = 3  # LQER: how many tensors (largest output error) get it
-    compressor: str = "zstd"  # zstd | brotli | lzma
+    compressor: str = "brotli_arrays"  # brotli_arrays | zstd | brotli | lzma
     save_weights: bool = False  # also write logs/<RUN_ID>.weights.pt: the fp32 weights before quantisation
     val_batch_tokens: int = 524_288
     eval_seq_len: int = 0  # 0 = TRAIN_SEQ_LEN
@@ -333,9 +335,9 @@ def resolve(args: Hyperparameters, world_size: int) -> Hyperparameters:
     need(a.averaging != "ema" or a.ema_decay > 0, "AVERAGING", "is ema but EMA_DECAY=0 turns EMA off")
     need(a.averaging != "swa" or a.swa_enabled, "AVERAGING", "is swa but SWA_ENABLED=0 turns SWA off")
     need(a.compressor in COMPRESSORS, "COMPRESSOR", f"must be one of {', '.join(COMPRESSORS)}")
-    module = {"zstd": "zstandard", "brotli": "brotli", "lzma": "lzma"}[a.compressor]
+    module = {"zstd": "zstandard", "lzma": "lzma"}.get(a.compressor, "brotli")
     need(importlib.util.find_spec(module) is not None, "COMPRESSOR", f"needs the {module} package: pip install {module}")
-    need(a.compressor != "brotli" or brotli_output_limit(), "COMPRESSOR",
+    need(module != "brotli" or brotli_output_limit(), "COMPRESSOR",
          "needs brotli >= 1.2 to read its artifact back with a bounded output: pip install -U brotli")
     kinds = {"0": "none", "1": "all"}.get(a.fused_kernels, a.fused_kernels)
     kinds = {"none": "", "all": ",".join(FUSED_KINDS)}.get(kinds, kinds)
@@ -842,7 +844,7 @@ def use_fused_kernels(which: str) -> str:
     if not chosen:
         return "none"
     import kernels  # only now, and each op's module only when it is looked up below: the files imported count
-    # towards the code bytes (project_code_files), so every lookup happens here, not at the first call
+    # towards the code bytes (submission_code), so every lookup happens here, not at the first call
 
     if "mlp" in chosen:
         RELU2_MLP = kernels.relu2_mlp
@@ -2075,9 +2077,14 @@ def _zstd_compress(data: bytes) -> bytes:
     own, and level 22's match search, which finds little in quantised codes, cannot make one frame worse."""
     import zstandard
 
+    return b"".join(coded_pieces(lambda piece: zstandard.ZstdCompressor(level=22).compress(piece), data))
+
+
+def coded_pieces(code, data: bytes) -> list[bytes]:
+    """code(piece) of every piece of the payload, in parallel threads (the coders release the GIL)."""
     pieces = payload_pieces(data)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(pieces), os.cpu_count() or 1))) as pool:
-        return b"".join(pool.map(lambda piece: zstandard.ZstdCompressor(level=22).compress(piece), pieces))
+        return list(pool.map(code, pieces))
 
 
 def payload_pieces(data: bytes) -> list[bytes]:
@@ -2123,6 +2130,26 @@ def _brotli_decompress(data: bytes) -> Iterator[bytes]:
         yield chunk
 
 
+def _brotli_arrays_compress(data: bytes) -> bytes:
+    """brotli-11, one stream per piece of the payload (as _zstd_compress), each behind its length (4 bytes): on a
+    full-size model 0.4% below zstd's frames, as small as one brotli stream and many times faster to write
+    (docs/QUANT.md)."""
+    import brotli
+
+    streams = coded_pieces(lambda piece: brotli.compress(piece, quality=11), data)
+    return b"".join(len(s).to_bytes(4, "little") + s for s in streams)
+
+
+def _brotli_arrays_decompress(data: bytes) -> Iterator[bytes]:
+    at = 0
+    while at < len(data):
+        n = int.from_bytes(data[at:at + 4], "little")
+        if at + 4 + n > len(data):
+            raise ValueError("a brotli stream ends early")
+        yield from _brotli_decompress(data[at + 4:at + 4 + n])
+        at += 4 + n
+
+
 def brotli_output_limit() -> bool:
     """Whether the installed brotli can cap its output (1.2 on); older ones could be made to fill the memory."""
     import brotli
@@ -2146,6 +2173,7 @@ def _lzma_decompress(data: bytes) -> Iterator[bytes]:
 COMPRESSORS = {
     "zstd": (b"Z", _zstd_compress, _zstd_decompress),
     "brotli": (b"B", _brotli_compress, _brotli_decompress),
+    "brotli_arrays": (b"b", _brotli_arrays_compress, _brotli_arrays_decompress),
     "lzma": (b"L", lambda d: lzma.compress(d, preset=9 | lzma.PRESET_EXTREME), _lzma_decompress),
 }
 
@@ -2871,7 +2899,7 @@ def factors_of(hessians: dict[str, Tensor], args: Hyperparameters) -> dict:
 def predicted_multiplier(model: GPT, args: Hyperparameters) -> float:
     """The SDClip multiplier the byte budget allows the model's current weights, from the entropy estimate of
     round-to-nearest codes: late QAT trains on that grid, and the export's search refines it."""
-    code_bytes = sum(f.stat().st_size for f in project_code_files())
+    code_bytes = len(submission_code()[1])
     return smallest_multiplier(estimated_bytes(model, model.state_dict(), args, code_bytes), args.artifact_limit,
                                *MULTIPLIERS)
 
@@ -2951,14 +2979,79 @@ def write_atomic(path: Path, data: bytes) -> None:
                           f"(whatever was at {path} before is unchanged)") from None
 
 
+# The submission's code is one self-extracting script, the wrapper: this script and the project modules it imported,
+# minified (comments and docstrings out, every line where it was: tracebacks point at the repository's lines),
+# lzma-compressed (stdlib: it runs wherever this script runs) in a string literal of a latin-1 source file, one byte
+# per byte where base85 takes 1.25. It serves the modules from memory (their source too: Triton's @jit reads it)
+# and runs this script in its own namespace, so that running or importing it does what this file does. Its bytes
+# count towards ARTIFACT_LIMIT; each run writes it beside its log for records/pack.py.
 PROJECT_PACKAGES = ("kernels",)  # project code this script imports at run time
+WRAPPER = b"""#coding:l1
+import importlib.util,lzma,sys
+class _L:
+ p=lzma.decompress(%s.encode('l1')).decode().split('\\0');S=dict(zip(p[::2],p[1::2]));F=__file__
+ def path(n):
+  b=n.replace('.','/');return next((f for f in(b+'/__init__.py',b+'.py')if f in _L.S),None)
+ def find_spec(n,*a):
+  f=_L.path(n)
+  if f:return importlib.util.spec_from_file_location(n,_L.F+'/'+f,loader=_L,submodule_search_locations=[]if f.endswith('__init__.py')else None)
+ def create_module(s):pass
+ def exec_module(m):exec(compile(_L.get_source(m.__name__),m.__file__,'exec'),m.__dict__)
+ def get_source(n):return _L.S[_L.path(n)or'train_gpt.py']
+sys.meta_path.insert(0,_L)
+__loader__=_L
+exec(compile(_L.S['train_gpt.py'],_L.F+'/train_gpt.py','exec'))
+"""
+LITERAL_ESCAPES = {b"\0": b"\\0", b"\n": b"\\n", b"\r": b"\\r", b"'": b"\\'", b"\\": b"\\\\"}
 
 
-def project_code_files() -> list[Path]:
-    """This script and every file of the project packages it imported: all of them count towards the artifact."""
-    files = {Path(f).resolve() for name, mod in list(sys.modules.items())
-             if name.split(".")[0] in PROJECT_PACKAGES and (f := getattr(mod, "__file__", None))}
-    return [Path(__file__).resolve()] + sorted(files)
+def minified(source: str) -> str:
+    """`source` without its comments and docstrings (a body that is only a docstring keeps `...`), every other
+    character where it was."""
+    lines = source.splitlines(keepends=True)
+    starts = list(itertools.accumulate(map(len, lines), initial=0))
+    cuts = [(starts[t.start[0] - 1] + t.start[1], starts[t.end[0] - 1] + t.end[1], "")
+            for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                ast.get_docstring(node, clean=False) is not None:
+            d = node.body[0]  # its columns count UTF-8 bytes
+            a, b = (starts[row - 1] + len(lines[row - 1].encode()[:col].decode())
+                    for row, col in ((d.lineno, d.col_offset), (d.end_lineno, d.end_col_offset)))
+            cuts.append((a, b, ("..." if len(node.body) == 1 else "") + "\n" * (d.end_lineno - d.lineno)))
+    for a, b, new in sorted(cuts, reverse=True):
+        while not new.startswith("...") and a and source[a - 1] in " \t":  # and the blanks before it
+            a -= 1
+        source = source[:a] + new + source[b:]
+    return source
+
+
+def project_sources() -> dict[str, str]:
+    """{path in the script's folder: source} of this script and of every project module it has imported, as their
+    loaders hold them: the files, or the wrapper's copies where the wrapper runs."""
+    sources = {"train_gpt.py": __loader__.get_source(getattr(__spec__, "name", __name__))}  # __spec__: python -m
+    for name, mod in sorted(list(sys.modules.items())):
+        if name.split(".")[0] in PROJECT_PACKAGES and getattr(mod, "__loader__", None) is not None:
+            path = name.replace(".", "/") + ("/__init__.py" if hasattr(mod, "__path__") else ".py")
+            sources[path] = mod.__loader__.get_source(name)
+    return sources
+
+
+def code_wrapper(sources: dict[str, str]) -> bytes:
+    """The wrapper (WRAPPER) holding `sources` as they are."""
+    packed = "\0".join(part for path, source in sources.items() for part in (path, source)).encode()
+    blob = lzma.compress(packed, format=lzma.FORMAT_ALONE, preset=9 | lzma.PRESET_EXTREME)
+    # a NUL before an octal digit would read as another octal escape
+    literal = re.sub(rb"(\0(?=[0-7]))|[\0\n\r'\\]", lambda m: b"\\x00" if m[1] else LITERAL_ESCAPES[m[0]], blob)
+    return WRAPPER % (b"'" + literal + b"'")
+
+
+def submission_code() -> tuple[dict[str, str], bytes]:
+    """The project sources this run has imported, minified, and the wrapper that holds them: the code that counts.
+    A wrapper that runs counts its own file (another machine's lzma may code the same sources to other bytes)."""
+    sources = {path: minified(source) for path, source in project_sources().items()}
+    wrapper = getattr(__loader__, "F", None)  # WRAPPER's loader names its file
+    return sources, Path(wrapper).read_bytes() if wrapper else code_wrapper(sources)
 
 
 # -----------------------------------------------------------------------------
@@ -3080,15 +3173,18 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
     return rank, world, local_rank, device
 
 
-def log_header(log: Logger, args: Hyperparameters) -> None:
-    files = project_code_files()
-    root = Path(__file__).resolve().parent
-    log(Path(__file__).read_text(), console=False)
+def log_header(log: Logger, args: Hyperparameters) -> int:
+    """Log the code (this script's source as the wrapper holds it; the wrapper, written beside the log, and what it
+    holds), the versions and the config; returns the code bytes."""
+    sources, code = submission_code()
+    log(sources["train_gpt.py"], console=False)
     log("=" * 100, console=False)
-    for f in files:
-        data = f.read_bytes()
-        log(f"code_file: {f.relative_to(root).as_posix()} bytes:{len(data)} sha256:{hashlib.sha256(data).hexdigest()}")
-    log(f"code_bytes: {sum(f.stat().st_size for f in files)}")
+    log(f"code_file: train_gpt.py bytes:{len(code)} sha256:{hashlib.sha256(code).hexdigest()}")
+    for path, source in sources.items():
+        log(f"code_module: {path} bytes:{len(source.encode())}")
+    log(f"code_bytes: {len(code)}")
+    if log.path is not None:
+        write_atomic(log.path.with_suffix(".train_gpt.py"), code)
     triton_version = "none"
     if importlib.util.find_spec("triton") is not None:
         import triton
@@ -3100,6 +3196,7 @@ def log_header(log: Logger, args: Hyperparameters) -> None:
         f"numpy:{np.__version__} cuda:{torch.version.cuda} device:{device}")
     log("config: " + json.dumps(args.env()))
     log(f"config_sha256: {config_sha256(args)}")
+    return len(code)
 
 
 # -----------------------------------------------------------------------------
@@ -3360,13 +3457,12 @@ def main(opened: list[Logger] | None = None) -> None:
     if opened is not None:
         opened.append(log)
     compile_on = args.compile and device.type == "cuda"
-    log_header(log, args)
+    code_bytes = log_header(log, args)
     log(f"world_size:{world} grad_accum_steps:{args.grad_accum_steps} {runtime}")
     log(f"val_data: tokens:{data['val_tokens']} sha256:{data['val_sha256']} "
         f"tokenizer_sha256:{data['tokenizer_sha256']} manifest:{data['manifest']}")
     log(f"val_bytes_from:{data['val_bytes_from']}")
     autocast = make_autocast(device)
-    code_bytes = sum(f.stat().st_size for f in project_code_files())
 
     def score(model: GPT, seq_len: int, stride: int, batch_seqs: int) -> tuple[float, float, int, int, float]:
         t0 = time.perf_counter()

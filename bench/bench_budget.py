@@ -1,13 +1,13 @@
 """Does the default export of a full-size model fit ARTIFACT_LIMIT, and at which SDClip multiplier? CPU, round to
 nearest (GPTQ_ENABLED=0: sampling its calibration text from a full-size model is out of reach of a CPU).
 
-    python bench/bench_budget.py VOCAB_SIZE=8192 [EMBED_BITS=7 ...]   # knobs as NAME=value, on top of the defaults
+    python bench/bench_budget.py VOCAB_SIZE=8192 [EMBED_BITS=7 ...] [--out DIR]   # knobs as NAME=value
 
 For each weight kind (the untrained initialisation; dense random weights, N(0, 0.03^2) on half the linear layers
 and 0.03 * Student-t(3) on the other half, with N(0, 0.05^2) embedding tables) one line: parameters, the search's
 tries, the chosen multiplier, total bytes with the code of a CUDA default run, and the bytes left unused. The
 embeddings' steps follow the multiplier only down (docs/QUANT.md), so a bigger table mostly costs the matrices a
-coarser step."""
+coarser step. --out DIR writes each kind's artifact as DIR/<kind>.ptz (for bench/bench_compress.py)."""
 
 from __future__ import annotations
 
@@ -34,11 +34,13 @@ def dense_random(model: tg.GPT) -> None:
                 m.weight.normal_(0, 0.05, generator=g)
 
 
-def main(knobs: list[str]) -> None:
-    env = dict(k.split("=", 1) for k in knobs)
+def main(argv: list[str]) -> None:
+    out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else None
+    env = dict(k.split("=", 1) for k in argv if "=" in k)
     env.setdefault("GPTQ_ENABLED", "0")
     args = tg.resolve(tg.Hyperparameters.from_env(env), 1)
-    code_bytes = sum(f.stat().st_size for f in tg.project_code_files())
+    tg.use_fused_kernels(args.fused_kernels)  # their code counts as in a CUDA run
+    code_bytes = len(tg.submission_code()[1])
     print(f"knobs: {env} code_bytes: {code_bytes}")
     for kind in ("untrained", "dense"):
         torch.manual_seed(args.seed)
@@ -52,6 +54,9 @@ def main(knobs: list[str]) -> None:
         params = sum(p.numel() for p in model.parameters())
         print(f"{kind}: params {params:,} tries {tries} | {lines[-1]} | total {len(blob) + code_bytes:,} "
               f"unused {args.artifact_limit - len(blob) - code_bytes:,} ({time.time() - t0:.0f} s)")
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"{kind}.ptz").write_bytes(blob)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def main() -> None:
     autocast = tg.make_autocast(device)
     compile_on = base.compile and device.type == "cuda"
     token_bytes, val, _ = tg.load_inputs(base)
-    code_bytes = sum(f.stat().st_size for f in tg.project_code_files())
+    code_bytes = len(tg.submission_code()[1])
 
     model = tg.GPT(base).to(device)
     model.load_state_dict(saved["state"])

@@ -36,7 +36,7 @@ def triton_available(device) -> bool:
 
 
 # Each op's module is imported on first use (module __getattr__), so a run imports only the ops it routes through
-# here, and only their files count towards the artifact's code bytes (train_gpt.project_code_files).
+# here, and only their files count towards the artifact's code bytes (train_gpt.submission_code).
 _OP_MODULES = {
     "linear_softcap_cross_entropy": "cross_entropy",
     "softcap_cross_entropy": "cross_entropy",

@@ -4,16 +4,17 @@
         --github-id <id> [--track 10min_16mb|non_record_16mb] [--baseline-bpb X] [--blurb "..."] \
         [--date YYYY-MM-DD] [--out-root records] [--code-dir DIR] [--requirements FILE] [--force]
 
-creates records/track_<track>/<date>_<Name>/ with README.md, submission.json, the logs, train_gpt.py and
-every project file it imports (checked by sha256 against the logs), requirements.txt and curves.png.
+creates records/track_<track>/<date>_<Name>/ with README.md, submission.json, the logs, train_gpt.py (the
+self-extracting script each run writes beside its log as logs/<RUN_ID>.train_gpt.py, holding the script and the
+kernels it imported; checked by size and sha256 against the logs), requirements.txt and curves.png.
 
 What it checks (any failure: one line on stderr, exit code 2, nothing written):
 - every log is a complete train_gpt.py log (docs/LOG_FORMAT.md) of one run, with distinct seeds;
-- all logs come from the same code, and that code is unchanged in the repo since the runs;
+- all logs come from the same code, and the train_gpt.py beside them is that code;
 - all seeds were scored on the same validation set with the same tokenizer (their `val_data:` lines);
 - every seed's artifact is within the 16,000,000-byte cap;
-- the folder runs from inside itself: `python -I` with only the folder on sys.path imports train_gpt and
-  loads no project module from outside the folder.
+- the folder runs from inside itself: `python -I` with only the folder on sys.path imports train_gpt and the
+  modules it holds, and loads no project module from outside the folder.
 Given --baseline-bpb it also reports (but does not enforce) the record bar: an improvement of at least
 0.005 nats per token at p < 0.01, one-sided one-sample t-test over seeds.
 """
@@ -61,6 +62,7 @@ NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?nan|[-+]?inf"
 TAIL = r"(?: .*)?"
 
 CODE_FILE_RE = re.compile(r"^code_file: (?P<path>\S+) bytes:(?P<bytes>\d+) sha256:(?P<sha256>[0-9a-f]{64})$")
+CODE_MODULE_RE = re.compile(r"^code_module: (?P<path>\S+) bytes:(?P<bytes>\d+)$")
 CODE_BYTES_RE = re.compile(r"^code_bytes: (?P<bytes>\d+)$")
 VERSIONS_RE = re.compile(r"^versions: (?P<versions>.*)$")
 CONFIG_RE = re.compile(r"^config: (?P<json>\{.*\})$")
@@ -103,7 +105,8 @@ class CodeFile:
 @dataclass
 class RunLog:
     path: Path
-    code_files: list[CodeFile]
+    code_files: list[CodeFile]                  # the submission's code: train_gpt.py, the self-extracting script
+    code_modules: list[tuple[str, int]]         # (path, bytes) of the sources it holds
     config: dict
     seed: int
     versions: str
@@ -179,6 +182,7 @@ def parse_log(path: str | Path) -> RunLog:
     lines = log_body_lines(path, text)
 
     code_files = [CodeFile(m["path"], int(m["bytes"]), m["sha256"]) for m in map(CODE_FILE_RE.match, lines) if m]
+    code_modules = [(m["path"], int(m["bytes"])) for m in map(CODE_MODULE_RE.match, lines) if m]
     configs = [m for m in map(CONFIG_RE.match, lines) if m]
     if not configs:
         raise PackError(f"{path}: not a train_gpt.py log (no `config:` line after the source)")
@@ -190,12 +194,13 @@ def parse_log(path: str | Path) -> RunLog:
         config = json.loads(configs[0]["json"])
     except json.JSONDecodeError as e:
         raise PackError(f"{path}: the `config:` line is not valid JSON ({e})") from None
-    for f in code_files:
-        parts = f.path.split("/")
-        if f.path.startswith("/") or ".." in parts or "\\" in f.path:
-            raise PackError(f"{path}: code_file path {f.path!r} is not a plain path inside the script's folder")
-    if "train_gpt.py" not in [f.path for f in code_files]:
-        raise PackError(f"{path}: its `code_file:` lines do not list train_gpt.py")
+    if [f.path for f in code_files] != ["train_gpt.py"] or not code_modules:
+        raise PackError(f"{path}: its code lines are not one `code_file: train_gpt.py` and the `code_module:` lines "
+                        f"of what it holds: written by a train_gpt.py older than its self-extracting code; rerun with "
+                        f"this one")
+    for module, _ in code_modules:
+        if not re.fullmatch(r"[A-Za-z_]\w*(/[A-Za-z_]\w*)*\.py", module):
+            raise PackError(f"{path}: code_module path {module!r} is not a module path inside the script's folder")
 
     final_bpb = last_match(FINAL_BPB_RE, lines)
     artifact = last_match(ARTIFACT_BYTES_RE, lines)
@@ -250,6 +255,7 @@ def parse_log(path: str | Path) -> RunLog:
     return RunLog(
         path=path,
         code_files=code_files,
+        code_modules=code_modules,
         config=config,
         seed=seed,
         versions=versions["versions"] if versions else "",
@@ -354,23 +360,21 @@ def check_artifact_files(runs: list[RunLog]) -> None:
         run.artifact_sha256 = hashlib.sha256(data).hexdigest()
 
 
-def check_code_unchanged(code_dir: Path, code_files: list[CodeFile]) -> dict[str, bytes]:
-    """Read every project file the runs used from code_dir and check it is byte-identical to what ran.
-    Returns {relative path: contents}, read once, so what is hashed is exactly what gets copied."""
-    contents = {}
-    for f in code_files:
-        path = code_dir / f.path
-        if not path.is_file():
-            raise PackError(f"{path}: the runs used this file (code_file: {f.path}) but it is not in {code_dir}; "
-                            f"pass --code-dir pointing at the code that ran")
-        data = path.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != f.sha256 or len(data) != f.bytes:
-            raise PackError(f"{path}: the code changed since the run (sha256 {digest[:12]}..., {len(data)} bytes now; "
-                            f"the log says {f.sha256[:12]}..., {f.bytes} bytes); check out the code that ran, "
-                            f"or re-run")
-        contents[f.path] = data
-    return contents
+def check_code_file(runs: list[RunLog]) -> dict[str, bytes]:
+    """The submission's train_gpt.py: the self-extracting script a run wrote beside its log (logs/<RUN_ID>.train_gpt.py,
+    the same for every run after check_same_code), checked against the size and sha256 the log counted. Returns
+    {"train_gpt.py": its bytes}, read once, so what is hashed is exactly what gets copied."""
+    f = runs[0].code_files[0]
+    found = [p for p in (r.path.with_suffix(".train_gpt.py") for r in runs) if p.is_file()]
+    if not found:
+        raise PackError(f"{runs[0].path.with_suffix('.train_gpt.py')}: not found; every run writes the submission's "
+                        f"code beside its log: copy it along with the log")
+    data = found[0].read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != f.sha256 or len(data) != f.bytes:
+        raise PackError(f"{found[0]}: not the code the run counted (sha256 {digest[:12]}..., {len(data)} bytes; the "
+                        f"log says {f.sha256[:12]}..., {f.bytes} bytes); pack the log of the run that wrote it")
+    return {f.path: data}
 
 
 def consistency_warnings(runs: list[RunLog], track: str) -> list[str]:
@@ -674,8 +678,10 @@ def render_readme(runs: list[RunLog], *, name: str, author: str, github_id: str,
     out.append("\n## Files\n")
     out.append("| file | bytes | sha256 |\n|---|---:|---|\n"
                + "".join(f"| `{f.path}` | {f.bytes:,} | `{f.sha256}` |\n" for f in first.code_files))
-    out.append(f"\nCode total {first.code_bytes:,} bytes. Also: `requirements.txt`, `submission.json`, "
-               f"`curves.png`, and the training logs " + ", ".join(f"`{r.path.name}`" for r in runs) + ".\n")
+    out.append(f"\nCode total {first.code_bytes:,} bytes: a self-extracting script (lzma) that holds, docstrings and "
+               f"comments out, " + ", ".join(f"`{p}` ({n:,} bytes)" for p, n in first.code_modules) + ", and runs "
+               f"them as the files would run. Also: `requirements.txt`, `submission.json`, `curves.png`, and the "
+               f"training logs " + ", ".join(f"`{r.path.name}`" for r in runs) + ".\n")
     artifacts = [r for r in runs if r.artifact_sha256]
     if artifacts:
         out.append("\nArtifacts (not copied here; each checked against its log's size):\n\n"
@@ -804,25 +810,16 @@ def module_name(rel_path: str) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def project_modules_in(folder: Path) -> list[str]:
-    """Every Python module of the folder (hidden folders aside), train_gpt first."""
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.py")
-                   if not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    names = [module_name(f) for f in files]
-    return sorted(names, key=lambda n: (n != "train_gpt", n))
-
-
 def last_error_line(stderr: str) -> str:
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else "(no error output)"
 
 
-def check_runs_from_inside(folder: str | Path) -> list[str]:
-    """Import train_gpt and the folder's other modules in a clean interpreter that sees only `folder` (plus
-    stdlib/site-packages); return the project files loaded, or raise PackError if an import fails or loads
-    project code from elsewhere."""
+def check_runs_from_inside(folder: str | Path, modules: list[str] = ()) -> list[str]:
+    """Import train_gpt, then `modules` (those it holds, which a run imports only when needed, e.g. kernels/ on CUDA),
+    in a clean interpreter that sees only `folder` (plus stdlib/site-packages); return the project files loaded,
+    or raise PackError if an import fails or loads project code from elsewhere."""
     folder = Path(folder)
-    modules = [m for m in project_modules_in(folder) if m != "train_gpt"]
     try:
         proc = subprocess.run([sys.executable, "-I", "-B", "-c", SELF_CHECK_SOURCE, *modules], cwd=folder,
                               capture_output=True, text=True, timeout=SELF_CHECK_TIMEOUT_S)
@@ -913,7 +910,7 @@ def validate_name_and_date(name: str, date: str) -> None:
         raise PackError(f"--date {date!r} is not a YYYY-MM-DD date") from None
 
 
-def validate_runs(log_paths: list[str | Path], code_dir: Path) -> tuple[list[RunLog], dict[str, bytes]]:
+def validate_runs(log_paths: list[str | Path]) -> tuple[list[RunLog], dict[str, bytes]]:
     """Parse the logs and run every check that needs no writing; returns the runs and the code to copy."""
     if not log_paths:
         raise PackError("give at least one log")
@@ -923,7 +920,7 @@ def validate_runs(log_paths: list[str | Path], code_dir: Path) -> tuple[list[Run
     check_same_val_set(runs)
     check_artifacts_under_limit(runs)
     check_artifact_files(runs)
-    return runs, check_code_unchanged(code_dir, runs[0].code_files)
+    return runs, check_code_file(runs)
 
 
 def pack(log_paths: list[str | Path], *, name: str, author: str, github_id: str, defaults: dict | None,
@@ -945,7 +942,7 @@ def pack(log_paths: list[str | Path], *, name: str, author: str, github_id: str,
         raise PackError(f"{target} already exists; pass --force to replace it")
 
     # Everything that can be refused is checked before anything is written.
-    runs, code = validate_runs(log_paths, code_dir)
+    runs, code = validate_runs(log_paths)
     if not requirements.is_file():
         raise PackError(f"{requirements}: not found; a submission lists its Python dependencies "
                         f"(pass --requirements)")
@@ -971,7 +968,8 @@ def pack(log_paths: list[str | Path], *, name: str, author: str, github_id: str,
         shutil.copyfile(requirements, tmp / "requirements.txt")
         for run in runs:
             shutil.copyfile(run.path, tmp / run.path.name)
-        modules = check_runs_from_inside(tmp)
+        modules = check_runs_from_inside(tmp, [module_name(p) for p, _ in runs[0].code_modules
+                                               if p != "train_gpt.py"])
         plot_curves(runs, tmp / "curves.png")
         meta = dict(name=name, author=author, github_id=github_id, blurb=blurb, date=date, track=track)
         (tmp / "submission.json").write_text(
@@ -1009,7 +1007,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--date", help="YYYY-MM-DD (default: today)")
     p.add_argument("--out-root", default=str(REPO_ROOT / "records"), help="holds the track_<track>/ folders")
     p.add_argument("--code-dir", default=str(REPO_ROOT),
-                   help="folder of the train_gpt.py that ran (default: the repo root)")
+                   help="folder the runs started from, which relative DATA_PATH/TOKENIZER_PATH are read from "
+                        "(default: the repo root)")
     p.add_argument("--requirements", default=None, help="default: requirements.txt of the repo root")
     p.add_argument("--force", action="store_true", help="replace an existing submission folder")
     p.add_argument("--no-defaults", action="store_true",
@@ -1025,10 +1024,12 @@ def main(argv: list[str] | None = None) -> int:
             # Validate first, so a bad log or changed code is reported as such, not as a failed import. The
             # README compares the first seed's config with the defaults (differing seeds' configs get a warning);
             # the configs' keys are dropped from the import's environment so overrides cannot pose as defaults.
-            runs, _ = validate_runs(args.logs, Path(args.code_dir))
+            runs, code = validate_runs(args.logs)
             try:
-                defaults, auto_resolved = load_defaults(Path(args.code_dir), set().union(*(r.config for r in runs)),
-                                                        runs[0].config, runs[0].world_size)
+                with tempfile.TemporaryDirectory() as folder:  # the defaults of the code that ran
+                    (Path(folder) / "train_gpt.py").write_bytes(code["train_gpt.py"])
+                    defaults, auto_resolved = load_defaults(Path(folder), set().union(*(r.config for r in runs)),
+                                                            runs[0].config, runs[0].world_size)
             except PackError as e:
                 raise PackError(f"{e}; fix train_gpt.py, or pass --no-defaults to list the whole config") from None
         result = pack(args.logs, name=args.name, author=args.author, github_id=args.github_id, defaults=defaults,

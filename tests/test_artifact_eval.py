@@ -396,7 +396,7 @@ def tiny_artifact():
     return types.SimpleNamespace(args=args, model=model, stored=stored, payload=payload)
 
 
-@pytest.mark.parametrize("compressor", ["zstd", "brotli", "lzma"])
+@pytest.mark.parametrize("compressor", ["zstd", "brotli", "brotli_arrays", "lzma"])
 def test_artifact_round_trip_bit_exact(tiny_artifact, compressor, tmp_path, monkeypatch):
     a = tiny_artifact
     blob = tg.compress(a.payload, compressor)
@@ -481,7 +481,7 @@ def _load_error(path: Path) -> str:
     return msg
 
 
-@pytest.mark.parametrize("compressor", ["zstd", "brotli", "lzma"])
+@pytest.mark.parametrize("compressor", ["zstd", "brotli", "brotli_arrays", "lzma"])
 def test_truncated_artifact(tiny_artifact, compressor, tmp_path):
     blob = tg.compress(tiny_artifact.payload, compressor)
     for cut in (0, 1, 2, 10, len(blob) // 3, len(blob) // 2, len(blob) - 100, len(blob) - 1):
@@ -490,7 +490,7 @@ def test_truncated_artifact(tiny_artifact, compressor, tmp_path):
         assert str(path) in msg, f"cut at {cut}: the message should name the file: {msg}"
 
 
-@pytest.mark.parametrize("compressor", ["zstd", "brotli", "lzma"])
+@pytest.mark.parametrize("compressor", ["zstd", "brotli", "brotli_arrays", "lzma"])
 def test_flipped_bytes_in_compressed_body(tiny_artifact, compressor, tmp_path):
     """A damaged file must not load as a silently different model. zstd (without its frame checksum) and brotli (no
     checksum at all) decode most damaged bodies 'successfully', so the container needs its own check."""
@@ -521,7 +521,7 @@ def test_unknown_compressor_tag(tiny_artifact, tmp_path):
     assert "compressor" in msg
 
 
-@pytest.mark.parametrize("compressor", ["zstd", "brotli", "lzma"])
+@pytest.mark.parametrize("compressor", ["zstd", "brotli", "brotli_arrays", "lzma"])
 def test_valid_compression_of_garbage(compressor, tmp_path):
     garbage = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
     msg = _load_error(_write(tmp_path, "garbage.ptz", tg.compress(garbage, compressor)))
@@ -837,40 +837,40 @@ def test_finish_at_the_limit_is_fine(tmp_path):
     assert "val_tokens:1000 val_bytes:2400" in lines
 
 
-def test_project_code_files(monkeypatch, tmp_path):
-    """train_gpt.py first, then the files of every imported module of the project packages (kernels/), sorted; not
-    modules that merely share the prefix, nor ones without a file."""
-    extra = tmp_path / "extra_kernel.py"
-    extra.write_text("")
-    for name, file in (("kernels._probe_extra", extra), ("kernelsx", tmp_path / "x.py"), ("kernels._probe_nofile", None)):
+def test_project_sources(monkeypatch):
+    """This script first, then every imported module of the project packages (kernels/), sorted, each as its loader
+    holds it; not modules that merely share the prefix, nor ones without a loader."""
+    class Loader:
+        def get_source(self, name):
+            return f"# the source of {name}\n"
+
+    for name, loader in (("kernels._probe_extra", Loader()), ("kernelsx", Loader()), ("kernels._probe_noloader", None)):
         mod = types.ModuleType(name)
-        if file is not None:
-            mod.__file__ = str(file)
+        mod.__loader__ = loader
         monkeypatch.setitem(sys.modules, name, mod)
-    files = tg.project_code_files()
-    assert files[0] == (REPO / "train_gpt.py").resolve()
-    real = {Path(m.__file__).resolve() for name, m in list(sys.modules.items())
-            if (name == "kernels" or name.startswith("kernels.")) and getattr(m, "__file__", None)}
-    assert extra.resolve() in real and (tmp_path / "x.py").resolve() not in real
-    assert files[1:] == sorted(real)
+    sources = tg.project_sources()
+    assert list(sources)[0] == "train_gpt.py" and sources["train_gpt.py"] == (REPO / "train_gpt.py").read_text()
+    assert sources["kernels/_probe_extra.py"] == "# the source of kernels._probe_extra\n"
+    assert "kernelsx.py" not in sources and "kernels/_probe_noloader.py" not in sources
+    assert list(sources)[1:] == sorted(set(sources) - {"train_gpt.py"})
     if "kernels" in sys.modules:  # train_gpt imports its kernels package: it counts as code
-        assert Path(sys.modules["kernels"].__file__).resolve() in files
+        assert sources["kernels/__init__.py"] == (REPO / "kernels" / "__init__.py").read_text()
 
 
 @pytest.mark.parametrize("which,modules", [("none", []), ("mlp,qkv", ["mlp.py", "qkv.py"]),
                                             ("loss,norm", ["cross_entropy.py", "rmsnorm.py"])])
 def test_code_files_are_the_kernels_the_run_routes_through(which, modules):
     """In a fresh interpreter, FUSED_KERNELS imports exactly the op modules it names, at the time it is applied
-    (before the code bytes are summed), not at the first forward: their files, and only theirs, count."""
+    (before the code bytes are summed), not at the first forward: their sources, and only theirs, count."""
     code = f"""
 import train_gpt as tg
 tg.use_fused_kernels({which!r})
-print("\\n".join(f.name for f in tg.project_code_files()))
+print("\\n".join(tg.project_sources()))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    want = ["train_gpt.py"] + (["__init__.py", *modules] if modules else [])
+    want = ["train_gpt.py"] + (["kernels/__init__.py", *(f"kernels/{m}" for m in modules)] if modules else [])
     assert out.stdout.split() == want
 
 
@@ -899,9 +899,9 @@ def _run(script: Path, env: dict, cwd: Path, timeout: int = 240) -> subprocess.C
 
 
 def _run_lines(log_path: Path, source: str) -> list[str]:
-    """The log's lines after the source of the script (verbatim) and the '=' ruler."""
-    text = log_path.read_text()
-    assert text.startswith(source), "the log opens with the script's source, verbatim"
+    """The log's lines after the source of the script (as the wrapper holds it) and the '=' ruler."""
+    text, source = log_path.read_text(), tg.minified(source)
+    assert text.startswith(source), "the log opens with the script's source, minified"
     lines = text[len(source):].splitlines()
     return lines[lines.index(SEP) + 1:]
 
@@ -957,13 +957,12 @@ def test_pipeline_end_to_end_and_eval_only(tiny_env, tmp_path):
     lines = _run_lines(tmp_path / "logs" / "tiny.txt", source)
     assert r.stdout.splitlines()[0] == lines[0] and lines[0].startswith("code_file: train_gpt.py "), \
         "printing starts at the first code_file: line (docs/LOG_FORMAT.md)"
-    # code accounting: code_file lines match the files on disk, code_bytes and 'Code size' are their sum
-    code_files = [m for l in lines if (m := re.fullmatch(r"code_file: (\S+) bytes:(\d+) sha256:([0-9a-f]{64})", l))]
-    assert code_files and code_files[0].group(1) == "train_gpt.py"
-    for m in code_files:
-        data = (script.parent / m.group(1)).read_bytes()
-        assert int(m.group(2)) == len(data) and m.group(3) == hashlib.sha256(data).hexdigest(), m.group(1)
-    code_sum = sum(int(m.group(2)) for m in code_files)
+    # code accounting: one code_file, the wrapper written beside the log, whose bytes are code_bytes and 'Code size'
+    wrapper = (tmp_path / "logs" / "tiny.train_gpt.py").read_bytes()
+    code_file = _one(lines, r"code_file: (\S+) bytes:(\d+) sha256:([0-9a-f]{64})")
+    assert code_file.groups() == ("train_gpt.py", str(len(wrapper)), hashlib.sha256(wrapper).hexdigest())
+    assert [l.split()[1] for l in lines if l.startswith("code_module: ")] == ["train_gpt.py"]  # CPU: no kernels
+    code_sum = len(wrapper)
     assert int(_one(lines, r"code_bytes: (\d+)").group(1)) == code_sum
     final = _check_final_lines(lines, tmp_path, "tiny", "zstd", 16)
     assert final["code_bytes"] == code_sum

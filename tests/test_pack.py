@@ -35,8 +35,6 @@ import dataclasses
 import json
 import numpy  # lives in site-packages: must not count as project code
 
-from kernels import rms_norm
-
 
 @dataclasses.dataclass
 class Hyperparameters:
@@ -59,9 +57,8 @@ def resolve(args, world_size):
 
 
 if __name__ == "__main__":
-    print(json.dumps(Hyperparameters.defaults()), rms_norm(3.0))
+    print(json.dumps(Hyperparameters.defaults()))
 '''
-FAKE_KERNELS = "def rms_norm(x):\n    return x\n"
 
 VAL_TOKENS, VAL_BYTES = 62_021_632, 151_080_633
 
@@ -77,20 +74,25 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def code_file_lines(code: dict[str, bytes]) -> list[str]:
-    return [f"code_file: {p} bytes:{len(d)} sha256:{sha(d)}" for p, d in code.items()]
+def code_lines(code: dict[str, bytes], modules) -> list[str]:
+    return ([f"code_file: {p} bytes:{len(d)} sha256:{sha(d)}" for p, d in code.items()]
+            + [f"code_module: {p} bytes:{n}" for p, n in modules])
 
 
 def make_log(path: Path, code: dict[str, bytes], seed: int, steps: int, step_avg: float, pre: float, rt: float,
              sl_loss: float, sl_bpb: float, model_bytes: int, *, config_extra: dict | None = None,
              truncate: bool = False, over_limit: bool = False, sliding: bool = True, ttt: float | None = None,
-             bytes_from: str | None = None, val_sha: str = "ab" * 32) -> Path:
+             bytes_from: str | None = None, val_sha: str = "ab" * 32, modules=(("train_gpt.py", 4321),)) -> Path:
+    """The log of a run of `code` ({"train_gpt.py": the self-extracting script}, written beside the log as the run
+    writes it) holding `modules`."""
+    for rel, data in code.items():
+        write(path.with_suffix("." + rel), []).write_bytes(data)
     code_bytes = sum(len(d) for d in code.values())
     total = model_bytes + code_bytes
     config = {"RUN_ID": path.stem, "SEED": seed, "NUM_LAYERS": 11, "MODEL_DIM": 576, "MATRIX_LR": 0.025,
               "ITERATIONS": 20000, "USE_EMA": True, "GRAD_ACCUM_STEPS": 1, "EXTRA_KNOB": "x y",
               **(config_extra or {})}
-    lines = [code["train_gpt.py"].decode().rstrip("\n"), SEP, *code_file_lines(code), f"code_bytes: {code_bytes}",
+    lines = [code["train_gpt.py"].decode().rstrip("\n"), SEP, *code_lines(code, modules), f"code_bytes: {code_bytes}",
              "versions: python:3.12.3 torch:2.11.0+cu130 triton:3.6.0 numpy:2.2.1 cuda:13.0 "
              "device:8xNVIDIA H100 80GB HBM3",
              f"config: {json.dumps(config)}",
@@ -139,9 +141,10 @@ def write(path: Path, lines: list[str]) -> Path:
 
 
 def build_repo(tmp_path: Path):
-    """A fake code folder (train_gpt.py + kernels/__init__.py + requirements.txt) and three seeds' logs."""
+    """A fake code folder (train_gpt.py, standing for the self-extracting script, + requirements.txt) and three
+    seeds' logs, each with the script beside it."""
     code_dir = tmp_path / "code"
-    code = {"train_gpt.py": FAKE_TRAIN_GPT.encode(), "kernels/__init__.py": FAKE_KERNELS.encode()}
+    code = {"train_gpt.py": FAKE_TRAIN_GPT.encode()}
     for rel, data in code.items():
         (code_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         (code_dir / rel).write_bytes(data)
@@ -205,7 +208,7 @@ def test_three_seed_pack_writes_every_file(packed):
     assert folder == repo.target
     names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     assert names == sorted(["README.md", "submission.json", "curves.png", "requirements.txt", "train_gpt.py",
-                            "kernels/__init__.py", "run_s1337.txt", "run_s42.txt", "run_s2025.txt"])
+                            "run_s1337.txt", "run_s42.txt", "run_s2025.txt"])
     for log in repo.logs:       # logs copied as-is
         assert (folder / log.name).read_bytes() == log.read_bytes()
     for rel, data in repo.code.items():
@@ -242,7 +245,8 @@ def test_readme_numbers_and_config_diff(packed):
     assert "| `EXTRA_KNOB` | `\"x y\"` | (not a default knob) |" in readme
     assert "`NUM_LAYERS`" not in readme and "`MATRIX_LR`" not in readme and "`SEED` |" not in readme
     assert "MODEL_DIM=576 EXTRA_KNOB='x y' SEED=1337 torchrun --standalone --nproc_per_node=8 train_gpt.py" in readme
-    assert sha(repo.code["kernels/__init__.py"]) in readme
+    assert sha(repo.code["train_gpt.py"]) in readme and "holds, docstrings and comments out, `train_gpt.py` (4,321" \
+        in readme
     assert "Record bar" not in readme       # no --baseline-bpb
 
 
@@ -257,7 +261,7 @@ def test_submission_json_types_and_values(packed):
         assert type(sub[key]) is int
     assert sub["val_bpb"] == pytest.approx((1.1228 + 1.1233 + 1.1238) / 3, abs=1e-8)
     assert sub["val_loss"] == pytest.approx((1.8967 + 1.8975 + 1.8983) / 3, abs=1e-8)
-    code_bytes = len(FAKE_TRAIN_GPT.encode()) + len(FAKE_KERNELS.encode())
+    code_bytes = len(FAKE_TRAIN_GPT.encode())
     assert sub["bytes_code"] == code_bytes
     assert sub["bytes_model"] == 15_491_002                       # the seed with the largest artifact
     assert sub["bytes_total"] == 15_491_002 + code_bytes           # max over seeds
@@ -357,11 +361,10 @@ def test_suspicious_but_valid_runs_are_packed_with_warnings(repo):
 def test_self_check_passes_for_good_folder_and_fails_without_a_needed_file(packed, tmp_path):
     folder = tmp_path / "copy"
     shutil.copytree(packed[1].folder, folder)
-    assert pack.check_runs_from_inside(folder) == ["kernels/__init__.py", "train_gpt.py"]
+    assert pack.check_runs_from_inside(folder) == ["train_gpt.py"]
     assert not (folder / "__pycache__").exists()            # -B: the check leaves no bytecode behind
-    (folder / "kernels" / "__init__.py").unlink()
-    with pytest.raises(pack.PackError, match="does not run from inside itself.*rms_norm"):
-        pack.check_runs_from_inside(folder)
+    with pytest.raises(pack.PackError, match="does not run from inside itself.*No module named 'kernels'"):
+        pack.check_runs_from_inside(folder, ["kernels"])    # a module the script is said to hold, and does not
     (folder / "train_gpt.py").unlink()
     with pytest.raises(pack.PackError, match="No module named 'train_gpt'"):
         pack.check_runs_from_inside(folder)
@@ -378,11 +381,9 @@ def test_self_check_catches_project_code_loaded_from_outside(tmp_path):
         pack.check_runs_from_inside(folder)
 
 
-def test_pack_refuses_code_that_imports_an_unlisted_project_file(repo):
-    # train_gpt imports helper.py, which sits in the code folder but is not among the log's code_file lines.
-    source = FAKE_TRAIN_GPT.replace("from kernels import rms_norm", "from kernels import rms_norm\nimport helper")
-    code = {"train_gpt.py": source.encode(), "kernels/__init__.py": FAKE_KERNELS.encode()}
-    (repo.code_dir / "train_gpt.py").write_bytes(code["train_gpt.py"])
+def test_pack_refuses_code_that_imports_a_file_it_does_not_hold(repo):
+    # train_gpt imports helper.py, which sits in the folder the runs started from, not in the script.
+    code = {"train_gpt.py": FAKE_TRAIN_GPT.replace("import numpy", "import helper\nimport numpy").encode()}
     (repo.code_dir / "helper.py").write_text("X = 1\n")
     logs = [make_log(repo.tmp / "logs2" / f"h_s{s[0]}.txt", code, *s) for s in SEEDS]
     with pytest.raises(pack.PackError, match="does not run from inside itself.*No module named 'helper'"):
@@ -408,10 +409,20 @@ def corrupt(r, kind: str) -> list[Path]:
         text = r.logs[1].read_text().splitlines()
         logs[1] = write(r.tmp / "bad" / "noconfig.txt", [l for l in text if not l.startswith("config: ")])
     elif kind == "different_code":
-        other = dict(r.code, **{"kernels/__init__.py": b"def rms_norm(x):\n    return 2 * x\n"})
+        other = {"train_gpt.py": r.code["train_gpt.py"] + b"X = 2\n"}
         logs[1] = make_log(r.tmp / "bad" / "other_code.txt", other, *seed)
-    elif kind == "hash_mismatch":
-        (r.code_dir / "kernels" / "__init__.py").write_text(FAKE_KERNELS + "# edited after the runs\n")
+    elif kind == "hash_mismatch":  # another run's script beside the first log
+        r.logs[0].with_suffix(".train_gpt.py").write_bytes(r.code["train_gpt.py"] + b"X = 2\n")
+    elif kind == "no_script":
+        for log in logs:
+            log.with_suffix(".train_gpt.py").unlink()
+    elif kind == "old_log":  # the project files counted raw, before the self-extracting script
+        text = r.logs[1].read_text().replace("code_module: train_gpt.py bytes:4321\n",
+                                             f"code_file: kernels/__init__.py bytes:5 sha256:{'0' * 64}\n")
+        logs[1] = write(r.tmp / "bad" / "old.txt", text.splitlines())
+    elif kind == "module_not_held":
+        logs = [make_log(r.tmp / "held" / f"m_s{s[0]}.txt", r.code, *s,
+                         modules=[("train_gpt.py", 4321), ("kernels/__init__.py", 99)]) for s in SEEDS]
     elif kind in ("over_limit", "over_limit_unflagged"):
         big = seed[:7] + (16_000_001 - sum(len(d) for d in r.code.values()) + 5,)
         logs[1] = make_log(r.tmp / "bad" / "big.txt", r.code, *big, over_limit=kind == "over_limit")
@@ -428,8 +439,12 @@ def corrupt(r, kind: str) -> list[Path]:
     ("truncated", r"crashed\.txt: truncated log: no final `val_bpb:` and `artifact_bytes:` line"),
     ("foreign", r"foreign\.txt: not a train_gpt\.py log"),
     ("foreign_no_config", r"noconfig\.txt: not a train_gpt\.py log \(no `config:` line"),
-    ("different_code", r"other_code\.txt and .*run_s1337\.txt come from different code .*kernels/__init__\.py"),
-    ("hash_mismatch", r"kernels/__init__\.py: the code changed since the run"),
+    ("different_code", r"other_code\.txt and .*run_s1337\.txt come from different code .*train_gpt\.py"),
+    ("hash_mismatch", r"run_s1337\.train_gpt\.py: not the code the run counted \(sha256 .*; the log says "),
+    ("no_script", r"run_s1337\.train_gpt\.py: not found; every run writes the submission's code beside its log"),
+    ("old_log", r"old\.txt: its code lines are not one `code_file: train_gpt\.py` .* older than its self-extracting"),
+    ("module_not_held", r"does not run from inside itself: `python -I` importing train_gpt and kernels failed: "
+                        r".*No module named 'kernels'"),
     ("over_limit", r"big\.txt: artifact is 16,000,006 bytes, over the 16,000,000-byte cap by 6 bytes"),
     ("over_limit_unflagged", r"big\.txt: artifact is 16,000,006 bytes, over the 16,000,000-byte cap"),
     ("duplicate_seed", r"again\.txt: SEED=1337 is also the seed of"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -10,12 +11,15 @@ import sys
 from conftest import REPO
 
 
-def run_seed(env: dict, cwd, seed: int):
+def run_seed(env: dict, cwd, seed: int, script=REPO / "train_gpt.py"):
     env = dict(env, SEED=str(seed), RUN_ID=f"seed{seed}", ITERATIONS="6", WARMDOWN_ITERS="3")
-    r = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], env=env, cwd=cwd, capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run([sys.executable, str(script)], env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return cwd / "logs" / f"seed{seed}.txt"
+
+
+# What differs between two runs of the same code on the same machine: wallclock times.
+TIMING = re.compile(r"\b(train_time|step_avg|eta|eval_time|sample_ms|hessian_ms|quantize_compress_time):[\d.]+")
 
 
 def final_value(log_text: str, key: str) -> float:
@@ -31,7 +35,11 @@ def test_pack_two_real_seeds(tiny_env, tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     folder = out_root / "track_non_record_16mb" / "2026-11-23_TinyCPU"
-    assert (folder / "train_gpt.py").read_bytes() == (REPO / "train_gpt.py").read_bytes()
+    wrapper = (folder / "train_gpt.py").read_bytes()
+    assert wrapper == logs[0].with_suffix(".train_gpt.py").read_bytes()
+    assert f"code_file: train_gpt.py bytes:{len(wrapper)} sha256:{hashlib.sha256(wrapper).hexdigest()}" in \
+        logs[0].read_text()
+    assert len(wrapper) < len((REPO / "train_gpt.py").read_bytes()) / 3
     assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (folder / "README.md").is_file() and (folder / "requirements.txt").is_file()
     sub = json.loads((folder / "submission.json").read_text())
@@ -47,3 +55,10 @@ def test_pack_two_real_seeds(tiny_env, tmp_path):
            for t in texts]
     assert sub["pre_quant_val_bpb_per_seed"] == pre
     assert "record bar" in r.stdout
+
+    # The packed script, run from its own folder, writes the same log (but for wallclock times) as the plain one:
+    # the same code bytes, artifact and scores, bit for bit.
+    rerun = run_seed(tiny_env, folder, 1, script=folder / "train_gpt.py")
+    assert TIMING.sub("", rerun.read_text()) == TIMING.sub("", texts[0])
+    assert (folder / "logs" / "seed1.ptz").read_bytes() == logs[0].with_suffix(".ptz").read_bytes()
+    assert (folder / "logs" / "seed1.train_gpt.py").read_bytes() == wrapper
