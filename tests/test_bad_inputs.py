@@ -788,7 +788,8 @@ def test_ctrl_c_in_train_gpt_is_one_line_and_exit_130(tmp_path, env):
     assert proc.returncode == 130 and err.splitlines() == [
         "train_gpt.py: interrupted (Ctrl-C); logs/A.txt ends with `error: interrupted`"], err
     assert log.read_text().splitlines()[-1] == "error: interrupted (Ctrl-C)"
-    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["A.txt"]  # no artifact, whole or half
+    # no artifact, whole or half: only the log and the run's code (written whole, at start, as the submission's)
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["A.train_gpt.py", "A.txt"]
 
 
 # =============================================================================

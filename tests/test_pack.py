@@ -704,7 +704,7 @@ def test_seeds_scored_on_different_validation_sets_are_refused(repo, capsys):
 
 def test_ctrl_c_while_packing_is_one_line_and_leaves_nothing(repo, capsys, monkeypatch):
     """Ctrl-C while the folder is being built (here: during the self-check's subprocess) printed a traceback."""
-    def interrupted(folder):
+    def interrupted(folder, modules):
         assert any(Path(folder).iterdir())  # the half-built folder exists at this point
         raise KeyboardInterrupt
 
