@@ -992,7 +992,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], value_embed: Tensor | None, out_scale: Tensor,
                 attend: Callable | None = None) -> Tensor:
         """out_scale * attention(x), the per-channel scale applied through the output projection's weight.
-        attend(q, k, v): the attention itself (GPT.attention_for; ATTENTION when None)."""
+        attend(q, k, v): the attention itself, as GPT.hidden picks it for the forward (ATTENTION when None)."""
         B, T, C = x.shape
         self.c_q.observe(x)  # (c_k and c_v read the same input: they share its Hessian)
         # one matmul for q, k and v (three separate weights, so Muon and int6 still see three matrices)
@@ -1931,7 +1931,7 @@ def ttt_phase(model: GPT, tokens: Tensor, spans: list[tuple[int, int]], args: Hy
               scored: Tensor, stats: dict, progress=None) -> None:
     """This rank's documents of one phase, in TTT_BATCH_DOCS lanes of contiguous documents, a chunk of every lane's
     current document per step. A lane learns from a chunk unless nothing will read the update: it is its document's
-    last chunk and the next document resets (or none follows)."""
+    last chunk and the next document starts afresh (A too, unless TTT_WARM_A), or none follows."""
     lanes = contiguous_parts(spans, min(args.ttt_batch_docs, len(spans)))  # at most one lane a document
     adapters = TTTAdapters(model, args, len(lanes), tokens.device)
     adapters.attach(model)

@@ -14,7 +14,6 @@ Multiply a measured time of one by the ratio to project the other (docs/FRONTIER
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -33,8 +32,8 @@ def block_shares(rows: torch.Tensor) -> tuple[float, float]:
     return (int(mask.kv_num_blocks.sum()) + full) / causal, full / causal
 
 
-def sliding_positions(n_targets: int, seq_len: int, stride: int) -> int:
-    return seq_len * (1 + len(tg.window_starts(n_targets, seq_len, stride)))
+def sliding_windows(n_targets: int, seq_len: int, stride: int) -> int:
+    return 1 + len(tg.window_starts(n_targets, seq_len, stride))
 
 
 def ttt_positions(tokens: torch.Tensor, args: tg.Hyperparameters) -> tuple[int, int, int]:
@@ -61,7 +60,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=4096, help="training rows for the block shares")
     ap.add_argument("--val-tokens", type=int, default=0, help="project to a validation set of this many tokens")
     opts = ap.parse_args()
-    args = tg.resolve(tg.Hyperparameters.from_env(dict(os.environ, TRAIN_BATCH_TOKENS=str(8 * 2048))), 1)
+    args = tg.resolve(tg.Hyperparameters.from_env(), 1)
     T = args.train_seq_len
     train = torch.from_numpy(tg.load_shard(sorted(Path(opts.data).glob("fineweb_train_*.bin"))[0]).astype("int64"))
     rows = train[:min(opts.rows, train.numel() // T) * T].view(-1, T)
@@ -72,7 +71,8 @@ def main() -> None:
           f"| {100 * computed:.1f}% | {100 * unmasked:.1f}% | {100 * (1 - computed):.1f}% |")
     val = tg.load_validation_tokens(opts.data, args.vocab_size)
     n = val.numel() - 1
-    slide = sliding_positions(n, args.eval_seq_len, args.eval_stride)
+    slide_windows = sliding_windows(n, args.eval_seq_len, args.eval_stride)
+    slide = args.eval_seq_len * slide_windows
     windows, fwd, bwd = ttt_positions(val, args)
     scale = opts.val_tokens / n if opts.val_tokens else 1.0
     print(f"\nvalidation: {n:,} targets, {len(tg.document_spans(val)):,} documents"
@@ -80,7 +80,7 @@ def main() -> None:
     print("| evaluation | windows | forward positions | backward positions | forward per target |")
     print("|---|---:|---:|---:|---:|")
     print(f"| sliding (L {args.eval_seq_len}, stride {args.eval_stride}) | "
-          f"{scale * (1 + len(tg.window_starts(n, args.eval_seq_len, args.eval_stride))):,.0f} | {scale * slide:,.0f} | 0 | "
+          f"{scale * slide_windows:,.0f} | {scale * slide:,.0f} | 0 | "
           f"{slide / n:.1f} |")
     print(f"| TTT (chunk {args.ttt_chunk}, rank {args.ttt_lora_rank}, {args.ttt_lora_targets}) | {scale * windows:,.0f} | "
           f"{scale * fwd:,.0f} | {scale * bwd:,.0f} | {fwd / n:.1f} |")
